@@ -1,0 +1,111 @@
+//! Errors as callers on the bus see them: the standard names where one fits, the service's own
+//! `org.kata.KsmThrottler.Error.*` for what only a KSM throttler can fail at.
+
+use zbus::message::{Header, Message};
+use zbus::names::ErrorName;
+use zbus::DBusError;
+
+use crate::engine::EngineError;
+use crate::setting::UnknownMode;
+
+pub const PREFIX: &str = "org.kata.KsmThrottler.Error";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusError {
+    InvalidArgs(String),
+    AccessDenied(String),
+    InteractiveAuthorizationRequired(String),
+    /// A KSM knob could not be read or written; the message names the path and errno.
+    Sysfs(String),
+    /// /proc/meminfo could not be read.
+    Meminfo(String),
+    /// The crash-safe record of the initial settings could not be written.
+    StateFile(String),
+    ShuttingDown(String),
+}
+
+impl BusError {
+    pub fn message(&self) -> &str {
+        match self {
+            BusError::InvalidArgs(m)
+            | BusError::AccessDenied(m)
+            | BusError::InteractiveAuthorizationRequired(m)
+            | BusError::Sysfs(m)
+            | BusError::Meminfo(m)
+            | BusError::StateFile(m)
+            | BusError::ShuttingDown(m) => m,
+        }
+    }
+
+    pub fn name_str(&self) -> &'static str {
+        match self {
+            BusError::InvalidArgs(_) => "org.freedesktop.DBus.Error.InvalidArgs",
+            BusError::AccessDenied(_) => "org.freedesktop.DBus.Error.AccessDenied",
+            BusError::InteractiveAuthorizationRequired(_) => {
+                "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+            }
+            BusError::Sysfs(_) => "org.kata.KsmThrottler.Error.Sysfs",
+            BusError::Meminfo(_) => "org.kata.KsmThrottler.Error.Meminfo",
+            BusError::StateFile(_) => "org.kata.KsmThrottler.Error.StateFile",
+            BusError::ShuttingDown(_) => "org.kata.KsmThrottler.Error.ShuttingDown",
+        }
+    }
+}
+
+impl std::fmt::Display for BusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.name_str(), self.message())
+    }
+}
+
+impl std::error::Error for BusError {}
+
+impl DBusError for BusError {
+    fn create_reply(&self, call: &Header<'_>) -> zbus::Result<Message> {
+        Message::error(call, self.name()).build(&(self.message(),))
+    }
+
+    fn name(&self) -> ErrorName<'_> {
+        ErrorName::from_static_str_unchecked(self.name_str())
+    }
+
+    fn description(&self) -> Option<&str> {
+        Some(self.message())
+    }
+}
+
+impl From<EngineError> for BusError {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::Sysfs(_) => BusError::Sysfs(msg),
+            EngineError::Meminfo(_) => BusError::Meminfo(msg),
+            EngineError::State(_) => BusError::StateFile(msg),
+            EngineError::ShuttingDown => BusError::ShuttingDown(msg),
+        }
+    }
+}
+
+impl From<UnknownMode> for BusError {
+    fn from(e: UnknownMode) -> Self {
+        BusError::InvalidArgs(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_domain_error_is_under_the_service_prefix() {
+        for e in [
+            BusError::Sysfs(String::new()),
+            BusError::Meminfo(String::new()),
+            BusError::StateFile(String::new()),
+            BusError::ShuttingDown(String::new()),
+        ] {
+            assert!(e.name_str().starts_with(PREFIX), "{e}");
+            ErrorName::try_from(e.name_str()).expect("a valid error name");
+        }
+    }
+}

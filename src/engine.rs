@@ -1,0 +1,298 @@
+//! The one task that owns the throttling state. The bus sends it commands; it feeds them and its
+//! timer to the pure [`Policy`], applies the transitions to sysfs, keeps the administrator's
+//! settings safe on disk while they are changed, and publishes a [`Status`] for the bus to show.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::meminfo::{self, MeminfoError};
+use crate::policy::{Durations, Policy, Transition};
+use crate::setting::{Mode, Setting};
+use crate::state_file::{StateError, StateFile};
+use crate::sysfs::{Knobs, Ksm, SysfsError, Target, ADVISOR_NONE};
+
+/// How long a failed timer step waits before it is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// A deadline that moves less than this is updated silently (see [`Engine::publish`]).
+const SIGNAL_DEADLINE_MOVES_OVER_US: u64 = 1_000_000;
+
+/// Everything the engine works on, injected so tests can point it at scratch files.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub ksm: Ksm,
+    pub meminfo: PathBuf,
+    pub page_size: u64,
+    pub state: StateFile,
+    pub mode: Mode,
+    pub durations: Durations,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+    #[error(transparent)]
+    Meminfo(#[from] MeminfoError),
+    #[error("recording the initial settings: {0}")]
+    State(#[from] StateError),
+    #[error("the throttler is shutting down")]
+    ShuttingDown,
+}
+
+pub type Reply = oneshot::Sender<Result<(), EngineError>>;
+
+#[derive(Debug)]
+pub enum Command {
+    Kick(Reply),
+    SetMode(Mode, Reply),
+}
+
+/// What the bus shows. `kick_count` changes without notifying watchers, so a kick storm does not
+/// turn into a signal storm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub mode: Mode,
+    pub setting: Setting,
+    /// CLOCK_REALTIME microseconds of the next scheduled step, 0 when none.
+    pub next_step_down_us: u64,
+    pub kick_count: u64,
+}
+
+/// A handle to send commands to a running engine.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Handle {
+    pub async fn kick(&self) -> Result<(), EngineError> {
+        self.call(Command::Kick).await
+    }
+
+    pub async fn set_mode(&self, mode: Mode) -> Result<(), EngineError> {
+        self.call(|reply| Command::SetMode(mode, reply)).await
+    }
+
+    async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<(), EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+}
+
+pub struct Engine {
+    config: Config,
+    policy: Policy,
+    /// The administrator's settings while the throttler has changed anything; also on disk.
+    saved: Option<Knobs>,
+    status: watch::Sender<Status>,
+    commands: mpsc::Receiver<Command>,
+}
+
+impl Engine {
+    /// The engine and its handle; nothing is read or written until [`Engine::run`], so a daemon
+    /// can be serving (and queueing calls) before it touches KSM.
+    pub fn new(config: Config) -> (Engine, Handle, watch::Receiver<Status>) {
+        let policy = Policy::new(config.mode, config.durations);
+        let status = Status { mode: policy.mode(), setting: policy.setting(), next_step_down_us: 0, kick_count: 0 };
+        let (status_tx, status_rx) = watch::channel(status);
+        // Bounded: a flood of callers waits here instead of growing memory.
+        let (tx, rx) = mpsc::channel(256);
+        let engine = Engine { config, policy, saved: None, status: status_tx, commands: rx };
+        (engine, Handle { commands: tx }, status_rx)
+    }
+
+    /// Puts back what a previous instance left changed (its state file), then enters the
+    /// start-up mode. Fails if either cannot be done: starting on top of a half-restored host
+    /// would record the wrong "initial" settings.
+    fn startup(&mut self) -> Result<(), EngineError> {
+        let config = &self.config;
+        match config.state.load() {
+            Ok(Some(knobs)) => {
+                tracing::warn!(
+                    path = %config.state.path().display(),
+                    run = knobs.run,
+                    pages_to_scan = knobs.pages_to_scan,
+                    sleep_millisecs = knobs.sleep_millisecs,
+                    "a previous instance stopped mid-cycle: restoring the settings it recorded"
+                );
+                config.ksm.apply(&Target::from(&knobs))?;
+                config.state.remove()?;
+            }
+            Ok(None) => {}
+            // Kept aside by load(); the current values are the best guess of the original.
+            Err(e @ StateError::Corrupt { .. }) => tracing::error!("{e}"),
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(t) = self.policy.start(Instant::now()) {
+            self.apply(t)?;
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Serves commands and timers until `shutdown` completes or every handle is gone, then puts
+    /// the administrator's settings back.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), EngineError> {
+        if let Err(e) = self.startup() {
+            self.commands.close();
+            // Whatever start-up managed to change goes back.
+            let _ = self.restore("start-up failed");
+            return Err(e);
+        }
+        tokio::pin!(shutdown);
+        loop {
+            let deadline = self.policy.deadline();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                () = sleep_until(deadline) => self.on_timer(),
+            }
+        }
+        self.commands.close();
+        self.restore("shutdown")
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Kick(reply) => {
+                self.status.send_if_modified(|s| {
+                    s.kick_count += 1;
+                    false
+                });
+                let result = self.step(|p, now| p.kick(now));
+                let _ = reply.send(result);
+            }
+            Command::SetMode(mode, reply) => {
+                let result = self.step(|p, now| p.set_mode(mode, now));
+                let _ = reply.send(result);
+            }
+        }
+        self.publish();
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if let Err(e) = self.step(|p, now| p.timer(now)) {
+            tracing::error!("step down failed, retrying in {}s: {e}", RETRY_AFTER.as_secs());
+            self.policy.postpone(now + RETRY_AFTER);
+        }
+        self.publish();
+    }
+
+    /// Runs one policy event and applies its transition; on failure the policy is left as it was,
+    /// so what the bus shows stays what is in force, and a cycle that failed at its very first
+    /// step is undone (so a later cycle records the settings as they are then).
+    fn step(&mut self, event: impl FnOnce(&mut Policy, Instant) -> Option<Transition>) -> Result<(), EngineError> {
+        let before = self.policy.clone();
+        let Some(t) = event(&mut self.policy, Instant::now()) else { return Ok(()) };
+        let first = self.saved.is_none();
+        self.apply(t).inspect_err(|e| {
+            self.policy = before;
+            if first {
+                tracing::warn!("{e}: putting back what this first step changed");
+                if let Err(e) = self.restore("a first step failed") {
+                    tracing::error!("{e}");
+                }
+            }
+        })
+    }
+
+    fn apply(&mut self, t: Transition) -> Result<(), EngineError> {
+        let written = if t.to == Setting::Initial {
+            self.restore(&format!("{} -> initial", t.from))?;
+            self.config.ksm.read()?
+        } else {
+            let ksm = &self.config.ksm;
+            if self.saved.is_none() {
+                let knobs = ksm.read()?;
+                self.config.state.save(&knobs)?;
+                self.saved = Some(knobs);
+            }
+            let target = self.target_for(t.to)?;
+            ksm.apply(&target)?;
+            ksm.read()?
+        };
+        tracing::info!(
+            from = %t.from,
+            to = %t.to,
+            cause = %t.cause,
+            run = written.run,
+            pages_to_scan = written.pages_to_scan,
+            sleep_millisecs = written.sleep_millisecs,
+            "KSM setting {} -> {} ({})",
+            t.from,
+            t.to,
+            t.cause
+        );
+        Ok(())
+    }
+
+    fn target_for(&self, setting: Setting) -> Result<Target, EngineError> {
+        // The advisor would fight (and refuse) our pages_to_scan: off while we drive.
+        let advisor_off = self.saved.as_ref().and_then(|k| k.advisor_mode.as_ref()).map(|_| ADVISOR_NONE.to_string());
+        Ok(match setting.profile() {
+            Some(profile) => {
+                let anon = meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?;
+                Target {
+                    run: Some(1),
+                    pages_to_scan: Some(profile.pages_to_scan(anon)),
+                    sleep_millisecs: Some(profile.sleep_millisecs.into()),
+                    advisor_mode: advisor_off,
+                }
+            }
+            None => Target { run: Some(0), ..Target::default() },
+        })
+    }
+
+    /// Puts the administrator's settings back if they were changed; they stay recorded (in
+    /// memory and on disk) until that has worked.
+    fn restore(&mut self, why: &str) -> Result<(), EngineError> {
+        if let Some(saved) = &self.saved {
+            self.config.ksm.apply(&Target::from(saved))?;
+            self.config.state.remove()?;
+            tracing::info!(
+                run = saved.run,
+                pages_to_scan = saved.pages_to_scan,
+                sleep_millisecs = saved.sleep_millisecs,
+                "initial KSM settings restored ({why})"
+            );
+            self.saved = None;
+        }
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let next_step_down_us = self.policy.deadline().map_or(0, |d| {
+            let wall = SystemTime::now() + d.saturating_duration_since(Instant::now());
+            wall.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros() as u64)
+        });
+        let (mode, setting) = (self.policy.mode(), self.policy.setting());
+        self.status.send_if_modified(|s| {
+            // A kick storm moves the deadline on every kick: the value is kept current for Get,
+            // but only a move of more than a second (or a real change) is worth a signal.
+            let moved = s.next_step_down_us.abs_diff(next_step_down_us) > SIGNAL_DEADLINE_MOVES_OVER_US;
+            let changed = s.mode != mode || s.setting != setting || moved;
+            s.mode = mode;
+            s.setting = setting;
+            s.next_step_down_us = next_step_down_us;
+            changed
+        });
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

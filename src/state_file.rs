@@ -1,0 +1,154 @@
+//! The crash-safe record of the administrator's settings: written before the throttler first
+//! changes a knob, removed once they are back. Finding it at start-up means the last instance
+//! died mid-cycle.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::sysfs::Knobs;
+
+const FILE_NAME: &str = "initial-settings.json";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    version: u32,
+    knobs: Knobs,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// Unreadable content; the file has been moved to `kept_as` for a human to look at.
+    #[error("{} is corrupt ({reason}); kept as {}", path.display(), kept_as.display())]
+    Corrupt { path: PathBuf, kept_as: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    dir: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        StateFile { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    /// Records `knobs` atomically: write a temporary file, fsync, rename over, fsync the folder.
+    pub fn save(&self, knobs: &Knobs) -> Result<(), StateError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StateError::Io { path, source }
+        };
+        fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        let body = serde_json::to_vec(&Record { version: FORMAT_VERSION, knobs: knobs.clone() })
+            .map_err(|e| StateError::Io { path: self.path(), source: e.into() })?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
+        tmp.write_all(&body).and_then(|()| tmp.as_file().sync_all()).map_err(io_err(tmp.path()))?;
+        tmp.persist(self.path()).map_err(|e| StateError::Io { path: self.path(), source: e.error })?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
+    }
+
+    /// The recorded settings, if a previous cycle did not finish. A file that cannot be trusted
+    /// is moved aside rather than written into sysfs.
+    pub fn load(&self) -> Result<Option<Knobs>, StateError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let reason = match serde_json::from_slice::<Record>(&bytes) {
+            Ok(r) if r.version != FORMAT_VERSION => format!("unknown format version {}", r.version),
+            Ok(r) => match r.knobs.validate() {
+                Ok(()) => return Ok(Some(r.knobs)),
+                Err(why) => why,
+            },
+            Err(e) => e.to_string(),
+        };
+        let kept_as = self.dir.join(format!("{FILE_NAME}.corrupt"));
+        fs::rename(&path, &kept_as).map_err(|source| StateError::Io { path: path.clone(), source })?;
+        Err(StateError::Corrupt { path, kept_as, reason })
+    }
+
+    /// Takes the folder's lock for the life of the returned file, so that two throttlers never
+    /// drive (and record) the same KSM at once; `Ok(None)` if another process holds it.
+    pub fn lock(&self) -> Result<Option<File>, StateError> {
+        let path = self.dir.join("lock");
+        let io_err = |source| StateError::Io { path: path.clone(), source };
+        fs::create_dir_all(&self.dir).map_err(io_err)?;
+        let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(file)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(io_err(e.into())),
+        }
+    }
+
+    pub fn remove(&self) -> Result<(), StateError> {
+        match fs::remove_file(self.path()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StateError::Io { path: self.path(), source: e }),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn knobs() -> Knobs {
+        Knobs { run: 0, pages_to_scan: 100, sleep_millisecs: 20, advisor_mode: Some("none".into()) }
+    }
+
+    #[test]
+    fn save_load_remove() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateFile::new(dir.path().join("sub"));
+        assert_eq!(state.load().expect("load"), None);
+        state.save(&knobs()).expect("save");
+        assert_eq!(state.load().expect("load"), Some(knobs()));
+        state.remove().expect("remove");
+        assert_eq!(state.load().expect("load"), None);
+        state.remove().expect("removing twice is fine");
+        let left: Vec<_> = fs::read_dir(dir.path().join("sub")).expect("ls").collect();
+        assert!(left.is_empty(), "no temporary files left: {left:?}");
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_until_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateFile::new(dir.path());
+        let held = state.lock().expect("lock").expect("free");
+        assert!(state.lock().expect("lock").is_none(), "second lock refused while held");
+        drop(held);
+        assert!(state.lock().expect("lock").is_some());
+    }
+
+    #[test]
+    fn corrupt_or_truncated_files_are_kept_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateFile::new(dir.path());
+        state.save(&knobs()).expect("save");
+        let good = fs::read(state.path()).expect("read");
+        let bad_run = String::from_utf8(good.clone()).expect("utf8").replace("\"run\":0", "\"run\":7");
+        for bad in [&good[..good.len() / 2], b"", b"\xff\xfe", bad_run.as_bytes()] {
+            fs::write(state.path(), bad).expect("write");
+            match state.load() {
+                Err(StateError::Corrupt { kept_as, .. }) => {
+                    assert_eq!(fs::read(&kept_as).expect("kept"), bad);
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+            assert!(!state.path().exists());
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The XML in dbus/ is the contract: the live object must introspect to exactly it (docs aside).
+
+mod common;
+
+use common::*;
+use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use zbus_xml::{Interface, Node};
+
+/// Everything a caller depends on, in a comparable form: members, signatures, directions,
+/// access and change-signal annotations. Doc strings are left out.
+fn shape(iface: &Interface<'_>) -> Vec<String> {
+    let mut out = vec![];
+    let kept = |name: &str| name != "org.gtk.GDBus.DocString";
+    for a in iface.annotations().filter(|a| kept(a.name())) {
+        out.push(format!("annotation {}={}", a.name(), a.value()));
+    }
+    for m in iface.methods() {
+        let args: Vec<_> = m.args().iter().map(|a| format!("{:?} {:?} {}", a.name(), a.direction(), a.ty())).collect();
+        out.push(format!("method {} ({})", m.name(), args.join(", ")));
+        for a in m.annotations().iter().filter(|a| kept(a.name())) {
+            out.push(format!("  annotation {}={}", a.name(), a.value()));
+        }
+    }
+    for s in iface.signals() {
+        let args: Vec<_> = s.args().iter().map(|a| format!("{:?} {}", a.name(), a.ty())).collect();
+        out.push(format!("signal {} ({})", s.name(), args.join(", ")));
+    }
+    for p in iface.properties() {
+        out.push(format!("property {} {} {:?}", p.name(), p.ty(), p.access()));
+        for a in p.annotations().iter().filter(|a| kept(a.name())) {
+            out.push(format!("  annotation {}={}", a.name(), a.value()));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn find<'a>(node: &'a Node<'a>) -> &'a Interface<'a> {
+    node.interfaces().iter().find(|i| i.name() == INTERFACE).expect("the interface is there")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_introspection_matches_the_xml_contract() {
+    let s = setup(&[]).await;
+    let introspectable = zbus::fdo::IntrospectableProxy::builder(&s.conn)
+        .destination(BUS_NAME)
+        .path(OBJECT_PATH)
+        .build()
+        .await
+        .expect("proxy");
+    let live = introspectable.introspect().await.expect("Introspect");
+    let live = Node::from_reader(live.as_bytes()).expect("live XML parses");
+    let file = std::fs::read(project_file("dbus/org.kata.KsmThrottler.xml")).expect("contract file");
+    let contract = Node::from_reader(&file[..]).expect("contract parses");
+
+    let (live, contract) = (shape(find(&live)), shape(find(&contract)));
+    assert!(contract.len() >= 7, "the contract is not empty: {contract:#?}");
+    assert_eq!(live, contract);
+}

@@ -1,0 +1,167 @@
+//! The engine loop over a scratch sysfs with tokio's paused clock: the real timeline's minutes
+//! pass in no time, and every step is checked at its instant.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{expected, Scratch};
+use kata_ksm_throttler::engine::{Config, Engine, Handle, Status};
+use kata_ksm_throttler::policy::Durations;
+use kata_ksm_throttler::setting::{Mode, Setting};
+use kata_ksm_throttler::state_file::StateFile;
+use kata_ksm_throttler::sysfs::Ksm;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::sleep;
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+
+struct Running {
+    handle: Handle,
+    status: watch::Receiver<Status>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), kata_ksm_throttler::engine::EngineError>>,
+}
+
+fn start(scratch: &Scratch, mode: Mode) -> Running {
+    let config = Config {
+        ksm: Ksm::open(scratch.ksm()).expect("open"),
+        meminfo: scratch.meminfo(),
+        page_size: kata_ksm_throttler::meminfo::page_size(),
+        state: StateFile::new(scratch.state_dir()),
+        mode,
+        durations: Durations::default(),
+    };
+    let (engine, handle, status) = Engine::new(config);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(engine.run(async {
+        let _ = stopped.await;
+    }));
+    Running { handle, status, stop, task }
+}
+
+fn setting(r: &Running) -> Setting {
+    r.status.borrow().setting
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_documented_timeline_to_the_millisecond() {
+    let scratch = Scratch::new();
+    let before = scratch.snapshot();
+    let r = start(&scratch, Mode::Throttle);
+    sleep(10 * S).await;
+    assert_eq!(scratch.snapshot(), before, "throttle starts hands off");
+
+    r.handle.kick().await.expect("kick");
+    assert_eq!((setting(&r), scratch.knobs()), (Setting::Aggressive, expected(10, 1)));
+
+    sleep(30 * S - MS).await;
+    assert_eq!(setting(&r), Setting::Aggressive, "still aggressive 1 ms before 30 s");
+    sleep(2 * MS).await;
+    assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, expected(100, 10)));
+
+    sleep(120 * S - 2 * MS).await;
+    assert_eq!(setting(&r), Setting::Standard);
+    sleep(2 * MS).await;
+    assert_eq!((setting(&r), scratch.knobs()), (Setting::Slow, expected(500, 100)));
+
+    sleep(120 * S - 2 * MS).await;
+    assert_eq!(setting(&r), Setting::Slow);
+    sleep(2 * MS).await;
+    assert_eq!(setting(&r), Setting::Initial);
+    assert_eq!(scratch.snapshot(), before);
+    assert_eq!(r.status.borrow().next_step_down_us, 0);
+
+    r.stop.send(()).expect("stop");
+    r.task.await.expect("join").expect("clean exit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kick_at_any_step_returns_to_aggressive_and_restarts_the_30_seconds() {
+    let scratch = Scratch::new();
+    let r = start(&scratch, Mode::Throttle);
+    r.handle.kick().await.expect("kick");
+    sleep(31 * S).await;
+    assert_eq!(setting(&r), Setting::Standard);
+    r.handle.kick().await.expect("kick");
+    assert_eq!((setting(&r), scratch.knobs()), (Setting::Aggressive, expected(10, 1)));
+    sleep(29 * S).await;
+    r.handle.kick().await.expect("kick");
+    sleep(29 * S).await;
+    assert_eq!(setting(&r), Setting::Aggressive, "the second kick restarted the 30 s");
+    sleep(2 * S).await;
+    assert_eq!(setting(&r), Setting::Standard);
+    assert_eq!(r.status.borrow().kick_count, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn settings_are_computed_from_anon_pages_when_applied() {
+    let scratch = Scratch::new();
+    let r = start(&scratch, Mode::Throttle);
+    r.handle.kick().await.expect("kick");
+    assert_eq!(scratch.knobs(), expected(10, 1));
+    // Merging shrinks AnonPages: the next step uses the new figure, and never goes below 1.
+    std::fs::write(scratch.meminfo(), "AnonPages: 4 kB\n").expect("write");
+    sleep(31 * S).await;
+    assert_eq!(scratch.knobs(), (1, 1, 10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_step_down_is_retried_and_the_status_stays_true() {
+    let scratch = Scratch::new();
+    let r = start(&scratch, Mode::Throttle);
+    r.handle.kick().await.expect("kick");
+    std::fs::write(scratch.meminfo(), "MemFree: 1 kB\n").expect("no AnonPages");
+    sleep(31 * S).await;
+    assert_eq!(setting(&r), Setting::Aggressive, "the step failed: still aggressive");
+    std::fs::write(scratch.meminfo(), format!("AnonPages: {} kB\n", common::ANON_KB)).expect("fixed");
+    sleep(5 * S).await;
+    assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, expected(100, 10)), "retried after 5 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_advisor_is_turned_off_while_driving_and_restored_last() {
+    let scratch = Scratch::new();
+    std::fs::write(scratch.ksm().join("advisor_mode"), "none [scan-time]\n").expect("write");
+    let r = start(&scratch, Mode::Throttle);
+    r.handle.kick().await.expect("kick");
+    assert_eq!(scratch.knob("advisor_mode"), "none\n");
+    r.handle.set_mode(Mode::Initial).await.expect("initial");
+    assert_eq!(scratch.knob("advisor_mode"), "scan-time\n");
+    assert_eq!(scratch.knobs(), (0, 100, 20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn stopping_restores_and_a_pinned_start_mode_applies_at_once() {
+    let scratch = Scratch::new();
+    let before = scratch.snapshot();
+    let r = start(&scratch, Mode::Off);
+    sleep(MS).await;
+    assert_eq!(setting(&r), Setting::Off);
+    std::fs::write(scratch.ksm().join("run"), "1\n").expect("admin turns it on by hand");
+    r.handle.set_mode(Mode::Throttle).await.expect("throttle");
+    assert_eq!(scratch.snapshot(), before, "the settings from before start-up come back, not the hand change");
+    r.handle.set_mode(Mode::Throttle).await.expect("same mode again is fine");
+
+    let r2_scratch = Scratch::new();
+    let r2 = start(&r2_scratch, Mode::Throttle);
+    r2.handle.kick().await.expect("kick");
+    r2.stop.send(()).expect("stop");
+    r2.task.await.expect("join").expect("clean exit");
+    assert_eq!(r2_scratch.knobs(), (0, 100, 20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_storm_of_kicks_costs_no_sysfs_write_after_the_first() {
+    let scratch = Scratch::new();
+    let r = start(&scratch, Mode::Throttle);
+    r.handle.kick().await.expect("kick");
+    std::fs::write(scratch.ksm().join("pages_to_scan"), "3\n").expect("mark");
+    for _ in 0..10_000 {
+        r.handle.kick().await.expect("kick");
+    }
+    assert_eq!(scratch.knob("pages_to_scan"), "3\n");
+    assert_eq!(r.status.borrow().kick_count, 10_001);
+}

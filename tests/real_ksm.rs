@@ -1,0 +1,130 @@
+//! End to end on the real kernel: the daemon drives /sys/kernel/mm/ksm through a compressed
+//! cycle and puts it back exactly as found. Needs root and a KSM kernel; set
+//! KSM_THROTTLER_SKIP_REAL_KSM=1 to skip it knowingly (it fails otherwise, rather than pass
+//! without having run).
+
+mod common;
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use kata_ksm_throttler::meminfo;
+use kata_ksm_throttler::sysfs::{Knobs, Ksm, Target};
+
+const REAL: &str = "/sys/kernel/mm/ksm";
+/// Taken by everything in this project that touches the real KSM, so two never overlap.
+const REAL_KSM_LOCK: &str = "/run/lock/kata-ksm-throttler-real-ksm.lock";
+
+/// Puts the real KSM back as it was found, even if the test panics.
+struct Restore {
+    ksm: Ksm,
+    found: Knobs,
+    _lock: File,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if let Err(e) = self.ksm.apply(&Target::from(&self.found)) {
+            eprintln!("could not restore the real KSM to {:?}: {e}", self.found);
+        }
+    }
+}
+
+fn take_real_ksm() -> Option<Restore> {
+    if std::env::var_os("KSM_THROTTLER_SKIP_REAL_KSM").is_some() {
+        eprintln!("KSM_THROTTLER_SKIP_REAL_KSM set: not touching the real KSM");
+        return None;
+    }
+    assert!(rustix::process::geteuid().is_root(), "the real-KSM test needs root (or KSM_THROTTLER_SKIP_REAL_KSM=1)");
+    assert!(Path::new(REAL).join("run").exists(), "no KSM in this kernel (or KSM_THROTTLER_SKIP_REAL_KSM=1)");
+    let lock = File::options().create(true).truncate(false).write(true).open(REAL_KSM_LOCK).expect("lock file");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("flock");
+    let ksm = Ksm::open(REAL).expect("open real KSM");
+    let found = ksm.read().expect("read real KSM");
+    Some(Restore { ksm, found, _lock: lock })
+}
+
+fn anon_pages() -> u64 {
+    meminfo::anon_pages(Path::new("/proc/meminfo"), meminfo::page_size()).expect("meminfo")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drives_the_real_ksm_through_a_cycle_and_leaves_it_as_found() {
+    let Some(guard) = take_real_ksm() else { return };
+    let real = &guard.ksm;
+    // Start from the advisor scanning by time where the kernel has it: pages_to_scan refuses
+    // writes then, so this proves the advisor is switched off first and put back last.
+    let has_advisor = real.has_advisor();
+    if has_advisor {
+        real.apply(&Target { advisor_mode: Some("scan-time".into()), ..Target::default() }).expect("advisor on");
+    }
+    let before = real.read().expect("read");
+
+    let bus = start_bus();
+    let scratch = Scratch::new();
+    let state = scratch.state_dir();
+    let mut daemon = Daemon::spawn_on(
+        &bus,
+        Path::new(REAL),
+        Path::new("/proc/meminfo"),
+        &state,
+        &["--aggressive-duration", "300ms", "--standard-duration", "300ms", "--slow-duration", "300ms"],
+        &scratch,
+    );
+    let conn = connect(&bus).await;
+    wait_for_name(&conn, &daemon).await;
+    let proxy = proxy(&conn).await;
+    let props = zbus::fdo::PropertiesProxy::builder(&conn)
+        .destination(kata_ksm_throttler::service::BUS_NAME)
+        .path(kata_ksm_throttler::service::OBJECT_PATH)
+        .build()
+        .await
+        .expect("properties proxy");
+    let mut changes = props.receive_properties_changed().await.expect("subscribe");
+
+    let low = anon_pages();
+    proxy.kick().await.expect("kick");
+    let high = anon_pages();
+    let now = real.read().expect("read");
+    assert_eq!((now.run, now.sleep_millisecs), (1, 1), "aggressive: {now:?}");
+    let (lo, hi) = (low.min(high) / 10, low.max(high) / 10);
+    assert!(
+        now.pages_to_scan >= (lo * 9 / 10).max(1) && now.pages_to_scan <= (hi * 11 / 10).max(1),
+        "pages_to_scan {} vs AnonPages/10 in {lo}..{hi}",
+        now.pages_to_scan
+    );
+    if has_advisor {
+        assert_eq!(now.advisor_mode.as_deref(), Some("none"), "advisor off while driving");
+    }
+
+    let mut order: Vec<String> = vec![];
+    while order.last().map(String::as_str) != Some("initial") {
+        let signal = tokio::time::timeout(Duration::from_secs(10), changes.next())
+            .await
+            .expect("a step within 10 s")
+            .expect("open");
+        let args = signal.args().expect("args");
+        let Some(v) = args.changed_properties().get("CurrentSetting") else { continue };
+        let setting: String = v.try_clone().expect("clone").try_into().expect("string");
+        let knobs = real.read().expect("read");
+        match setting.as_str() {
+            "aggressive" => assert_eq!(knobs.sleep_millisecs, 1),
+            "standard" => assert_eq!((knobs.run, knobs.sleep_millisecs), (1, 10)),
+            "slow" => assert_eq!((knobs.run, knobs.sleep_millisecs), (1, 100)),
+            _ => {}
+        }
+        order.push(setting);
+    }
+    assert_eq!(order, ["aggressive", "standard", "slow", "initial"], "steps seen");
+    assert_eq!(real.read().expect("read"), before, "the real KSM is back as it was before the kick");
+
+    let status = daemon.terminate();
+    assert!(status.success(), "{}", daemon.log_text());
+    assert_eq!(real.read().expect("read"), before, "and stays so after the daemon exits");
+    let found = guard.found.clone();
+    drop(guard);
+    assert_eq!(Ksm::open(REAL).expect("open").read().expect("read"), found, "left exactly as found");
+}
