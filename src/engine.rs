@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::meminfo::{self, MeminfoError};
-use crate::policy::{Durations, Policy, Transition};
+use crate::policy::{Counters, Durations, Policy, Transition};
 use crate::setting::{Mode, Setting};
 use crate::state_file::{StateError, StateFile};
 use crate::sysfs::{Knobs, Ksm, SysfsError, Target, ADVISOR_NONE};
@@ -147,7 +147,7 @@ impl Engine {
         }
         tokio::pin!(shutdown);
         loop {
-            let deadline = self.policy.deadline();
+            let wake = self.policy.wake_at();
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -155,7 +155,7 @@ impl Engine {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 },
-                () = sleep_until(deadline) => self.on_timer(),
+                () = sleep_until(wake) => self.on_wake(),
             }
         }
         self.commands.close();
@@ -180,13 +180,32 @@ impl Engine {
         self.publish();
     }
 
-    fn on_timer(&mut self) {
+    fn on_wake(&mut self) {
         let now = Instant::now();
+        if self.policy.sample_at().is_some_and(|at| at <= now) {
+            let result = match self.read_counters() {
+                Ok(c) => self.step(|p, now| p.counters(now, c)),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = result {
+                // The timeline still bounds every step; a later sample may do better.
+                tracing::error!("adaptive sample failed, next in {}s: {e}", RETRY_AFTER.as_secs());
+                self.policy.postpone_sample(now + RETRY_AFTER);
+            }
+        }
         if let Err(e) = self.step(|p, now| p.timer(now)) {
             tracing::error!("step down failed, retrying in {}s: {e}", RETRY_AFTER.as_secs());
             self.policy.postpone(now + RETRY_AFTER);
         }
         self.publish();
+    }
+
+    fn read_counters(&self) -> Result<Counters, SysfsError> {
+        let ksm = &self.config.ksm;
+        Ok(Counters {
+            full_scans: ksm.read_counter("full_scans")?.unwrap_or(0).max(0) as u64,
+            pages_sharing: ksm.read_counter("pages_sharing")?.unwrap_or(0).max(0) as u64,
+        })
     }
 
     /// Runs one policy event and applies its transition; on failure the policy is left as it was,

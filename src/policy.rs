@@ -34,6 +34,10 @@ pub enum Cause {
     Timer,
     ModeChange,
     Startup,
+    /// Adaptive: a full scan added almost nothing to pages_sharing.
+    Settled,
+    /// Adaptive: a full scan after stepping down merged again.
+    MergingResumed,
 }
 
 impl fmt::Display for Cause {
@@ -43,6 +47,8 @@ impl fmt::Display for Cause {
             Cause::Timer => "timer",
             Cause::ModeChange => "mode-change",
             Cause::Startup => "startup",
+            Cause::Settled => "merging-settled",
+            Cause::MergingResumed => "merging-resumed",
         })
     }
 }
@@ -55,18 +61,65 @@ pub struct Transition {
     pub cause: Cause,
 }
 
+/// The KSM counters adaptive mode decides on (`/sys/kernel/mm/ksm/{full_scans,pages_sharing}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub full_scans: u64,
+    pub pages_sharing: u64,
+}
+
+/// Adaptive mode's rule, chosen from measurements on the real kernel (see README, "Adaptive mode"):
+/// - after a kick, the first full scan may be one begun before it, and the next only records
+///   checksums (KSM merges a page once it is unchanged over two scans), so nothing is judged
+///   before [`SETTLE_AFTER_SCANS`] full scans;
+/// - a full scan is *quiet* when pages_sharing grew by at most [`QUIET_MIN_PAGES`] or
+///   1/[`QUIET_FRACTION`] of what is shared, whichever is more;
+/// - aggressive steps down to standard after a quiet scan, standard to initial after
+///   [`CONFIRM_SCANS`] more quiet scans, and a scan that is not quiet while stepped down goes
+///   back to aggressive;
+/// - the throttle timeline's durations stay as upper bounds, so it is never slower to settle.
+pub const SETTLE_AFTER_SCANS: u64 = 3;
+pub const QUIET_MIN_PAGES: u64 = 256;
+pub const QUIET_FRACTION: u64 = 200;
+pub const CONFIRM_SCANS: u32 = 2;
+
+/// How often adaptive mode reads the counters in each setting: a few times per full scan at
+/// that setting's speed, and never while nothing is being driven (no wake-ups when idle).
+pub fn sample_interval(setting: Setting) -> Option<Duration> {
+    match setting {
+        Setting::Aggressive => Some(Duration::from_millis(100)),
+        Setting::Standard => Some(Duration::from_millis(250)),
+        Setting::Slow => Some(Duration::from_secs(1)),
+        Setting::Initial | Setting::Off => None,
+    }
+}
+
+/// What adaptive mode has seen since the kick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Watch {
+    next_sample: Instant,
+    /// Counters at the first sample after the kick, and at the last completed scan.
+    first: Option<Counters>,
+    last: Option<Counters>,
+    quiet_scans: u32,
+    /// Whether the counters (not a timer) made the last step down: only then does renewed
+    /// merging go back up, so the timeline stays an upper bound when counters never settle.
+    stepped_on_counters: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct Policy {
     mode: Mode,
     setting: Setting,
     deadline: Option<Instant>,
     durations: Durations,
+    watch: Option<Watch>,
 }
 
 impl Policy {
     /// A policy that has touched nothing yet; call [`Policy::start`] to enter its mode.
     pub fn new(mode: Mode, durations: Durations) -> Self {
-        Policy { mode, setting: Setting::Initial, deadline: None, durations }
+        Policy { mode, setting: Setting::Initial, deadline: None, durations, watch: None }
     }
 
     pub fn mode(&self) -> Mode {
@@ -77,15 +130,29 @@ impl Policy {
         self.setting
     }
 
-    /// When [`Policy::timer`] has something to do; `None` while nothing is scheduled.
+    /// The next scheduled step down (in adaptive mode, the latest it will happen); `None` while
+    /// nothing is scheduled.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    /// When the counters should next be read (adaptive mode while driving KSM).
+    pub fn sample_at(&self) -> Option<Instant> {
+        self.watch.map(|w| w.next_sample)
+    }
+
+    /// When the daemon must next wake up: the earlier of the deadline and the next sample.
+    pub fn wake_at(&self) -> Option<Instant> {
+        match (self.deadline, self.sample_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Enters the start-up mode: `throttle` and `initial` change nothing until something happens.
     pub fn start(&mut self, _now: Instant) -> Option<Transition> {
         let target = match self.mode {
-            Mode::Throttle | Mode::Initial => Setting::Initial,
+            Mode::Throttle | Mode::Adaptive | Mode::Initial => Setting::Initial,
             Mode::Off => Setting::Off,
             Mode::Pinned(p) => p.setting(),
         };
@@ -95,11 +162,14 @@ impl Policy {
     /// New VMs are starting. Only `throttle` reacts; a kick while aggressive only restarts the
     /// timer, so a storm of kicks costs one transition.
     pub fn kick(&mut self, now: Instant) -> Option<Transition> {
-        if self.mode != Mode::Throttle {
+        if !self.mode.reacts_to_kicks() {
             return None;
         }
         let deadline = Some(now + self.durations.aggressive);
-        self.move_to(Setting::Aggressive, deadline, Cause::Kick)
+        let t = self.move_to(Setting::Aggressive, deadline, Cause::Kick);
+        // A kick means new memory: judge settling afresh (a storm only restarts the count).
+        self.watch_from(now);
+        t
     }
 
     pub fn set_mode(&mut self, mode: Mode, now: Instant) -> Option<Transition> {
@@ -110,7 +180,7 @@ impl Policy {
         let (target, deadline) = match mode {
             // Keep the cycle going from where a pinned setting left it, rather than dropping a
             // host that is busy merging straight back to its idle settings.
-            Mode::Throttle => match self.duration_of(self.setting) {
+            Mode::Throttle | Mode::Adaptive => match self.duration_of(self.setting) {
                 Some(d) => (self.setting, Some(now + d)),
                 None => (Setting::Initial, None),
             },
@@ -118,7 +188,9 @@ impl Policy {
             Mode::Off => (Setting::Off, None),
             Mode::Pinned(p) => (p.setting(), None),
         };
-        self.move_to(target, deadline, Cause::ModeChange)
+        let t = self.move_to(target, deadline, Cause::ModeChange);
+        self.watch_from(now);
+        t
     }
 
     /// The timer fired: step down if the deadline has passed (an early wake-up changes nothing).
@@ -138,13 +210,89 @@ impl Policy {
             }
         };
         let deadline = self.duration_of(next).map(|d| now + d);
-        self.move_to(next, deadline, Cause::Timer)
+        let t = self.move_to(next, deadline, Cause::Timer);
+        self.watch_from(now);
+        t
+    }
+
+    /// Adaptive mode: the counters read at `now`, as asked for by [`Policy::sample_at`].
+    pub fn counters(&mut self, now: Instant, c: Counters) -> Option<Transition> {
+        let mut w = self.watch?;
+        let interval = sample_interval(self.setting)?;
+        w.next_sample = now + interval;
+        let (first, last) = match (w.first, w.last) {
+            (Some(first), Some(last)) => (first, last),
+            _ => {
+                w.first = Some(c);
+                w.last = Some(c);
+                self.watch = Some(w);
+                return None;
+            }
+        };
+        if c.full_scans <= last.full_scans {
+            self.watch = Some(w);
+            return None; // no scan finished since the last look
+        }
+        let grown = c.pages_sharing.saturating_sub(last.pages_sharing);
+        let quiet = grown <= QUIET_MIN_PAGES.max(c.pages_sharing / QUIET_FRACTION);
+        w.last = Some(c);
+        w.quiet_scans = if quiet { w.quiet_scans + 1 } else { 0 };
+        self.watch = Some(w);
+
+        let judged = c.full_scans - first.full_scans >= SETTLE_AFTER_SCANS;
+        match self.setting {
+            Setting::Aggressive if quiet && judged => {
+                let deadline = Some(now + self.durations.standard);
+                let t = self.move_to(Setting::Standard, deadline, Cause::Settled);
+                self.keep_watching(now, Watch { stepped_on_counters: true, ..w });
+                t
+            }
+            Setting::Standard | Setting::Slow if !quiet && w.stepped_on_counters => {
+                let deadline = Some(now + self.durations.aggressive);
+                let t = self.move_to(Setting::Aggressive, deadline, Cause::MergingResumed);
+                self.keep_watching(now, Watch { stepped_on_counters: false, ..w });
+                t
+            }
+            Setting::Standard | Setting::Slow if w.quiet_scans >= CONFIRM_SCANS => {
+                let t = self.move_to(Setting::Initial, None, Cause::Settled);
+                self.watch = None;
+                t
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts (or stops) reading the counters, as mode and setting require.
+    fn watch_from(&mut self, now: Instant) {
+        self.watch = match (self.mode, sample_interval(self.setting)) {
+            (Mode::Adaptive, Some(_)) => Some(Watch {
+                next_sample: now,
+                first: None,
+                last: None,
+                quiet_scans: 0,
+                stepped_on_counters: false,
+            }),
+            _ => None,
+        };
+    }
+
+    /// After an adaptive step: same baseline, quiet count restarted, next sample at the new pace.
+    fn keep_watching(&mut self, now: Instant, w: Watch) {
+        self.watch = sample_interval(self.setting)
+            .map(|i| Watch { next_sample: now + i, quiet_scans: 0, ..w });
     }
 
     /// Moves the deadline without a transition: a step that could not be applied is tried again.
     pub fn postpone(&mut self, until: Instant) {
         if self.deadline.is_some() {
             self.deadline = Some(until);
+        }
+    }
+
+    /// Moves the next sample: one that could not be read or applied is tried again later.
+    pub fn postpone_sample(&mut self, until: Instant) {
+        if let Some(w) = &mut self.watch {
+            w.next_sample = until;
         }
     }
 
@@ -285,5 +433,98 @@ mod tests {
             seen.push(t.to);
         }
         assert_eq!(seen, [Setting::Standard, Setting::Slow, Setting::Initial]);
+    }
+
+    fn adaptive() -> (Policy, Instant) {
+        let mut p = Policy::new(Mode::Adaptive, Durations::default());
+        let t0 = Instant::now();
+        assert_eq!(p.start(t0), None);
+        assert_eq!(p.wake_at(), None, "no wake-ups while idle");
+        (p, t0)
+    }
+
+    fn c(full_scans: u64, pages_sharing: u64) -> Counters {
+        Counters { full_scans, pages_sharing }
+    }
+
+    #[test]
+    fn adaptive_steps_down_once_a_judged_scan_is_quiet_then_confirms_to_initial() {
+        let (mut p, t0) = adaptive();
+        assert_eq!(to(p.kick(t0)), Some(Setting::Aggressive));
+        assert_eq!(p.sample_at(), Some(t0), "first sample at once, for the baseline");
+        assert_eq!(p.counters(t0, c(10, 0)), None);
+        assert_eq!(p.sample_at(), Some(t0 + Duration::from_millis(100)));
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // scan 1 (maybe begun before the kick) and scan 2 (checksums): quiet but not judged.
+        assert_eq!(p.counters(ms(100), c(11, 0)), None);
+        assert_eq!(p.counters(ms(200), c(12, 0)), None);
+        assert_eq!(p.counters(ms(300), c(12, 0)), None, "no scan finished: nothing to judge");
+        // scan 3 merges a lot: not quiet.
+        assert_eq!(p.counters(ms(400), c(13, 400_000)), None);
+        assert_eq!(p.setting(), Setting::Aggressive);
+        // scan 4 adds 0.4 %: quiet and judged.
+        let t = p.counters(ms(500), c(14, 401_600)).expect("settled");
+        assert_eq!((t.from, t.to, t.cause), (Setting::Aggressive, Setting::Standard, Cause::Settled));
+        assert_eq!(p.deadline(), Some(ms(500) + 120 * S), "the timeline stays the upper bound");
+        assert_eq!(p.sample_at(), Some(ms(750)), "sampled at the standard pace");
+        assert_eq!(p.counters(ms(750), c(15, 401_700)), None, "one quiet scan is not yet confirmation");
+        let t = p.counters(ms(1000), c(16, 401_700)).expect("confirmed");
+        assert_eq!((t.to, t.cause), (Setting::Initial, Cause::Settled));
+        assert_eq!((p.deadline(), p.wake_at()), (None, None), "idle again: no wake-ups");
+    }
+
+    #[test]
+    fn adaptive_goes_back_up_when_merging_resumes_after_it_stepped_down() {
+        let (mut p, t0) = adaptive();
+        p.kick(t0);
+        for (i, sharing) in [0, 0, 0, 1000, 1000].into_iter().enumerate() {
+            p.counters(t0 + i as u32 * S / 10, c(i as u64, sharing));
+        }
+        assert_eq!(p.setting(), Setting::Standard);
+        let t = p.counters(t0 + S, c(5, 50_000)).expect("resumed");
+        assert_eq!((t.to, t.cause), (Setting::Aggressive, Cause::MergingResumed));
+        assert_eq!(p.deadline(), Some(t0 + 31 * S));
+    }
+
+    #[test]
+    fn adaptive_never_lags_the_timeline_when_counters_do_not_settle() {
+        let (mut p, t0) = adaptive();
+        p.kick(t0);
+        let mut sharing = 0;
+        let mut scans = 0;
+        let mut now = t0;
+        let mut seen = vec![];
+        // Merging that never settles: every scan adds 1 % and more.
+        while now < t0 + 300 * S {
+            now = p.wake_at().expect("driving: always a wake-up");
+            if p.sample_at().is_some_and(|s| s <= now) {
+                scans += 1;
+                sharing += sharing / 100 + 1_000;
+                if let Some(t) = p.counters(now, c(scans, sharing)) {
+                    seen.push((t.to, t.cause));
+                }
+            }
+            if let Some(t) = p.timer(now) {
+                seen.push((t.to, t.cause));
+            }
+            if p.setting() == Setting::Initial {
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            [(Setting::Standard, Cause::Timer), (Setting::Slow, Cause::Timer), (Setting::Initial, Cause::Timer)],
+            "forced steps do not bounce back up"
+        );
+        assert_eq!(now, t0 + 270 * S);
+    }
+
+    #[test]
+    fn throttle_mode_never_samples() {
+        let (mut p, t0) = throttle();
+        p.kick(t0);
+        assert_eq!(p.sample_at(), None);
+        assert_eq!(p.counters(t0, c(1, 1)), None);
+        assert_eq!(p.wake_at(), p.deadline());
     }
 }

@@ -66,6 +66,9 @@ impl Profile {
 pub enum Mode {
     /// Kicks go aggressive, timers step down (the Kata design).
     Throttle,
+    /// Kicks go aggressive; steps down as soon as the KSM counters show merging has settled,
+    /// with the throttle timeline as an upper bound.
+    Adaptive,
     /// Hands off: the administrator's settings, kicks ignored.
     Initial,
     /// ksmd stopped.
@@ -93,11 +96,18 @@ impl Pinned {
 
 impl Mode {
     /// The names `SetMode` and `--mode` accept (plus the alias `auto` for `throttle`).
-    pub const NAMES: &'static [&'static str] = &["throttle", "initial", "off", "aggressive", "standard", "slow"];
+    pub const NAMES: &'static [&'static str] =
+        &["throttle", "adaptive", "initial", "off", "aggressive", "standard", "slow"];
+
+    /// Whether kicks drive this mode.
+    pub const fn reacts_to_kicks(self) -> bool {
+        matches!(self, Mode::Throttle | Mode::Adaptive)
+    }
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Mode::Throttle => "throttle",
+            Mode::Adaptive => "adaptive",
             Mode::Initial => "initial",
             Mode::Off => "off",
             Mode::Pinned(p) => p.setting().as_str(),
@@ -112,7 +122,7 @@ impl fmt::Display for Mode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown mode {given:?}: valid modes are throttle (alias auto), initial, off, aggressive, standard, slow")]
+#[error("unknown mode {given:?}: valid modes are throttle (alias auto), adaptive, initial, off, aggressive, standard, slow")]
 pub struct UnknownMode {
     /// What was asked for, cut short so a huge argument does not end up in logs and replies.
     pub given: String,
@@ -124,6 +134,7 @@ impl FromStr for Mode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s {
             "throttle" | "auto" => Mode::Throttle,
+            "adaptive" => Mode::Adaptive,
             "initial" => Mode::Initial,
             "off" => Mode::Off,
             "aggressive" => Mode::Pinned(Pinned::Aggressive),

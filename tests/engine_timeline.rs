@@ -165,3 +165,51 @@ async fn a_storm_of_kicks_costs_no_sysfs_write_after_the_first() {
     assert_eq!(scratch.knob("pages_to_scan"), "3\n");
     assert_eq!(r.status.borrow().kick_count, 10_001);
 }
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_follows_the_counters_in_the_files() {
+    let scratch = Scratch::new();
+    let counters = |scans: u64, sharing: u64| {
+        std::fs::write(scratch.ksm().join("full_scans"), format!("{scans}\n")).expect("write");
+        std::fs::write(scratch.ksm().join("pages_sharing"), format!("{sharing}\n")).expect("write");
+    };
+    counters(0, 0);
+    let before = scratch.snapshot();
+    let r = start(&scratch, Mode::Adaptive);
+    r.handle.kick().await.expect("kick");
+    assert_eq!(scratch.knobs(), expected(10, 1));
+    // Scans 1 to 3 (the third merges), then a quiet fourth: standard within one sample.
+    for (scans, sharing) in [(1, 0), (2, 0), (3, 500_000), (4, 500_100)] {
+        counters(scans, sharing);
+        sleep(100 * MS).await;
+    }
+    sleep(MS).await;
+    assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, expected(100, 10)));
+    // Two quiet scans at the standard pace confirm: back to the initial settings.
+    for scans in [5, 6] {
+        counters(scans, 500_100);
+        sleep(250 * MS).await;
+    }
+    sleep(MS).await;
+    assert_eq!(setting(&r), Setting::Initial);
+    // The counter files are our own scratch ones: restore them to compare the knobs.
+    counters(0, 0);
+    assert_eq!(scratch.snapshot(), before);
+    r.stop.send(()).expect("stop");
+    r.task.await.expect("join").expect("clean exit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_with_unreadable_counters_falls_back_to_the_timeline() {
+    let scratch = Scratch::new();
+    std::fs::create_dir(scratch.ksm().join("full_scans")).expect("unreadable counter");
+    let r = start(&scratch, Mode::Adaptive);
+    r.handle.kick().await.expect("kick");
+    sleep(30 * S - MS).await;
+    assert_eq!(setting(&r), Setting::Aggressive);
+    sleep(2 * MS).await;
+    assert_eq!(setting(&r), Setting::Standard);
+    sleep(240 * S).await;
+    assert_eq!(setting(&r), Setting::Initial);
+    assert_eq!(scratch.knobs(), (0, 100, 20));
+}
