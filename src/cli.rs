@@ -62,7 +62,7 @@ pub struct Args {
     #[arg(long, default_value = "system", value_parser = BusArg::from_str)]
     pub bus: BusArg,
 
-    /// Start-up mode: throttle (alias auto), initial, off, aggressive, standard or slow.
+    /// Start-up mode: throttle (alias auto), adaptive, initial, off, aggressive, standard or slow.
     #[arg(long, default_value = "throttle", value_parser = Mode::from_str)]
     pub mode: Mode,
 

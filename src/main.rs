@@ -68,7 +68,7 @@ async fn run(args: Args) -> Result<()> {
     })?;
 
     let config = Config {
-        ksm,
+        ksm: ksm.clone(),
         meminfo: args.meminfo.clone(),
         page_size: meminfo::page_size(),
         state,
@@ -78,7 +78,7 @@ async fn run(args: Args) -> Result<()> {
     let (engine, handle, status) = Engine::new(config);
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
     conn.object_server()
-        .at(OBJECT_PATH, Throttler::new(handle, status.clone(), authority))
+        .at(OBJECT_PATH, Throttler::new(handle, status.clone(), authority, ksm, meminfo::page_size()))
         .await
         .context("exporting the object")?;
     conn.request_name(BUS_NAME).await.map_err(|e| match e {

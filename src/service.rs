@@ -16,6 +16,7 @@ use crate::authorize::{Action, Authority};
 use crate::bus_error::BusError;
 use crate::engine::{Handle, Status};
 use crate::setting::Mode;
+use crate::sysfs::Ksm;
 
 pub const BUS_NAME: &str = "org.kata.KsmThrottler";
 pub const OBJECT_PATH: &str = "/org/kata/KsmThrottler";
@@ -25,11 +26,29 @@ pub struct Throttler {
     engine: Handle,
     status: watch::Receiver<Status>,
     authority: Authority,
+    /// Read-only here: the statistics are read live on each Get; only the engine writes.
+    ksm: Ksm,
+    page_size: u64,
 }
 
 impl Throttler {
-    pub fn new(engine: Handle, status: watch::Receiver<Status>, authority: Authority) -> Self {
-        Throttler { engine, status, authority }
+    pub fn new(
+        engine: Handle,
+        status: watch::Receiver<Status>,
+        authority: Authority,
+        ksm: Ksm,
+        page_size: u64,
+    ) -> Self {
+        Throttler { engine, status, authority, ksm, page_size }
+    }
+
+    /// A KSM counter read now; 0 where this kernel does not have it.
+    fn counter(&self, name: &str) -> zbus::fdo::Result<i64> {
+        self.ksm.read_counter(name).map(|v| v.unwrap_or(0)).map_err(|e| zbus::fdo::Error::IOError(e.to_string()))
+    }
+
+    fn count(&self, name: &str) -> zbus::fdo::Result<u64> {
+        Ok(self.counter(name)?.max(0) as u64)
     }
 }
 
@@ -42,7 +61,7 @@ impl Throttler {
         Ok(self.engine.kick().await?)
     }
 
-    /// Changes how KSM is driven: throttle (alias auto), initial, off, aggressive, standard, slow.
+    /// Changes how KSM is driven: throttle (alias auto), adaptive, initial, off, aggressive, standard, slow.
     async fn set_mode(&self, mode: &str, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
         let mode: Mode = mode.parse()?;
         self.authority.check(&header, Action::SetMode).await?;
@@ -55,7 +74,7 @@ impl Throttler {
         self.status.borrow().setting.as_str().to_owned()
     }
 
-    /// How KSM is driven: throttle, initial, off, aggressive, standard or slow.
+    /// How KSM is driven: throttle, adaptive, initial, off, aggressive, standard or slow.
     #[zbus(property)]
     fn mode(&self) -> String {
         self.status.borrow().mode.as_str().to_owned()
@@ -77,6 +96,73 @@ impl Throttler {
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    /// KSM pages in use (each backs several mappings): /sys/kernel/mm/ksm/pages_shared, read live.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn pages_shared(&self) -> zbus::fdo::Result<u64> {
+        self.count("pages_shared")
+    }
+
+    /// Mappings that share a KSM page, i.e. pages saved: pages_sharing, read live.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn pages_sharing(&self) -> zbus::fdo::Result<u64> {
+        self.count("pages_sharing")
+    }
+
+    /// Pages unique but checked again and again: pages_unshared, read live.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn pages_unshared(&self) -> zbus::fdo::Result<u64> {
+        self.count("pages_unshared")
+    }
+
+    /// Pages changing too fast to merge: pages_volatile, read live.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn pages_volatile(&self) -> zbus::fdo::Result<u64> {
+        self.count("pages_volatile")
+    }
+
+    /// Full scans of all mergeable memory completed: full_scans, read live.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn full_scans(&self) -> zbus::fdo::Result<u64> {
+        self.count("full_scans")
+    }
+
+    /// Empty pages merged with the zero page (use_zero_pages): ksm_zero_pages; 0 before Linux 6.10.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksm_zero_pages(&self) -> zbus::fdo::Result<u64> {
+        self.count("ksm_zero_pages")
+    }
+
+    /// Bytes KSM saves net of its own metadata (may be negative): general_profit; 0 before Linux 6.7.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn general_profit(&self) -> zbus::fdo::Result<i64> {
+        self.counter("general_profit")
+    }
+
+    /// Bytes saved: (pages_sharing + ksm_zero_pages) x page size.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn saved_bytes(&self) -> zbus::fdo::Result<u64> {
+        let pages = self.count("pages_sharing")?.saturating_add(self.count("ksm_zero_pages")?);
+        Ok(pages.saturating_mul(self.page_size))
+    }
+
+    /// The `run` knob in force (0 stopped, 1 running, 2 unmerging), read live.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn run(&self) -> zbus::fdo::Result<u32> {
+        Ok(self.count("run")? as u32)
+    }
+
+    /// The `pages_to_scan` knob in force, read live.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn pages_to_scan(&self) -> zbus::fdo::Result<u64> {
+        self.count("pages_to_scan")
+    }
+
+    /// The `sleep_millisecs` knob in force, read live.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn sleep_millisecs(&self) -> zbus::fdo::Result<u64> {
+        self.count("sleep_millisecs")
     }
 }
 

@@ -227,7 +227,7 @@ async fn one_signal_per_transition_carries_every_changed_property() {
     assert!(!changed.contains_key("KickCount"));
     let iface = InterfaceName::try_from(INTERFACE).expect("name");
     let all = props.get_all(iface).await.expect("GetAll");
-    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(all.len(), 16, "{all:?}");
 }
 
 #[test]
@@ -268,4 +268,39 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
     assert!(!status.success());
     assert!(second.log_text().contains("already drives KSM"), "{}", second.log_text());
     assert_eq!(s.proxy.current_setting().await.expect("first still serving"), "initial");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_are_read_live_and_missing_counters_read_as_zero() {
+    let s = setup(&[]).await;
+    let write = |name: &str, v: &str| std::fs::write(s.scratch.ksm().join(name), v).expect("write");
+    write("pages_shared", "1000\n");
+    write("pages_sharing", "7000\n");
+    write("pages_unshared", "300\n");
+    write("pages_volatile", "20\n");
+    write("full_scans", "12\n");
+    write("general_profit", "-4096\n");
+    let page = kata_ksm_throttler::meminfo::page_size();
+    let p = &s.proxy;
+    assert_eq!(p.pages_shared().await.expect("get"), 1000);
+    assert_eq!(p.pages_sharing().await.expect("get"), 7000);
+    assert_eq!(p.pages_unshared().await.expect("get"), 300);
+    assert_eq!(p.pages_volatile().await.expect("get"), 20);
+    assert_eq!(p.full_scans().await.expect("get"), 12);
+    assert_eq!(p.general_profit().await.expect("get"), -4096);
+    assert_eq!(p.ksm_zero_pages().await.expect("absent file"), 0);
+    assert_eq!(p.saved_bytes().await.expect("get"), 7000 * page, "pages_sharing, not pages_shared, is saved");
+    write("ksm_zero_pages", "10\n");
+    write("pages_sharing", "8000\n");
+    assert_eq!(p.saved_bytes().await.expect("get"), 8010 * page, "read live on each Get");
+    assert_eq!(
+        (p.run().await.expect("get"), p.pages_to_scan().await.expect("get"), p.sleep_millisecs().await.expect("get")),
+        (0, 100, 20)
+    );
+    s.proxy.set_mode("slow").await.expect("slow");
+    assert_eq!(p.sleep_millisecs().await.expect("get"), 100);
+    write("pages_volatile", "lots\n");
+    let err = p.pages_volatile().await.expect_err("garbage in a counter");
+    assert!(error_message(&err).contains("pages_volatile"), "{err}");
+    assert_eq!(p.pages_sharing().await.expect("the rest still reads"), 8000);
 }
