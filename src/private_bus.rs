@@ -3,6 +3,7 @@
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -95,7 +96,16 @@ impl PrivateBus {
         let conf = dir.path().join("bus.conf");
         std::fs::write(&conf, config.render(&dir.path().join("bus"), &texts))?;
 
-        let mut child = Command::new("dbus-daemon")
+        let mut command = Command::new("dbus-daemon");
+        // SAFETY: only an async-signal-safe prctl between fork and exec. The bus must not
+        // outlive its owner even when that owner is killed with SIGKILL.
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                    .map_err(io::Error::from)
+            });
+        }
+        let mut child = command
             .arg(format!("--config-file={}", conf.display()))
             .args(["--nofork", "--nopidfile", "--print-address=1"])
             .stdin(Stdio::null())

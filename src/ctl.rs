@@ -1,0 +1,189 @@
+//! `ksmtctl`, the operators' command line: what it reads from the bus and how it shows it.
+//! The binary (src/bin/ksmtctl.rs) is the I/O; this is the part worth testing on its own.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use zbus::OwnedVariant;
+
+/// Exit codes, documented in the README and the man page.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    /// The throttler is not running and could not be started (or no bus).
+    pub const NOT_RUNNING: u8 = 3;
+    /// polkit said no, or wants interactive authentication that was not allowed.
+    pub const ACCESS_DENIED: u8 = 4;
+    /// The throttler refused an argument (an unknown mode).
+    pub const INVALID: u8 = 5;
+}
+
+/// Everything `status` shows, as read in one `GetAll`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Status {
+    pub mode: String,
+    pub current_setting: String,
+    /// CLOCK_REALTIME microseconds; 0 when nothing is scheduled.
+    pub next_step_down_us: u64,
+    pub kick_count: u64,
+    pub version: String,
+    pub run: u32,
+    pub pages_to_scan: u64,
+    pub sleep_millisecs: u64,
+    pub pages_shared: u64,
+    pub pages_sharing: u64,
+    pub pages_unshared: u64,
+    pub pages_volatile: u64,
+    pub full_scans: u64,
+    pub ksm_zero_pages: u64,
+    pub general_profit: i64,
+    pub saved_bytes: u64,
+}
+
+fn get<T: TryFrom<OwnedVariant>>(all: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
+    all.get(name).and_then(|v| v.try_clone().ok()).and_then(|v| T::try_from(v).ok())
+}
+
+impl Status {
+    /// From the answer of `Properties.GetAll`; absent or mistyped properties read as 0 / "".
+    pub fn from_properties(all: &HashMap<String, OwnedVariant>) -> Status {
+        Status {
+            mode: get(all, "Mode").unwrap_or_default(),
+            current_setting: get(all, "CurrentSetting").unwrap_or_default(),
+            next_step_down_us: get(all, "NextStepDown").unwrap_or_default(),
+            kick_count: get(all, "KickCount").unwrap_or_default(),
+            version: get(all, "Version").unwrap_or_default(),
+            run: get(all, "Run").unwrap_or_default(),
+            pages_to_scan: get(all, "PagesToScan").unwrap_or_default(),
+            sleep_millisecs: get(all, "SleepMillisecs").unwrap_or_default(),
+            pages_shared: get(all, "PagesShared").unwrap_or_default(),
+            pages_sharing: get(all, "PagesSharing").unwrap_or_default(),
+            pages_unshared: get(all, "PagesUnshared").unwrap_or_default(),
+            pages_volatile: get(all, "PagesVolatile").unwrap_or_default(),
+            full_scans: get(all, "FullScans").unwrap_or_default(),
+            ksm_zero_pages: get(all, "KsmZeroPages").unwrap_or_default(),
+            general_profit: get(all, "GeneralProfit").unwrap_or_default(),
+            saved_bytes: get(all, "SavedBytes").unwrap_or_default(),
+        }
+    }
+
+    /// The human form of `status`.
+    pub fn render(&self, now: SystemTime) -> String {
+        let next = match until(self.next_step_down_us, now) {
+            Some(d) => format!(" (next step in {})", human(d)),
+            None => String::new(),
+        };
+        format!(
+            "mode:     {}\nsetting:  {}{next}\nknobs:    run={} pages_to_scan={} sleep_millisecs={}\n\
+             saved:    {} (pages_sharing {}, ksm_zero_pages {})\nprofit:   {}\n\
+             scanning: {} full scans; pages shared {}, unshared {}, volatile {}\n\
+             kicks:    {}\nversion:  {}\n",
+            self.mode,
+            self.current_setting,
+            self.run,
+            self.pages_to_scan,
+            self.sleep_millisecs,
+            mib(self.saved_bytes as f64),
+            self.pages_sharing,
+            self.ksm_zero_pages,
+            mib(self.general_profit as f64),
+            self.full_scans,
+            self.pages_shared,
+            self.pages_unshared,
+            self.pages_volatile,
+            self.kick_count,
+            self.version,
+        )
+    }
+}
+
+/// Time left until a CLOCK_REALTIME microsecond stamp; `None` for 0 (nothing scheduled).
+pub fn until(stamp_us: u64, now: SystemTime) -> Option<Duration> {
+    if stamp_us == 0 {
+        return None;
+    }
+    let at = UNIX_EPOCH + Duration::from_micros(stamp_us);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Whole seconds, as an operator reads them: `45s`, `2m 5s`, `1h 2m`.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs_f64().round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 if s % 60 == 0 => format!("{}m", s / 60),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+/// The exit code for an error the throttler (or the bus) returned.
+pub fn exit_code(error_name: &str) -> u8 {
+    match error_name {
+        "org.freedesktop.DBus.Error.ServiceUnknown"
+        | "org.freedesktop.DBus.Error.NameHasNoOwner"
+        | "org.freedesktop.DBus.Error.NoReply"
+        | "org.freedesktop.DBus.Error.Spawn.ChildExited"
+        | "org.freedesktop.DBus.Error.Spawn.Failed" => exit::NOT_RUNNING,
+        "org.freedesktop.DBus.Error.AccessDenied" | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+            exit::ACCESS_DENIED
+        }
+        "org.freedesktop.DBus.Error.InvalidArgs" => exit::INVALID,
+        _ => exit::FAILED,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_a_person_would_say_them() {
+        assert_eq!(human(Duration::from_millis(400)), "0s");
+        assert_eq!(human(Duration::from_secs(45)), "45s");
+        assert_eq!(human(Duration::from_secs(120)), "2m");
+        assert_eq!(human(Duration::from_secs(125)), "2m 5s");
+        assert_eq!(human(Duration::from_secs(3720)), "1h 2m");
+    }
+
+    #[test]
+    fn until_handles_nothing_scheduled_and_the_past() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(until(0, now), None);
+        assert_eq!(until(1_030_000_000, now), Some(Duration::from_secs(30)));
+        assert_eq!(until(999_000_000, now), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn status_from_properties_and_rendered() {
+        let mut all = HashMap::new();
+        let put = |all: &mut HashMap<String, OwnedVariant>, k: &str, v: zbus::Variant<'static>| {
+            all.insert(k.to_owned(), OwnedVariant::try_from(v).expect("owned"));
+        };
+        put(&mut all, "Mode", "throttle".into());
+        put(&mut all, "CurrentSetting", "standard".into());
+        put(&mut all, "NextStepDown", 1_125_000_000u64.into());
+        put(&mut all, "SavedBytes", (3u64 * 1024 * 1024).into());
+        put(&mut all, "GeneralProfit", (-1048576i64).into());
+        put(&mut all, "Run", 1u32.into());
+        let st = Status::from_properties(&all);
+        assert_eq!((st.mode.as_str(), st.run, st.general_profit), ("throttle", 1, -1_048_576));
+        let text = st.render(UNIX_EPOCH + Duration::from_secs(1000));
+        assert!(text.contains("setting:  standard (next step in 2m 5s)"), "{text}");
+        assert!(text.contains("saved:    3.0 MiB"), "{text}");
+        assert!(text.contains("profit:   -1.0 MiB"), "{text}");
+    }
+
+    #[test]
+    fn error_names_map_to_documented_exit_codes() {
+        assert_eq!(exit_code("org.freedesktop.DBus.Error.ServiceUnknown"), 3);
+        assert_eq!(exit_code("org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"), 4);
+        assert_eq!(exit_code("org.freedesktop.DBus.Error.InvalidArgs"), 5);
+        assert_eq!(exit_code("org.kata.KsmThrottler.Error.Sysfs"), 1);
+    }
+}
