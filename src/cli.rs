@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::policy::Durations;
+use crate::config::Settings;
 use crate::setting::Mode;
 
 /// Which bus to serve on or call.
@@ -62,9 +62,10 @@ pub struct Args {
     #[arg(long, default_value = "system", value_parser = BusArg::from_str)]
     pub bus: BusArg,
 
-    /// Start-up mode: throttle (alias auto), adaptive, initial, off, aggressive, standard or slow.
-    #[arg(long, default_value = "throttle", value_parser = Mode::from_str)]
-    pub mode: Mode,
+    /// Start-up mode: throttle (alias auto), adaptive, initial, off, aggressive, standard or slow
+    /// [config: mode; default throttle].
+    #[arg(long, value_parser = Mode::from_str)]
+    pub mode: Option<Mode>,
 
     /// The KSM sysfs directory.
     #[arg(long, default_value = "/sys/kernel/mm/ksm", value_name = "DIR")]
@@ -78,22 +79,32 @@ pub struct Args {
     #[arg(long, default_value = "/run/kata-ksm-throttler", value_name = "DIR")]
     pub state_dir: PathBuf,
 
-    /// How long the aggressive setting lasts after the last kick.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
-    pub aggressive_duration: Duration,
+    /// How long the aggressive setting lasts after the last kick [config: aggressive.duration; default 30s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub aggressive_duration: Option<Duration>,
 
-    /// How long the standard setting lasts.
-    #[arg(long, default_value = "2m", value_parser = parse_duration, value_name = "DURATION")]
-    pub standard_duration: Duration,
+    /// How long the standard setting lasts [config: standard.duration; default 2m].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub standard_duration: Option<Duration>,
 
-    /// How long the slow setting lasts before the initial settings are restored.
-    #[arg(long, default_value = "2m", value_parser = parse_duration, value_name = "DURATION")]
-    pub slow_duration: Duration,
+    /// How long the slow setting lasts before the initial settings are restored
+    /// [config: slow.duration; default 2m].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub slow_duration: Option<Duration>,
 
     /// Exit after this long idle (throttle mode, initial settings, nothing scheduled); for D-Bus
-    /// activation, which starts the daemon again on the next call. Off unless given.
+    /// activation, which starts the daemon again on the next call [config: exit-idle-after; default off].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub exit_idle_after: Option<Duration>,
+
+    /// The configuration file; `config.d/*.toml` beside it are read after it, in name order.
+    /// Command-line flags override both. Re-read on SIGHUP.
+    #[arg(long, default_value = crate::config::DEFAULT_PATH, value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// Validate the configuration, print the effective one, and exit (1 if it is invalid).
+    #[arg(long)]
+    pub check_config: bool,
 
     /// error, warn, info, debug or trace.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
@@ -101,8 +112,25 @@ pub struct Args {
 }
 
 impl Args {
-    pub fn durations(&self) -> Durations {
-        Durations { aggressive: self.aggressive_duration, standard: self.standard_duration, slow: self.slow_duration }
+    /// The files' settings with this command line laid over them.
+    pub fn over(&self, mut settings: Settings) -> Settings {
+        if let Some(m) = self.mode {
+            settings.mode = m;
+        }
+        let d = &mut settings.durations;
+        for (flag, lasts) in [
+            (self.aggressive_duration, &mut d.aggressive),
+            (self.standard_duration, &mut d.standard),
+            (self.slow_duration, &mut d.slow),
+        ] {
+            if let Some(flag) = flag {
+                *lasts = flag;
+            }
+        }
+        if self.exit_idle_after.is_some() {
+            settings.exit_idle_after = self.exit_idle_after.filter(|d| !d.is_zero());
+        }
+        settings
     }
 }
 
@@ -119,18 +147,31 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_the_documented_timeline() {
+    fn no_flags_leave_the_files_settings_alone() {
         let args = Args::try_parse_from(["kata-ksm-throttler"]).expect("parse");
-        assert_eq!(args.durations(), Durations::default());
-        assert_eq!(args.mode, Mode::Throttle);
-        assert_eq!(args.exit_idle_after, None);
+        let mut file = Settings::default();
+        file.mode = Mode::Adaptive;
+        file.durations.slow = Duration::from_secs(1);
+        assert_eq!(args.over(file.clone()), file);
+        assert_eq!(args.config, std::path::Path::new("/etc/kata-ksm-throttler/config.toml"));
+    }
+
+    #[test]
+    fn flags_override_the_files() {
+        let args =
+            Args::try_parse_from(["x", "--aggressive-duration", "1m30s", "--mode", "auto", "--exit-idle-after", "0s"])
+                .expect("parse");
+        let mut file = Settings::default();
+        file.mode = Mode::Off;
+        file.exit_idle_after = Some(Duration::from_secs(60));
+        let s = args.over(file);
+        assert_eq!(s.durations.aggressive, Duration::from_secs(90));
+        assert_eq!(s.mode, Mode::Throttle);
+        assert_eq!(s.exit_idle_after, None, "0 turns it off");
     }
 
     #[test]
     fn durations_and_modes_are_validated() {
-        let args = Args::try_parse_from(["x", "--aggressive-duration", "1m30s", "--mode", "auto"]).expect("parse");
-        assert_eq!(args.aggressive_duration, Duration::from_secs(90));
-        assert_eq!(args.mode, Mode::Throttle);
         let err = Args::try_parse_from(["x", "--slow-duration", "soon"]).unwrap_err().to_string();
         assert!(err.contains("examples"), "{err}");
         let err = Args::try_parse_from(["x", "--mode", "fast"]).unwrap_err().to_string();

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::config::Profiles;
 use crate::meminfo::{self, MeminfoError};
 use crate::policy::{Counters, Durations, Policy, Transition};
 use crate::setting::{Mode, Setting};
@@ -30,6 +31,7 @@ pub struct Config {
     pub state: StateFile,
     pub mode: Mode,
     pub durations: Durations,
+    pub profiles: Profiles,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,8 @@ pub type Reply = oneshot::Sender<Result<(), EngineError>>;
 pub enum Command {
     Kick(Reply),
     SetMode(Mode, Reply),
+    /// New durations and profiles from a re-read configuration; the cycle goes on.
+    Reload(Durations, Profiles, Reply),
 }
 
 /// What the bus shows. `kick_count` changes without notifying watchers, so a kick storm does not
@@ -76,6 +80,10 @@ impl Handle {
 
     pub async fn set_mode(&self, mode: Mode) -> Result<(), EngineError> {
         self.call(|reply| Command::SetMode(mode, reply)).await
+    }
+
+    pub async fn reload(&self, durations: Durations, profiles: Profiles) -> Result<(), EngineError> {
+        self.call(|reply| Command::Reload(durations, profiles, reply)).await
     }
 
     async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<(), EngineError> {
@@ -176,6 +184,9 @@ impl Engine {
                 let result = self.step(|p, now| p.set_mode(mode, now));
                 let _ = reply.send(result);
             }
+            Command::Reload(durations, profiles, reply) => {
+                let _ = reply.send(self.reload(durations, profiles));
+            }
         }
         self.publish();
     }
@@ -226,6 +237,22 @@ impl Engine {
         })
     }
 
+    /// Takes new durations (for the steps still to come) and profiles (applied at once to the
+    /// setting in force if its profile changed).
+    fn reload(&mut self, durations: Durations, profiles: Profiles) -> Result<(), EngineError> {
+        self.policy.set_durations(durations);
+        let setting = self.policy.setting();
+        let changed = self.config.profiles.get(setting) != profiles.get(setting);
+        self.config.profiles = profiles;
+        self.config.durations = durations;
+        tracing::info!("configuration reloaded");
+        if changed {
+            self.config.ksm.apply(&self.target_for(setting)?)?;
+            tracing::info!(setting = %setting, "new profile applied to the setting in force");
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, t: Transition) -> Result<(), EngineError> {
         let written = if t.to == Setting::Initial {
             self.restore(&format!("{} -> initial", t.from))?;
@@ -259,7 +286,7 @@ impl Engine {
     fn target_for(&self, setting: Setting) -> Result<Target, EngineError> {
         // The advisor would fight (and refuse) our pages_to_scan: off while we drive.
         let advisor_off = self.saved.as_ref().and_then(|k| k.advisor_mode.as_ref()).map(|_| ADVISOR_NONE.to_string());
-        Ok(match setting.profile() {
+        Ok(match self.config.profiles.get(setting) {
             Some(profile) => {
                 let anon = meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?;
                 Target {

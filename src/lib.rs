@@ -8,6 +8,7 @@ pub mod authorize;
 pub mod bus_error;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod ctl;
 pub mod engine;
 pub mod logging;

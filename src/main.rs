@@ -6,6 +6,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use kata_ksm_throttler::authorize::Authority;
 use kata_ksm_throttler::cli::{Args, BusArg};
+use kata_ksm_throttler::config::{ConfigError, Settings};
 use kata_ksm_throttler::engine::{Config, Engine};
 use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::service::{self, Throttler, BUS_NAME, INTERFACE, OBJECT_PATH};
@@ -33,10 +34,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The configuration files with the command line over them.
+fn settings(args: &Args) -> Result<Settings, ConfigError> {
+    Settings::load(&args.config).map(|(files, _)| args.over(files))
+}
+
 async fn run(args: Args) -> Result<()> {
+    let settings = settings(&args)?;
+    if args.check_config {
+        print!("{}", settings.to_toml());
+        return Ok(());
+    }
+
     // Before anything changes KSM, so a stop at any point still restores.
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let ksm = Ksm::open(&args.sysfs_root)
         .with_context(|| format!("no KSM at {} (is this kernel built with CONFIG_KSM?)", args.sysfs_root.display()))?;
@@ -72,13 +85,15 @@ async fn run(args: Args) -> Result<()> {
         meminfo: args.meminfo.clone(),
         page_size: meminfo::page_size(),
         state,
-        mode: args.mode,
-        durations: args.durations(),
+        mode: settings.mode,
+        durations: settings.durations,
+        profiles: settings.profiles,
     };
     let (engine, handle, status) = Engine::new(config);
+    let engine_handle = handle.clone();
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
     conn.object_server()
-        .at(OBJECT_PATH, Throttler::new(handle, status.clone(), authority, ksm, meminfo::page_size()))
+        .at(OBJECT_PATH, Throttler::new(engine_handle, status.clone(), authority, ksm, meminfo::page_size()))
         .await
         .context("exporting the object")?;
     conn.request_name(BUS_NAME).await.map_err(|e| match e {
@@ -93,7 +108,22 @@ async fn run(args: Args) -> Result<()> {
         println!("  try: busctl --address={address} call {BUS_NAME} {OBJECT_PATH} {INTERFACE} Kick");
         println!("       busctl --address={address} get-property {BUS_NAME} {OBJECT_PATH} {INTERFACE} CurrentSetting");
     }
-    tracing::info!(bus = ?args.bus, mode = %args.mode, "serving {BUS_NAME}");
+    tracing::info!(bus = ?args.bus, mode = %settings.mode, "serving {BUS_NAME}");
+
+    // SIGHUP: re-read the files (the command line still wins); a bad file changes nothing.
+    let reload_handle = handle.clone();
+    tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            match self::settings(&args) {
+                Ok(s) => {
+                    if let Err(e) = reload_handle.reload(s.durations, s.profiles).await {
+                        tracing::error!("applying the reloaded configuration: {e}");
+                    }
+                }
+                Err(e) => tracing::error!("{e}: keeping the running configuration"),
+            }
+        }
+    });
 
     let shutdown = async {
         tokio::select! {

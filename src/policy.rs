@@ -277,6 +277,11 @@ impl Policy {
         self.watch = sample_interval(self.setting).map(|i| Watch { next_sample: now + i, quiet_scans: 0, ..w });
     }
 
+    /// New durations for the steps still to come; the one under way keeps its deadline.
+    pub fn set_durations(&mut self, durations: Durations) {
+        self.durations = durations;
+    }
+
     /// Moves the deadline without a transition: a step that could not be applied is tried again.
     pub fn postpone(&mut self, until: Instant) {
         if self.deadline.is_some() {

@@ -25,16 +25,6 @@ impl Setting {
             Setting::Off => "off",
         }
     }
-
-    /// The scan profile of a throttling setting; `None` for the two that are not a profile.
-    pub const fn profile(self) -> Option<Profile> {
-        match self {
-            Setting::Aggressive => Some(Profile::AGGRESSIVE),
-            Setting::Standard => Some(Profile::STANDARD),
-            Setting::Slow => Some(Profile::SLOW),
-            Setting::Initial | Setting::Off => None,
-        }
-    }
 }
 
 impl fmt::Display for Setting {

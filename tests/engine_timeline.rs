@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{expected, Scratch};
+use kata_ksm_throttler::config::Profiles;
 use kata_ksm_throttler::engine::{Config, Engine, Handle, Status};
 use kata_ksm_throttler::policy::Durations;
 use kata_ksm_throttler::setting::{Mode, Setting};
@@ -33,6 +34,7 @@ fn start(scratch: &Scratch, mode: Mode) -> Running {
         state: StateFile::new(scratch.state_dir()),
         mode,
         durations: Durations::default(),
+        profiles: Profiles::default(),
     };
     let (engine, handle, status) = Engine::new(config);
     let (stop, stopped) = oneshot::channel::<()>();

@@ -1,0 +1,334 @@
+//! The configuration: built-in defaults, then `/etc/kata-ksm-throttler/config.toml`, then
+//! `config.d/*.toml` beside it in name order, then the command line. Each file may name only
+//! what it changes. A bad file is refused whole, naming the file, the key and the reason.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Durations;
+use crate::setting::{Mode, Profile, Setting};
+
+pub const DEFAULT_PATH: &str = "/etc/kata-ksm-throttler/config.toml";
+
+/// The scan profile of each throttling setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Profiles {
+    pub aggressive: Profile,
+    pub standard: Profile,
+    pub slow: Profile,
+}
+
+impl Default for Profiles {
+    fn default() -> Self {
+        Profiles { aggressive: Profile::AGGRESSIVE, standard: Profile::STANDARD, slow: Profile::SLOW }
+    }
+}
+
+impl Profiles {
+    pub fn get(&self, setting: Setting) -> Option<Profile> {
+        match setting {
+            Setting::Aggressive => Some(self.aggressive),
+            Setting::Standard => Some(self.standard),
+            Setting::Slow => Some(self.slow),
+            Setting::Initial | Setting::Off => None,
+        }
+    }
+}
+
+/// The effective configuration of the daemon (and the trigger's folders).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub mode: Mode,
+    pub durations: Durations,
+    pub profiles: Profiles,
+    pub exit_idle_after: Option<Duration>,
+    /// The Go runtime's sandbox root (`DIR/sbs/<id>`); `None` turns watching it off.
+    pub vc_root: Option<PathBuf>,
+    /// runtime-rs's sandbox root (`DIR/<id>`); `None` turns watching it off.
+    pub kata_root: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            mode: Mode::Throttle,
+            durations: Durations::default(),
+            profiles: Profiles::default(),
+            exit_idle_after: None,
+            vc_root: Some(PathBuf::from("/run/vc")),
+            kata_root: Some(PathBuf::from("/run/kata")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {key}: {reason}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// The key (`aggressive.duration`), or `line N` where the file does not parse.
+    pub key: String,
+    pub reason: String,
+}
+
+/// One file's worth of settings: all optional, unknown keys refused (a typo must not pass).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Layer {
+    mode: Option<String>,
+    exit_idle_after: Option<String>,
+    aggressive: Option<ProfileLayer>,
+    standard: Option<ProfileLayer>,
+    slow: Option<ProfileLayer>,
+    trigger: Option<TriggerLayer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ProfileLayer {
+    duration: Option<String>,
+    anon_divisor: Option<u64>,
+    sleep_millisecs: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct TriggerLayer {
+    vc_root: Option<String>,
+    kata_root: Option<String>,
+}
+
+/// ksmd sleeping longer than a minute between batches is a setting nobody means.
+const MAX_SLEEP_MILLISECS: u32 = 60_000;
+
+fn duration(file: &Path, key: &str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        reason: format!("{s:?} is not a duration ({e}); examples: 30s, 2m, 1m30s"),
+    })
+}
+
+impl Settings {
+    /// Reads the main file (if present) and its drop-ins over the defaults. Returns the files read.
+    pub fn load(main: &Path) -> Result<(Settings, Vec<PathBuf>), ConfigError> {
+        let mut settings = Settings::default();
+        let mut files = vec![];
+        if main.exists() {
+            files.push(main.to_owned());
+        }
+        let dropins = main.parent().unwrap_or(Path::new("/")).join("config.d");
+        if let Ok(entries) = std::fs::read_dir(&dropins) {
+            let mut more: Vec<_> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            more.sort();
+            files.extend(more);
+        }
+        for file in &files {
+            let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+                file: file.clone(),
+                key: "-".into(),
+                reason: format!("cannot be read: {e}"),
+            })?;
+            settings.apply_toml(file, &text)?;
+        }
+        Ok((settings, files))
+    }
+
+    /// Lays one file's text over these settings.
+    pub fn apply_toml(&mut self, file: &Path, text: &str) -> Result<(), ConfigError> {
+        let layer: Layer = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            ConfigError {
+                file: file.to_owned(),
+                key: line.map_or("-".into(), |l| format!("line {l}")),
+                reason: e.message().to_owned(),
+            }
+        })?;
+        let err = |key: &str, reason: String| ConfigError { file: file.to_owned(), key: key.to_owned(), reason };
+        if let Some(m) = &layer.mode {
+            self.mode = m.parse().map_err(|e: crate::setting::UnknownMode| err("mode", e.to_string()))?;
+        }
+        if let Some(s) = &layer.exit_idle_after {
+            self.exit_idle_after = match s.as_str() {
+                "off" | "never" => None,
+                s => Some(duration(file, "exit-idle-after", s)?).filter(|d| !d.is_zero()),
+            };
+        }
+        let sections = [
+            ("aggressive", &layer.aggressive, &mut self.durations.aggressive, &mut self.profiles.aggressive),
+            ("standard", &layer.standard, &mut self.durations.standard, &mut self.profiles.standard),
+            ("slow", &layer.slow, &mut self.durations.slow, &mut self.profiles.slow),
+        ];
+        for (name, section, lasts, profile) in sections {
+            let Some(section) = section else { continue };
+            if let Some(d) = &section.duration {
+                *lasts = duration(file, &format!("{name}.duration"), d)?;
+            }
+            if let Some(div) = section.anon_divisor {
+                if div == 0 {
+                    return Err(err(
+                        &format!("{name}.anon-divisor"),
+                        "must be at least 1 (pages_to_scan = AnonPages / anon-divisor)".into(),
+                    ));
+                }
+                profile.anon_divisor = div;
+            }
+            if let Some(ms) = section.sleep_millisecs {
+                if ms > MAX_SLEEP_MILLISECS {
+                    return Err(err(
+                        &format!("{name}.sleep-millisecs"),
+                        format!("{ms} is more than {MAX_SLEEP_MILLISECS}"),
+                    ));
+                }
+                profile.sleep_millisecs = ms;
+            }
+        }
+        if let Some(t) = &layer.trigger {
+            let dir = |s: &String| (!s.is_empty()).then(|| PathBuf::from(s));
+            if let Some(s) = &t.vc_root {
+                self.vc_root = dir(s);
+            }
+            if let Some(s) = &t.kata_root {
+                self.kata_root = dir(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as a TOML file would state it (for `--check-config`).
+    pub fn to_toml(&self) -> String {
+        #[derive(Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct P {
+            duration: String,
+            anon_divisor: u64,
+            sleep_millisecs: u32,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct T {
+            vc_root: String,
+            kata_root: String,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct Out {
+            mode: String,
+            exit_idle_after: String,
+            aggressive: P,
+            standard: P,
+            slow: P,
+            trigger: T,
+        }
+        let p = |d: Duration, p: Profile| P {
+            duration: humantime::format_duration(d).to_string(),
+            anon_divisor: p.anon_divisor,
+            sleep_millisecs: p.sleep_millisecs,
+        };
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let out = Out {
+            mode: self.mode.to_string(),
+            exit_idle_after: self.exit_idle_after.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
+            aggressive: p(self.durations.aggressive, self.profiles.aggressive),
+            standard: p(self.durations.standard, self.profiles.standard),
+            slow: p(self.durations.slow, self.profiles.slow),
+            trigger: T { vc_root: path(&self.vc_root), kata_root: path(&self.kata_root) },
+        };
+        toml::to_string(&out).unwrap_or_else(|e| format!("# cannot be shown: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(text: &str) -> Result<Settings, ConfigError> {
+        let mut s = Settings::default();
+        s.apply_toml(Path::new("/etc/x.toml"), text).map(|()| s)
+    }
+
+    #[test]
+    fn an_empty_file_changes_nothing() {
+        assert_eq!(apply("").expect("ok"), Settings::default());
+    }
+
+    #[test]
+    fn every_key() {
+        let s = apply(
+            r#"
+mode = "adaptive"
+exit-idle-after = "60s"
+[aggressive]
+duration = "45s"
+anon-divisor = 20
+sleep-millisecs = 2
+[slow]
+duration = "10m"
+[trigger]
+vc-root = ""
+kata-root = "/run/kata2"
+"#,
+        )
+        .expect("ok");
+        assert_eq!(s.mode, Mode::Adaptive);
+        assert_eq!(s.exit_idle_after, Some(Duration::from_secs(60)));
+        assert_eq!(s.durations.aggressive, Duration::from_secs(45));
+        assert_eq!(s.profiles.aggressive, Profile { sleep_millisecs: 2, anon_divisor: 20 });
+        assert_eq!(s.durations.slow, Duration::from_secs(600));
+        assert_eq!(s.durations.standard, Durations::default().standard, "unnamed keys keep their value");
+        assert_eq!(s.vc_root, None, "an empty folder turns watching it off");
+        assert_eq!(s.kata_root, Some(PathBuf::from("/run/kata2")));
+    }
+
+    #[test]
+    fn bad_files_name_the_file_the_key_and_the_reason() {
+        let e = apply("[aggressive]\nduration = \"soon\"\n").unwrap_err();
+        assert_eq!((e.file.as_path(), e.key.as_str()), (Path::new("/etc/x.toml"), "aggressive.duration"));
+        assert!(e.reason.contains("soon"), "{e}");
+        let e = apply("mode = \"fast\"\n").unwrap_err();
+        assert_eq!(e.key, "mode");
+        assert!(e.reason.contains("valid modes"), "{e}");
+        let e = apply("[standard]\nanon-divisor = 0\n").unwrap_err();
+        assert_eq!(e.key, "standard.anon-divisor");
+        let e = apply("\n\n[agressive]\nduration = \"1s\"\n").unwrap_err();
+        assert_eq!(e.key, "line 3", "{e}");
+        assert!(e.reason.contains("agressive"), "{e}");
+        let e = apply("[slow]\nsleep-millisecs = -5\n").unwrap_err();
+        assert_eq!(e.key, "line 2", "{e}");
+        assert!(e.to_string().starts_with("/etc/x.toml: line 2: "), "{e}");
+    }
+
+    #[test]
+    fn drop_ins_override_the_main_file_in_name_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = dir.path().join("config.toml");
+        std::fs::write(&main, "mode = \"off\"\n[aggressive]\nduration = \"1m\"\n").expect("write");
+        std::fs::create_dir(dir.path().join("config.d")).expect("mkdir");
+        std::fs::write(dir.path().join("config.d/20-b.toml"), "mode = \"slow\"\n").expect("write");
+        std::fs::write(dir.path().join("config.d/10-a.toml"), "mode = \"standard\"\n").expect("write");
+        std::fs::write(dir.path().join("config.d/README"), "not toml, not read").expect("write");
+        let (s, files) = Settings::load(&main).expect("load");
+        assert_eq!(files.len(), 3);
+        assert_eq!(s.mode.as_str(), "slow", "the last drop-in wins");
+        assert_eq!(s.durations.aggressive, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn no_file_at_all_is_the_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, files) = Settings::load(&dir.path().join("config.toml")).expect("load");
+        assert_eq!((s, files.len()), (Settings::default(), 0));
+    }
+
+    #[test]
+    fn the_printed_configuration_reads_back_the_same() {
+        let s =
+            apply("mode = \"adaptive\"\n[standard]\nduration = \"90s\"\n[trigger]\nkata-root = \"\"\n").expect("ok");
+        let printed = s.to_toml();
+        assert_eq!(apply(&printed).expect("reads back"), s, "{printed}");
+    }
+}
