@@ -149,8 +149,7 @@ mod tests {
     #[test]
     fn no_flags_leave_the_files_settings_alone() {
         let args = Args::try_parse_from(["kata-ksm-throttler"]).expect("parse");
-        let mut file = Settings::default();
-        file.mode = Mode::Adaptive;
+        let mut file = Settings { mode: Mode::Adaptive, ..Settings::default() };
         file.durations.slow = Duration::from_secs(1);
         assert_eq!(args.over(file.clone()), file);
         assert_eq!(args.config, std::path::Path::new("/etc/kata-ksm-throttler/config.toml"));
@@ -161,9 +160,7 @@ mod tests {
         let args =
             Args::try_parse_from(["x", "--aggressive-duration", "1m30s", "--mode", "auto", "--exit-idle-after", "0s"])
                 .expect("parse");
-        let mut file = Settings::default();
-        file.mode = Mode::Off;
-        file.exit_idle_after = Some(Duration::from_secs(60));
+        let file = Settings { mode: Mode::Off, exit_idle_after: Some(Duration::from_secs(60)), ..Settings::default() };
         let s = args.over(file);
         assert_eq!(s.durations.aggressive, Duration::from_secs(90));
         assert_eq!(s.mode, Mode::Throttle);
