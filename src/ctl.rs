@@ -2,10 +2,59 @@
 //! The binary (src/bin/ksmtctl.rs) is the I/O; this is the part worth testing on its own.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use clap::{Parser, Subcommand};
 use serde::Serialize;
+
+use crate::cli::BusArg;
 use zbus::OwnedVariant;
+
+/// Read, drive and watch kata-ksm-throttler (org.kata.KsmThrottler) over D-Bus.
+///
+/// Exit codes: 0 done; 1 failed; 2 bad usage; 3 the throttler is not running (or no bus);
+/// 4 access denied (polkit); 5 invalid argument (e.g. an unknown mode).
+#[derive(Debug, Parser)]
+#[command(name = "ksmtctl", version)]
+pub struct Cli {
+    /// The bus: system (default), session, or a D-Bus address (as printed by
+    /// `kata-ksm-throttler --bus private`).
+    #[arg(long, global = true, default_value = "system", value_parser = BusArg::from_str)]
+    pub bus: BusArg,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mode, setting, time to the next step, knobs, memory saved.
+    Status {
+        /// One JSON object, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// New VMs are starting: go aggressive (needs org.kata.KsmThrottler.kick).
+    Kick,
+    /// throttle (alias auto), adaptive, initial, off, aggressive, standard or slow
+    /// (needs org.kata.KsmThrottler.set-mode; asks for authentication when run from a terminal).
+    SetMode {
+        mode: String,
+        /// Never ask for authentication, even from a terminal.
+        #[arg(long)]
+        no_ask: bool,
+    },
+    /// One timestamped line per property change, and the statistics every --interval, until Ctrl-C.
+    Watch {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// How often to print the statistics (e.g. 5s, 1m).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+}
 
 /// Exit codes, documented in the README and the man page.
 pub mod exit {

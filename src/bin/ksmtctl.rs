@@ -3,64 +3,18 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use futures_util::StreamExt;
 use kata_ksm_throttler::cli::BusArg;
-use kata_ksm_throttler::ctl::{self, exit, Status};
+use kata_ksm_throttler::ctl::{self, exit, Cli, Command, Status};
 use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use serde_json::json;
 use zbus::fdo::PropertiesProxy;
 use zbus::names::InterfaceName;
 use zbus::proxy::MethodFlags;
 use zbus::{Connection, OwnedVariant, Variant as Value};
-
-/// Read, drive and watch kata-ksm-throttler (org.kata.KsmThrottler) over D-Bus.
-///
-/// Exit codes: 0 done; 1 failed; 2 bad usage; 3 the throttler is not running (or no bus);
-/// 4 access denied (polkit); 5 invalid argument (e.g. an unknown mode).
-#[derive(Debug, Parser)]
-#[command(name = "ksmtctl", version, about)]
-struct Cli {
-    /// The bus: system (default), session, or a D-Bus address (as printed by
-    /// `kata-ksm-throttler --bus private`).
-    #[arg(long, global = true, default_value = "system", value_parser = BusArg::from_str)]
-    bus: BusArg,
-
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Mode, setting, time to the next step, knobs, memory saved.
-    Status {
-        /// One JSON object, for scripts.
-        #[arg(long)]
-        json: bool,
-    },
-    /// New VMs are starting: go aggressive (needs org.kata.KsmThrottler.kick).
-    Kick,
-    /// throttle (alias auto), adaptive, initial, off, aggressive, standard or slow
-    /// (needs org.kata.KsmThrottler.set-mode; asks for authentication when run from a terminal).
-    SetMode {
-        mode: String,
-        /// Never ask for authentication, even from a terminal.
-        #[arg(long)]
-        no_ask: bool,
-    },
-    /// One timestamped line per property change, and the statistics every --interval, until Ctrl-C.
-    Watch {
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-        /// How often to print the statistics (e.g. 5s, 1m).
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        interval: Duration,
-    },
-}
 
 /// A failure worth one line on stderr and a documented exit code.
 struct Failure(u8, String);
