@@ -252,6 +252,20 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_file_states_the_defaults() {
+        let shipped = include_str!("../config/config.toml");
+        assert_eq!(apply(shipped).expect("parses"), Settings::default());
+        // Uncommented, every line still holds: the comments tell the truth about the defaults.
+        let uncommented: String = shipped
+            .lines()
+            .filter(|l| l.starts_with('#') && !l.starts_with("# ") && l.len() > 1)
+            .map(|l| format!("{}\n", l[1..].split("  #").next().unwrap_or_default()))
+            .collect();
+        assert!(uncommented.contains("[aggressive]"), "{uncommented}");
+        assert_eq!(apply(&uncommented).expect("uncommented parses"), Settings::default(), "{uncommented}");
+    }
+
+    #[test]
     fn an_empty_file_changes_nothing() {
         assert_eq!(apply("").expect("ok"), Settings::default());
     }
