@@ -1,7 +1,7 @@
 //! A `dbus-daemon` of our own, configured like the system bus (default deny, policy files
 //! included): for `--bus private` on hosts with no system bus, and for the tests.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -105,12 +105,15 @@ impl PrivateBus {
                     .map_err(io::Error::from)
             });
         }
+        // Its warnings go to a file, not a pipe: a pipe nobody reads fills up (64 KiB) under a
+        // flood of refused calls, and dbus-daemon then blocks in write(2), the whole bus with it.
+        let log = dir.path().join("dbus-daemon.log");
         let mut child = command
             .arg(format!("--config-file={}", conf.display()))
             .args(["--nofork", "--nopidfile", "--print-address=1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting dbus-daemon: {e}")))?;
 
@@ -120,12 +123,9 @@ impl PrivateBus {
             None => Ok(0),
         };
         if read.map_or(true, |n| n == 0) || line.trim().is_empty() {
-            let mut err = String::new();
             let _ = child.kill();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
             let _ = child.wait();
+            let err = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(io::Error::other(format!("dbus-daemon did not start: {}", err.trim())));
         }
         Ok(PrivateBus { child, address: line.trim().to_owned(), dir })
@@ -142,6 +142,11 @@ impl PrivateBus {
     /// The folder holding the bus's socket and configuration.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// What dbus-daemon has written to stderr (its warnings).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dbus-daemon.log")).unwrap_or_default()
     }
 }
 
