@@ -233,6 +233,14 @@ impl Engine {
                 if let Err(e) = self.restore("a first step failed") {
                     tracing::error!("{e}");
                 }
+            } else if self.policy.setting() != Setting::Initial {
+                // A step that failed half-way may have paused ksmd (run=0) or changed one scan
+                // knob of two: put the setting in force back, so what is shown is what runs.
+                let setting = self.policy.setting();
+                let target = self.target_for(setting);
+                if let Err(e) = target.and_then(|t| Ok(self.config.ksm.apply(&t)?)) {
+                    tracing::error!(setting = %setting, "putting the setting in force back: {e}");
+                }
             }
         })
     }

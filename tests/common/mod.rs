@@ -3,6 +3,9 @@
 //! ended by PID when the fixture is dropped, even when a test fails.
 #![allow(dead_code)]
 
+pub mod procfs;
+pub mod writes;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
