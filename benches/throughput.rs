@@ -129,7 +129,9 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Result<Scratch> {
-        let dir = tempfile::Builder::new().prefix("ksm-bench-").tempdir()?;
+        // On tmpfs, like sysfs: on a disk file system each write's O_TRUNC waits for the block
+        // layer (ext4 discards freed blocks), which would count as the daemon's wake-ups.
+        let dir = tempfile::Builder::new().prefix("ksm-bench-").tempdir_in(scratch_parent())?;
         std::fs::create_dir(dir.path().join("ksm"))?;
         for (name, value) in KNOBS {
             std::fs::write(dir.path().join("ksm").join(name), value)?;
@@ -160,6 +162,10 @@ impl Scratch {
     fn knob(&self, name: &str) -> String {
         std::fs::read_to_string(self.ksm().join(name)).unwrap_or_default()
     }
+}
+
+fn scratch_parent() -> PathBuf {
+    ["/dev/shm", "/run"].iter().map(PathBuf::from).find(|p| p.is_dir()).unwrap_or_else(std::env::temp_dir)
 }
 
 /// The release daemon, ended by its PID when dropped.

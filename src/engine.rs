@@ -15,6 +15,7 @@ use crate::policy::{Counters, Durations, Policy, Transition};
 use crate::setting::{Mode, Setting};
 use crate::state_file::{StateError, StateFile};
 use crate::sysfs::{Knobs, Ksm, SysfsError, Target, ADVISOR_NONE};
+use crate::timer::DeadlineTimer;
 
 /// How long a failed timer step waits before it is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -100,6 +101,8 @@ pub struct Engine {
     saved: Option<Knobs>,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
+    /// `None`: tokio's timer (which tests can pause).
+    timer: Option<DeadlineTimer>,
 }
 
 impl Engine {
@@ -111,8 +114,15 @@ impl Engine {
         let (status_tx, status_rx) = watch::channel(status);
         // Bounded: a flood of callers waits here instead of growing memory.
         let (tx, rx) = mpsc::channel(256);
-        let engine = Engine { config, policy, saved: None, status: status_tx, commands: rx };
+        let engine = Engine { config, policy, saved: None, status: status_tx, commands: rx, timer: None };
         (engine, Handle { commands: tx }, status_rx)
+    }
+
+    /// Steps on a timerfd: one wake-up per scheduled step, where tokio's timer wheel takes two
+    /// or three (see [`crate::timer`]). For the daemon; not with tokio's paused clock.
+    pub fn with_timerfd(mut self) -> std::io::Result<Self> {
+        self.timer = Some(DeadlineTimer::new()?);
+        Ok(self)
     }
 
     /// Puts back what a previous instance left changed (its state file), then enters the
@@ -163,7 +173,7 @@ impl Engine {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 },
-                () = sleep_until(wake) => self.on_wake(),
+                () = sleep_until(&mut self.timer, wake) => self.on_wake(),
             }
         }
         self.commands.close();
@@ -344,9 +354,20 @@ impl Engine {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+async fn sleep_until(timer: &mut Option<DeadlineTimer>, deadline: Option<Instant>) {
+    match (timer, deadline) {
+        (Some(timer), Some(d)) => {
+            if let Err(e) = timer.sleep_until(d).await {
+                tracing::warn!("timerfd: {e}; using tokio's timer for this step");
+                tokio::time::sleep_until(d).await;
+            }
+        }
+        (None, Some(d)) => tokio::time::sleep_until(d).await,
+        (timer, None) => {
+            if let Some(Err(e)) = timer.as_mut().map(DeadlineTimer::disarm) {
+                tracing::warn!("timerfd: {e}");
+            }
+            std::future::pending().await
+        }
     }
 }

@@ -19,3 +19,4 @@ pub mod service;
 pub mod setting;
 pub mod state_file;
 pub mod sysfs;
+pub mod timer;

@@ -90,6 +90,7 @@ async fn run(args: Args) -> Result<()> {
         profiles: settings.profiles,
     };
     let (engine, handle, status) = Engine::new(config);
+    let engine = engine.with_timerfd().context("creating the step timer (timerfd)")?;
     let engine_handle = handle.clone();
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
     conn.object_server()
