@@ -6,6 +6,7 @@
 //!   cargo bench --bench throughput -- --smoke            # a few seconds, checks only correctness
 //!   cargo bench --bench throughput -- --json FILE        # where the JSON goes (target/throughput.json)
 //!   cargo bench --bench throughput -- --grpc-shim BIN    # also measure the gRPC shim binary
+//!   cargo bench --bench throughput -- --daemon BIN       # measure another build of the daemon
 //!
 //! Nothing here touches the real /sys/kernel/mm/ksm.
 
@@ -86,6 +87,14 @@ struct Options {
     grpc_shim: Option<PathBuf>,
 }
 
+/// The daemon measured: the release build of this package, or another (`--daemon BIN`) to
+/// compare builds.
+static DAEMON_BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn daemon_bin() -> &'static str {
+    DAEMON_BIN.get().map_or(DAEMON, String::as_str)
+}
+
 fn options() -> Result<Options> {
     let mut o = Options { plan: Plan::FULL, json: PathBuf::from("target/throughput.json"), grpc_shim: None };
     let mut args = std::env::args().skip(1);
@@ -94,9 +103,13 @@ fn options() -> Result<Options> {
             "--smoke" => o.plan = Plan::SMOKE,
             "--json" => o.json = args.next().context("--json needs a file")?.into(),
             "--grpc-shim" => o.grpc_shim = Some(args.next().context("--grpc-shim needs the shim's binary")?.into()),
+            "--daemon" => {
+                let bin = args.next().context("--daemon needs a binary")?;
+                DAEMON_BIN.set(bin).map_err(|_| anyhow!("--daemon given twice"))?;
+            }
             // cargo bench passes --bench to harness-less benches.
             "--bench" => {}
-            other => bail!("unknown argument {other:?} (--smoke, --json FILE, --grpc-shim BIN)"),
+            other => bail!("unknown argument {other:?} (--smoke, --json FILE, --grpc-shim BIN, --daemon BIN)"),
         }
     }
     Ok(o)
@@ -178,7 +191,7 @@ impl Daemon {
     fn spawn(bus: &PrivateBus, scratch: &Scratch, extra: &[&str]) -> Result<Daemon> {
         let log = scratch.dir.path().join("daemon.log");
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let child = Command::new(DAEMON)
+        let child = Command::new(daemon_bin())
             .arg("--bus")
             .arg(bus.address())
             .args(scratch.args())
@@ -187,7 +200,7 @@ impl Daemon {
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
-            .with_context(|| format!("starting {DAEMON}"))?;
+            .with_context(|| format!("starting {}", daemon_bin()))?;
         Ok(Daemon { child, log })
     }
 
@@ -405,7 +418,7 @@ async fn activation(plan: Plan) -> Result<Value> {
     let services = tempfile::Builder::new().prefix("ksm-bench-services-").tempdir()?;
     let bus = start_bus(vec![services.path().to_owned()])?;
     let scratch = Scratch::new()?;
-    let mut exec = vec![DAEMON.to_owned(), "--bus".into(), bus.address().split(",guid=").next().unwrap_or("").into()];
+    let mut exec = vec![daemon_bin().to_owned(), "--bus".into(), bus.address().split(",guid=").next().unwrap_or("").into()];
     exec.extend(scratch.args());
     let log = scratch.dir.path().join("daemon.log");
     // dbus-daemon runs Exec= without a shell; the log goes where dbus-daemon's stderr goes.
@@ -471,7 +484,7 @@ async fn run() -> Result<()> {
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut out = serde_json::Map::new();
     out.insert("smoke".into(), json!(plan.smoke));
-    out.insert("daemon".into(), json!(DAEMON));
+    out.insert("daemon".into(), json!(daemon_bin()));
     out.insert("loadavg_before".into(), json!(load_before.trim()));
     out.insert("cpus".into(), json!(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)));
 
