@@ -67,11 +67,6 @@ impl Watcher {
         Ok(watcher)
     }
 
-    /// The folder each target's watch is on, in the order given.
-    pub fn watched(&self) -> Vec<&Path> {
-        self.armed.iter().map(|a| a.dir.as_path()).collect()
-    }
-
     /// Waits for the next inotify event and says what it means; often nothing.
     pub async fn next(&mut self) -> io::Result<Vec<Found>> {
         let event = match self.events.next().await {

@@ -58,13 +58,16 @@ impl Trigger {
     /// Waits (bounded) until `n` lines contain every one of `needles`.
     fn wait_log(&self, needles: &[&str], n: usize) {
         let start = Instant::now();
+        // Prompt for short waits, without rereading a long log thousands of times for long ones.
+        let mut pause = Duration::from_millis(1);
         loop {
             if self.count_all(needles) >= n {
                 return;
             }
             let text = self.log_text();
             assert!(start.elapsed() < Duration::from_secs(10), "no {n} lines with {needles:?} in 10 s; log:\n{text}");
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
@@ -85,9 +88,13 @@ impl Trigger {
         }
     }
 
-    fn terminate(&mut self) -> ExitStatus {
+    fn signal(&self, signal: rustix::process::Signal) {
         let pid = rustix::process::Pid::from_raw(self.child.as_ref().expect("running").id() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        rustix::process::kill_process(pid, signal).expect("kill");
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
         self.wait(Duration::from_secs(10))
     }
 }
@@ -322,6 +329,40 @@ async fn an_unreachable_throttler_is_logged_and_the_trigger_keeps_watching() {
     let took = wait_kicks(&proxy, 1).await;
     assert_eq!(proxy.current_setting().await.expect("get"), "aggressive");
     eprintln!("first kick after the throttler came up: counted {took:?} after mkdir");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inotify_queue_overflow_kicks_and_the_trigger_keeps_watching() {
+    let s = setup(&[]).await;
+    let r = roots(&s);
+    std::fs::create_dir_all(r.vc.join("sbs")).expect("mkdir");
+    let mut trigger = Trigger::spawn(s.bus.address(), &[Path::new("--root"), &r.vc, Path::new("--no-kata-root")]);
+    trigger.wait_log(&["watching for new sandboxes"], 1);
+
+    // Stopped, it reads nothing while more folders appear than the kernel queues.
+    let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .expect("max_queued_events")
+        .trim()
+        .parse()
+        .expect("number");
+    trigger.signal(rustix::process::Signal::STOP);
+    for i in 0..queued + 100 {
+        mkdir(&r.vc.join(format!("sbs/flood-{i}")));
+    }
+    trigger.signal(rustix::process::Signal::CONT);
+    trigger.wait_log(&["inotify queue overflow"], 1);
+    let before = s.proxy.kick_count().await.expect("get");
+    assert!(before >= 1, "the flood kicked");
+    assert!(trigger.running());
+
+    mkdir(&r.vc.join("sbs/after-the-flood"));
+    trigger.wait_log(&["new sandbox sandbox=", "after-the-flood"], 1);
+    let start = Instant::now();
+    while s.proxy.kick_count().await.expect("get") <= before {
+        assert!(start.elapsed() < Duration::from_secs(10), "no kick after the flood");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    eprintln!("{} folders while stopped: {before} kicks, the log has the overflow", queued + 100);
 }
 
 #[test]
