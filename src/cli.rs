@@ -90,8 +90,9 @@ pub struct Args {
     #[arg(long, default_value = "2m", value_parser = parse_duration, value_name = "DURATION")]
     pub slow_duration: Duration,
 
-    /// Exit after this long idle (throttle mode, initial settings, nothing scheduled); for D-Bus
-    /// activation, which starts the daemon again on the next call. Off unless given.
+    /// Exit after this long idle (still in the start-up mode, initial settings, nothing
+    /// scheduled); for D-Bus activation, which starts the daemon again on the next call. Off
+    /// unless given (the shipped activation file and unit give 60s).
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub exit_idle_after: Option<Duration>,
 

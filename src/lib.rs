@@ -9,6 +9,7 @@ pub mod bus_error;
 pub mod cli;
 pub mod client;
 pub mod engine;
+pub mod idle_exit;
 pub mod logging;
 pub mod meminfo;
 pub mod policy;

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use zbus::fdo::Properties;
@@ -15,6 +16,7 @@ use zbus::{interface, Connection, Variant};
 use crate::authorize::{Action, Authority};
 use crate::bus_error::BusError;
 use crate::engine::{Handle, Status};
+use crate::idle_exit::CallTracker;
 use crate::setting::Mode;
 
 pub const BUS_NAME: &str = "org.kata.KsmThrottler";
@@ -25,11 +27,17 @@ pub struct Throttler {
     engine: Handle,
     status: watch::Receiver<Status>,
     authority: Authority,
+    calls: Arc<CallTracker>,
 }
 
 impl Throttler {
     pub fn new(engine: Handle, status: watch::Receiver<Status>, authority: Authority) -> Self {
-        Throttler { engine, status, authority }
+        Throttler { engine, status, authority, calls: CallTracker::new() }
+    }
+
+    /// The count of `Kick` and `SetMode` calls in flight, for exiting on idle.
+    pub fn calls(&self) -> Arc<CallTracker> {
+        Arc::clone(&self.calls)
     }
 }
 
@@ -38,12 +46,14 @@ impl Throttler {
 impl Throttler {
     /// New virtual machines are starting: scan aggressively now, then step down.
     async fn kick(&self, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
+        let _call = self.calls.enter(&header);
         self.authority.check(&header, Action::Kick).await?;
         Ok(self.engine.kick().await?)
     }
 
     /// Changes how KSM is driven: throttle (alias auto), initial, off, aggressive, standard, slow.
     async fn set_mode(&self, mode: &str, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
+        let _call = self.calls.enter(&header);
         let mode: Mode = mode.parse()?;
         self.authority.check(&header, Action::SetMode).await?;
         Ok(self.engine.set_mode(mode).await?)
