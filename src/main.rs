@@ -121,6 +121,12 @@ async fn run(args: Args) -> Result<()> {
                 tracing::error!("{e:#}: restoring and exiting");
                 failure = Some(e);
             }
+            // Nobody can reach the throttler any more; under systemd, Restart=on-failure brings
+            // it back with the bus.
+            () = conn.closed() => {
+                tracing::error!("the bus connection closed: restoring and exiting");
+                failure = Some(anyhow!("the bus connection closed"));
+            }
         }
     };
     let ended = tokio::select! {

@@ -1,7 +1,7 @@
 //! A `dbus-daemon` of our own, configured like the system bus (default deny, policy files
 //! included): for `--bus private` on hosts with no system bus, and for the tests.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -73,6 +73,8 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+const LOG_NAME: &str = "dbus-daemon.log";
+
 /// A running `dbus-daemon`, ended (by its PID) when dropped.
 pub struct PrivateBus {
     child: Child,
@@ -95,12 +97,15 @@ impl PrivateBus {
         let conf = dir.path().join("bus.conf");
         std::fs::write(&conf, config.render(&dir.path().join("bus"), &texts))?;
 
+        // A file rather than a pipe: services the bus activates inherit it, and write to it for
+        // as long as they run.
+        let log = std::fs::File::create(dir.path().join(LOG_NAME))?;
         let mut child = Command::new("dbus-daemon")
             .arg(format!("--config-file={}", conf.display()))
             .args(["--nofork", "--nopidfile", "--print-address=1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting dbus-daemon: {e}")))?;
 
@@ -110,12 +115,9 @@ impl PrivateBus {
             None => Ok(0),
         };
         if read.map_or(true, |n| n == 0) || line.trim().is_empty() {
-            let mut err = String::new();
             let _ = child.kill();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
             let _ = child.wait();
+            let err = std::fs::read_to_string(dir.path().join(LOG_NAME)).unwrap_or_default();
             return Err(io::Error::other(format!("dbus-daemon did not start: {}", err.trim())));
         }
         Ok(PrivateBus { child, address: line.trim().to_owned(), dir })
@@ -127,6 +129,11 @@ impl PrivateBus {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What the bus, and the services it started, wrote to stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(LOG_NAME)).unwrap_or_default()
     }
 
     /// The folder holding the bus's socket and configuration.
