@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus};
-use kata_ksm_throttler::service::BUS_NAME;
+use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use kata_ksm_throttler::state_file::{Handover, StateFile};
 use kata_ksm_throttler::sysfs::Knobs;
 use rustix::process::{kill_process, test_kill_process, Pid, Signal};
@@ -144,7 +144,7 @@ async fn a_kick_starts_the_throttler_which_exits_when_idle_and_is_started_again(
     throttler.kick().await.expect("the kick that starts it is answered");
     assert_eq!(a.scratch.knobs(), expected(10, 1), "and acted on");
     let first = a.owner_pid(&dbus).await;
-    assert_eq!(throttler.current_setting().await.expect("get"), "aggressive");
+    assert_eq!(throttler.kick_count().await.expect("get"), 1, "the starting kick was delivered once");
 
     // 3 × 300 ms of cycle, then 1 s at rest.
     let took = wait_for_exit(&dbus, first, Duration::from_secs(10), || a.log()).await;
@@ -204,7 +204,7 @@ async fn a_successor_carries_on_from_a_handover_instead_of_restoring() {
     // What an instance that handed over leaves: KSM standard, the record, the hand-over.
     std::fs::write(scratch.ksm().join("run"), "1\n").expect("write");
     std::fs::write(scratch.ksm().join("sleep_millisecs"), "10\n").expect("write");
-    write_handover(&scratch.state_dir(), "standard", Duration::from_millis(800));
+    write_handover(&scratch.state_dir(), "standard", Duration::from_secs(3));
     let mut daemon = Daemon::spawn(&bus, &scratch, &["--standard-duration", "10s", "--slow-duration", "300ms"]);
     let conn = connect(&bus).await;
     wait_for_name(&conn, &daemon).await;
@@ -214,11 +214,11 @@ async fn a_successor_carries_on_from_a_handover_instead_of_restoring() {
     assert!(!scratch.state_dir().join("handover.json").exists(), "used once");
     let next = throttler.next_step_down().await.expect("get");
     let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as u64;
-    assert!(next > now && next <= now + 800_000, "the hand-over's deadline ({next}), not a new 10 s one");
+    assert!(next > now && next <= now + 3_000_000, "the hand-over's deadline ({next}), not a new 10 s one");
 
     let start = Instant::now();
     while throttler.current_setting().await.expect("get") != "initial" {
-        assert!(start.elapsed() < Duration::from_secs(5), "never stepped down; log:\n{}", daemon.log_text());
+        assert!(start.elapsed() < Duration::from_secs(10), "never stepped down; log:\n{}", daemon.log_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(scratch.snapshot(), before, "the recorded settings back");
@@ -270,4 +270,27 @@ async fn losing_the_bus_restores_and_exits_non_zero() {
     assert_eq!(status.code(), Some(1), "log:\n{}", daemon.log_text());
     assert!(daemon.log_text().contains("bus connection closed"), "{}", daemon.log_text());
     assert_eq!(scratch.snapshot(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_before_reaching_a_handler_do_not_hold_off_the_idle_exit() {
+    let bus = start_bus();
+    let scratch = Scratch::new();
+    let mut daemon = Daemon::spawn(&bus, &scratch, &["--exit-idle-after", "1s"]);
+    let conn = connect(&bus).await;
+    wait_for_name(&conn, &daemon).await;
+    // zbus answers these itself (wrong argument types); were they counted as calls in flight,
+    // the throttler would never find itself idle.
+    for (member, err) in [
+        ("Kick", conn.call_method(Some(BUS_NAME), OBJECT_PATH, Some(INTERFACE), "Kick", &("x",)).await),
+        ("SetMode", conn.call_method(Some(BUS_NAME), OBJECT_PATH, Some(INTERFACE), "SetMode", &(7u32,)).await),
+    ] {
+        let err = err.expect_err("wrong arguments refused");
+        assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.InvalidArgs", "{member}");
+    }
+    proxy(&conn).await.set_mode("throttle").await.expect("a call that reaches its handler");
+    // Not activatable here: nothing can be handed over, and nothing needs to be.
+    let status = daemon.wait(Duration::from_secs(10));
+    assert!(status.success(), "log:\n{}", daemon.log_text());
+    assert!(daemon.log_text().contains("exiting on idle"), "{}", daemon.log_text());
 }
