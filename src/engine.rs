@@ -251,7 +251,10 @@ impl Engine {
         );
         self.saved = saved;
         self.policy = policy;
-        if self.policy.setting() != Setting::Initial {
+        if self.policy.setting() == Setting::Initial {
+            // A record beside an initial setting is from a cycle that did not finish: put it back.
+            self.restore("resumed in initial")?;
+        } else {
             // In force already; applied again so that what the bus shows is what is in force
             // even if something touched KSM in between.
             let target = self.target_for(self.policy.setting())?;

@@ -240,3 +240,24 @@ async fn a_handover_that_does_not_hold_together_is_ignored_and_the_host_restored
     assert_eq!(scratch.snapshot(), before, "restored from the record, as after a crash");
     assert!(!path.exists());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_late_switch_to_hands_off_is_kept_by_the_successor() {
+    let scratch = Scratch::new();
+    let before = scratch.snapshot();
+    let mut r = start(&scratch, Mode::Throttle);
+    sleep(IDLE + MS).await;
+    assert!(noticed(&mut r).await);
+    r.handle.set_mode(Mode::Initial).await.expect("late SetMode");
+    r.handle.conclude_idle(Drain::Done { successor: true }).await.expect("answer");
+    assert_eq!(ended(r).await, Ended::HandedOver, "a fresh instance would be in throttle, not initial");
+    assert_eq!(scratch.snapshot(), before, "hands off: nothing was changed");
+
+    let mut next = start(&scratch, Mode::Throttle);
+    sleep(MS).await;
+    assert_eq!((next.status.borrow().mode, setting(&next)), (Mode::Initial, Setting::Initial));
+    next.handle.kick().await.expect("kick");
+    assert_eq!(scratch.snapshot(), before, "kicks ignored while hands off");
+    sleep(10 * IDLE).await;
+    assert!(!noticed(&mut next).await);
+}
