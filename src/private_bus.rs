@@ -74,6 +74,8 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+const LOG_NAME: &str = "dbus-daemon.log";
+
 /// A running `dbus-daemon`, ended (by its PID) when dropped.
 pub struct PrivateBus {
     child: Child,
@@ -96,6 +98,9 @@ impl PrivateBus {
         let conf = dir.path().join("bus.conf");
         std::fs::write(&conf, config.render(&dir.path().join("bus"), &texts))?;
 
+        // A file rather than a pipe: services the bus activates inherit it, and write to it for
+        // as long as they run.
+        let log = std::fs::File::create(dir.path().join(LOG_NAME))?;
         let mut command = Command::new("dbus-daemon");
         // SAFETY: only an async-signal-safe prctl between fork and exec. The bus must not
         // outlive its owner even when that owner is killed with SIGKILL.
@@ -105,15 +110,12 @@ impl PrivateBus {
                     .map_err(io::Error::from)
             });
         }
-        // Its warnings go to a file, not a pipe: a pipe nobody reads fills up (64 KiB) under a
-        // flood of refused calls, and dbus-daemon then blocks in write(2), the whole bus with it.
-        let log = dir.path().join("dbus-daemon.log");
         let mut child = command
             .arg(format!("--config-file={}", conf.display()))
             .args(["--nofork", "--nopidfile", "--print-address=1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
+            .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting dbus-daemon: {e}")))?;
 
@@ -125,7 +127,7 @@ impl PrivateBus {
         if read.map_or(true, |n| n == 0) || line.trim().is_empty() {
             let _ = child.kill();
             let _ = child.wait();
-            let err = std::fs::read_to_string(&log).unwrap_or_default();
+            let err = std::fs::read_to_string(dir.path().join(LOG_NAME)).unwrap_or_default();
             return Err(io::Error::other(format!("dbus-daemon did not start: {}", err.trim())));
         }
         Ok(PrivateBus { child, address: line.trim().to_owned(), dir })
@@ -139,14 +141,14 @@ impl PrivateBus {
         self.child.id()
     }
 
+    /// What the bus, and the services it started, wrote to stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(LOG_NAME)).unwrap_or_default()
+    }
+
     /// The folder holding the bus's socket and configuration.
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// What dbus-daemon has written to stderr (its warnings).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dbus-daemon.log")).unwrap_or_default()
     }
 }
 

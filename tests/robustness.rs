@@ -3,6 +3,10 @@
 //! counted with real inotify.
 
 mod common;
+#[path = "common/procfs.rs"]
+mod procfs;
+#[path = "common/writes.rs"]
+mod writes;
 
 use std::io::{BufRead, BufReader, Write};
 use std::num::NonZeroU32;
@@ -10,11 +14,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::procfs::{footprint, raise_fd_limit};
-use common::writes::WriteWatch;
 use common::*;
 use kata_ksm_throttler::private_bus::BusConfig;
 use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use procfs::{footprint, raise_fd_limit};
+use writes::WriteWatch;
 use zbus::message::Message;
 use zbus::Connection;
 
@@ -279,7 +283,7 @@ async fn clients_that_leave_mid_call_or_flood_and_leave_change_nothing_but_their
     assert!(next > 0);
     let grown = rss_kib(pid) as i64 - settled as i64;
     assert!(grown < 2048, "RSS grew {grown} KiB through the flood");
-    let bus_log = s.bus.log();
+    let bus_log = s.bus.log_text();
     eprintln!(
         "flood: {} of 20,000 kicks carried out; RSS grew {grown} KiB; the bus logged {} lines, first: {:?}",
         last - before_flood,
