@@ -7,6 +7,8 @@
 //!   cargo bench --bench throughput -- --json FILE        # where the JSON goes (target/throughput.json)
 //!   cargo bench --bench throughput -- --grpc-shim BIN    # also measure the gRPC shim binary
 //!   cargo bench --bench throughput -- --daemon BIN       # measure another build of the daemon
+//!   cargo bench --bench throughput -- --clients N        # N clients in the many-clients phase
+//!   cargo bench --bench throughput -- --hold 60s         # keep daemon A up after its phases
 //!
 //! Nothing here touches the real /sys/kernel/mm/ksm.
 
@@ -85,6 +87,8 @@ struct Options {
     plan: Plan,
     json: PathBuf,
     grpc_shim: Option<PathBuf>,
+    /// Keep daemon A running this long after its phases, to look at it (gdb, perf, smaps).
+    hold: Duration,
 }
 
 /// The daemon measured: the release build of this package, or another (`--daemon BIN`) to
@@ -96,7 +100,12 @@ fn daemon_bin() -> &'static str {
 }
 
 fn options() -> Result<Options> {
-    let mut o = Options { plan: Plan::FULL, json: PathBuf::from("target/throughput.json"), grpc_shim: None };
+    let mut o = Options {
+        plan: Plan::FULL,
+        json: PathBuf::from("target/throughput.json"),
+        grpc_shim: None,
+        hold: Duration::ZERO,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -108,8 +117,12 @@ fn options() -> Result<Options> {
                 DAEMON_BIN.set(bin).map_err(|_| anyhow!("--daemon given twice"))?;
             }
             // cargo bench passes --bench to harness-less benches.
+            "--hold" => o.hold = humantime::parse_duration(&args.next().context("--hold needs a duration")?)?,
+            "--clients" => o.plan.many_clients = args.next().context("--clients needs a number")?.parse()?,
             "--bench" => {}
-            other => bail!("unknown argument {other:?} (--smoke, --json FILE, --grpc-shim BIN, --daemon BIN)"),
+            other => {
+                bail!("unknown argument {other:?} (--smoke, --json FILE, --grpc-shim BIN, --daemon BIN, --clients N, --hold DURATION)")
+            }
         }
     }
     Ok(o)
@@ -595,6 +608,10 @@ async fn run() -> Result<()> {
     let after_many = procfs::footprint(a.pid())?;
     out.insert("after_many_clients".into(), footprint_json(after_many));
 
+    if !opts.hold.is_zero() {
+        println!("holding daemon A (pid {}) for {}", a.pid(), humantime::format_duration(opts.hold));
+        tokio::time::sleep(opts.hold).await;
+    }
     let seen = watch.writes()?;
     ensure!(!seen.overflowed, "the inotify queue overflowed: the daemon wrote sysfs on (nearly) every kick");
     let (writes, modifies, per_file) = (seen.files_written(), seen.modify_events, seen.per_file.clone());
