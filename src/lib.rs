@@ -12,6 +12,7 @@ pub mod config;
 pub mod ctl;
 pub mod engine;
 pub mod idle_exit;
+pub mod kicker;
 pub mod logging;
 pub mod meminfo;
 pub mod policy;
