@@ -14,10 +14,15 @@ fn stderr_is_journal() -> bool {
 }
 
 pub fn init(level: LevelFilter) {
+    init_as("kata-ksm-throttler", level);
+}
+
+/// As [`init`], for the project's other binaries: `identifier` names them in the journal.
+pub fn init_as(identifier: &str, level: LevelFilter) {
     let registry = tracing_subscriber::registry().with(level);
     if stderr_is_journal() {
         if let Ok(journald) = tracing_journald::layer() {
-            registry.with(journald.with_syslog_identifier("kata-ksm-throttler".into())).init();
+            registry.with(journald.with_syslog_identifier(identifier.to_owned())).init();
             return;
         }
     }

@@ -14,10 +14,56 @@ use rustix::process::{kill_process, Pid, Signal};
 use tempfile::TempDir;
 use zbus::Connection;
 
-pub const DAEMON: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler");
+/// The daemon binary, as cargo names it for this package's own tests. The other workspace members'
+/// tests include this file by path and have no such variable: they use [`daemon_binary`].
+pub const DAEMON: &str = match option_env!("CARGO_BIN_EXE_kata-ksm-throttler") {
+    Some(path) => path,
+    None => "/nonexistent/kata-ksm-throttler (outside its own package, use common::daemon_binary())",
+};
 
+/// The daemon binary, in this package's tests and in the other workspace members'. For the others,
+/// cargo does not build another package's binaries, so it is built here, once per test process,
+/// with the cargo running the tests, into the same target folder and profile: a no-op when it is
+/// up to date, and never a stale binary left from an earlier build. `KSM_THROTTLER_DAEMON` names
+/// a ready-built one instead (e.g. to test an installed daemon).
+pub fn daemon_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_kata-ksm-throttler") {
+        return path.into();
+    }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_daemon).clone()
+}
+
+fn build_daemon() -> PathBuf {
+    if let Some(path) = std::env::var_os("KSM_THROTTLER_DAEMON") {
+        return path.into();
+    }
+    // The test runs as <target>/<profile>/deps/<test>.
+    let exe = std::env::current_exe().expect("the test's executable");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>");
+    let target_dir = profile_dir.parent().expect("<target>");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--quiet", "--package", "kata-ksm-throttler", "--bin", "kata-ksm-throttler"])
+        .args(["--profile", profile, "--manifest-path"])
+        .arg(project_file("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir)
+        .output()
+        .expect("run cargo");
+    assert!(out.status.success(), "building the daemon failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    profile_dir.join("kata-ksm-throttler")
+}
+
+/// A file of the workspace: this package's, or its parent's for the members that include this file.
 pub fn project_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = here.ancestors().find(|dir| dir.join("dbus/org.kata.KsmThrottler.conf").is_file()).unwrap_or(here);
+    root.join(rel)
 }
 
 /// A private system-like bus with the project's policy file included.
@@ -115,7 +161,7 @@ impl Daemon {
     ) -> Daemon {
         let log = scratch.dir.path().join(format!("daemon-{}.log", std::process::id()));
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
-        let child = Command::new(DAEMON)
+        let child = Command::new(daemon_binary())
             .arg("--bus")
             .arg(bus.address())
             .arg("--sysfs-root")

@@ -1,0 +1,141 @@
+//! The ksm.KSMThrottler service, forwarding each Kick to the bus, and the limits that keep
+//! misbehaving peers from starving the others or the host.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kata_ksm_throttler::kicker::{KickError, Kicker};
+use tonic::{Request, Response, Status};
+
+use crate::conn;
+use crate::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
+
+/// Every bound the server enforces. Worst case, per connection: the 64 KiB connection window of
+/// request data, plus decoded headers of at most 4 streams × 16 KiB, plus HPACK's 4 KiB table and
+/// h2's buffers: about 150 KiB; with 256 connections, about 40 MiB in all.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open connections at once; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// A peer must send the HTTP/2 preface within this, or is dropped.
+    pub handshake_timeout: Duration,
+    /// After this a connection is told to go away (GOAWAY); clients reconnect on their next call.
+    pub max_connection_age: Duration,
+    /// ...and closed this long after that, whatever it is doing.
+    pub max_connection_age_grace: Duration,
+    /// HTTP/2 PING every this long; a peer that does not answer within the timeout is dropped.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Calls in flight on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Decoded request headers of one call (SETTINGS_MAX_HEADER_LIST_SIZE); gRPC's are ~200 bytes.
+    pub max_header_list_size: u32,
+    /// The largest frame a peer may send (SETTINGS_MAX_FRAME_SIZE; 16 KiB is HTTP/2's minimum).
+    pub max_frame_size: u32,
+    /// Flow-control windows: request data buffered per connection and per call.
+    pub connection_window: u32,
+    pub stream_window: u32,
+    /// A call's request message (an Empty is 0 bytes).
+    pub max_message_size: usize,
+    /// The whole call, server side.
+    pub call_timeout: Duration,
+}
+
+impl Limits {
+    /// The defaults, with `kick_timeout` bounding the bus call inside each gRPC call.
+    pub fn new(kick_timeout: Duration) -> Limits {
+        Limits {
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(60),
+            max_connection_age_grace: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 4,
+            max_header_list_size: 16 * 1024,
+            max_frame_size: 16 * 1024,
+            connection_window: 64 * 1024,
+            stream_window: 16 * 1024,
+            max_message_size: 1024,
+            call_timeout: kick_timeout + Duration::from_secs(1),
+        }
+    }
+}
+
+/// Forwards Kick to `org.kata.KsmThrottler`.
+pub struct Forwarder {
+    kicker: Arc<Kicker>,
+    /// Whether the last call reached the throttler: failures are logged when this changes, so a
+    /// flood of calls while the throttler is down does not flood the log.
+    reachable: AtomicBool,
+}
+
+impl Forwarder {
+    pub fn new(kicker: Arc<Kicker>) -> Forwarder {
+        Forwarder { kicker, reachable: AtomicBool::new(true) }
+    }
+}
+
+#[tonic::async_trait]
+impl KsmThrottler for Forwarder {
+    async fn kick(&self, _request: Request<()>) -> Result<Response<()>, Status> {
+        let result = self.kicker.kick().await;
+        let reachable = !matches!(result, Err(KickError::Unreachable(_)));
+        if self.reachable.swap(reachable, Ordering::Relaxed) != reachable {
+            match &result {
+                Err(e) => tracing::warn!("{e}; Kick calls fail with UNAVAILABLE until it is back"),
+                Ok(()) => tracing::info!("the throttler is reachable again"),
+            }
+        }
+        match result {
+            Ok(()) => Ok(Response::new(())),
+            Err(e @ KickError::Unreachable(_)) => Err(Status::unavailable(e.to_string())),
+            Err(e @ KickError::Denied(_)) => Err(Status::permission_denied(e.to_string())),
+            Err(e @ KickError::Failed { .. }) => {
+                tracing::warn!("{e}");
+                Err(Status::internal(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Serves until `shutdown` completes, then lets calls in flight finish for up to `drain`.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    kicker: Arc<Kicker>,
+    limits: &Limits,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let service = KsmThrottlerServer::new(Forwarder::new(kicker)).max_decoding_message_size(limits.max_message_size);
+    let incoming = conn::incoming(listener, limits.max_connections, limits.handshake_timeout);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .timeout(limits.call_timeout)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .concurrency_limit_per_connection(limits.max_concurrent_streams as usize)
+        .http2_max_header_list_size(limits.max_header_list_size)
+        .max_frame_size(limits.max_frame_size)
+        .initial_connection_window_size(limits.connection_window)
+        .initial_stream_window_size(limits.stream_window)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_connection_age(limits.max_connection_age)
+        .max_connection_age_grace(limits.max_connection_age_grace)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        () = shutdown => {}
+    }
+    let _ = stop.send(());
+    if tokio::time::timeout(drain, server).await.is_err() {
+        tracing::info!("closing the connections still open");
+    }
+    Ok(())
+}

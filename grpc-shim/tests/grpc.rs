@@ -1,0 +1,533 @@
+//! The shim binary on a Unix socket in front of the real daemon on a private bus: a Rust gRPC
+//! client, raw HTTP/2 for the wire contract, systemd-socket-activate, and misbehaving peers.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use kata_ksm_throttler_grpc::proto::ksm_throttler_client::KsmThrottlerClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const SHIM: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler-grpc");
+
+/// The shim binary, ended by PID when dropped.
+struct Shim {
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+    socket: PathBuf,
+}
+
+impl Shim {
+    fn spawn(bus: &str, socket: &Path, extra: &[&str]) -> Shim {
+        Shim::spawn_cmd(Command::new(SHIM), bus, socket, extra)
+    }
+
+    fn spawn_cmd(mut cmd: Command, bus: &str, socket: &Path, extra: &[&str]) -> Shim {
+        let log = tempfile::NamedTempFile::new().expect("log");
+        let log_file = log.reopen().expect("log");
+        let child = cmd
+            .arg("--bus")
+            .arg(bus)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn the shim");
+        Shim { child: Some(child), log, socket: socket.to_owned() }
+    }
+
+    /// Started on `socket` with `--uri`.
+    fn serve(bus: &str, socket: &Path, extra: &[&str]) -> Shim {
+        let mut args = vec!["--uri", socket.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        let shim = Shim::spawn(bus, socket, &args);
+        shim.wait_for_socket();
+        shim
+    }
+
+    /// Until a connection to the socket is accepted.
+    fn wait_for_socket(&self) {
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "no socket after 10 s; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(start.elapsed() < limit, "the shim did not exit within {limit:?}; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = rustix::process::Pid::from_raw(self.pid()).expect("a pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        self.wait(Duration::from_secs(10))
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().expect("try_wait").is_none())
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A tonic client on the Unix socket, plain HTTP/2, as Kata's clients dial it.
+async fn client(socket: &Path) -> KsmThrottlerClient<Channel> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .expect("connect to the shim");
+    KsmThrottlerClient::new(channel)
+}
+
+async fn kick(socket: &Path) -> Result<(), tonic::Status> {
+    client(socket).await.kick(()).await.map(|_| ())
+}
+
+fn sock_in(dir: &Path) -> PathBuf {
+    dir.join("ksm.sock")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_kick_makes_the_daemon_aggressive() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let _shim = Shim::serve(s.bus.address(), &socket, &[]);
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "initial");
+
+    let started = Instant::now();
+    kick(&socket).await.expect("Kick over gRPC");
+    let took = started.elapsed();
+    // The reply comes once the daemon has applied the kick.
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive");
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 1);
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+    eprintln!("gRPC Kick (connect + call + bus round trip): {took:?}");
+
+    // One connection, many calls.
+    let mut c = client(&socket).await;
+    for _ in 0..5 {
+        c.kick(()).await.expect("Kick");
+    }
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 6);
+}
+
+/// Reads a whole response body and its trailers.
+async fn read_body(mut body: h2::RecvStream) -> (Vec<u8>, http::HeaderMap) {
+    let mut data = vec![];
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("data");
+        body.flow_control().release_capacity(chunk.len()).expect("release");
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.expect("trailers").unwrap_or_default();
+    (data, trailers)
+}
+
+async fn raw_call(socket: &Path, path: &str) -> (http::StatusCode, http::HeaderMap, Vec<u8>, http::HeaderMap) {
+    let io = UnixStream::connect(socket).await.expect("connect");
+    let (mut h2, conn) = h2::client::handshake(io).await.expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut body) = h2.send_request(request, false).expect("send");
+    // A gRPC message: not compressed (0), length 0 (google.protobuf.Empty encodes to no bytes).
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).expect("send body");
+    let response = response.await.expect("response");
+    let (parts, body) = response.into_parts();
+    let (data, trailers) = read_body(body).await;
+    (parts.status, parts.headers, data, trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_is_the_originals_byte_for_byte() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let _shim = Shim::serve(s.bus.address(), &socket, &[]);
+
+    let (status, headers, data, trailers) = raw_call(&socket, "/ksm.KSMThrottler/Kick").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("content-type").expect("content-type"), "application/grpc");
+    assert_eq!(data, [0, 0, 0, 0, 0], "one uncompressed, empty message");
+    assert_eq!(trailers.get("grpc-status").expect("grpc-status"), "0", "{trailers:?}");
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive");
+
+    // Nothing else is served: no way around polkit for SetMode.
+    for path in ["/ksm.KSMThrottler/SetMode", "/org.kata.KsmThrottler/Kick", "/ksm.KSMThrottler/kick"] {
+        let (status, headers, data, trailers) = raw_call(&socket, path).await;
+        assert_eq!(status, 200);
+        assert!(data.is_empty());
+        // A trailers-only response carries the status in its headers.
+        let code = headers.get("grpc-status").or(trailers.get("grpc-status"));
+        assert_eq!(
+            code.map(|v| v.as_bytes()),
+            Some(&b"12"[..]),
+            "{path}: UNIMPLEMENTED expected: {headers:?} {trailers:?}"
+        );
+    }
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_is_made_as_the_original_made_it() {
+    let s = setup(&[]).await;
+    let dir = s.scratch.dir.path().join("run/kata-ksm-throttler");
+    let socket = dir.join("ksm.sock");
+    let mut shim = Shim::serve(s.bus.address(), &socket, &[]);
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&dir), 0o750, "the folder it created");
+    assert_eq!(mode(&s.scratch.dir.path().join("run")), 0o750, "every folder it created");
+    assert_eq!(mode(&socket), 0o660, "the socket");
+    kick(&socket).await.expect("Kick");
+
+    // A second shim on the same path is refused while the first serves.
+    let mut second = Shim::spawn(s.bus.address(), &socket, &["--uri", socket.to_str().expect("utf-8")]);
+    assert!(!second.wait(Duration::from_secs(10)).success());
+    assert!(second.log_text().contains("another server is listening"), "{}", second.log_text());
+    kick(&socket).await.expect("the first still serves");
+
+    // SIGTERM: exit 0, socket removed.
+    assert!(shim.terminate().success(), "{}", shim.log_text());
+    assert!(!socket.exists(), "the socket it made is removed on exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_socket_is_replaced_and_other_files_are_not() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    // A socket nobody listens on any more, as a crashed shim leaves it.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(socket.exists());
+    let _shim = Shim::serve(s.bus.address(), &socket, &[]);
+    kick(&socket).await.expect("Kick on the replaced socket");
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 1);
+
+    let file = s.scratch.dir.path().join("not-a-socket");
+    std::fs::write(&file, "keep me").expect("write");
+    let mut refused = Shim::spawn(s.bus.address(), &file, &["--uri", file.to_str().expect("utf-8")]);
+    assert!(!refused.wait(Duration::from_secs(10)).success());
+    let log = refused.log_text();
+    assert!(log.contains("is not a socket"), "{log}");
+    assert_eq!(log.trim().lines().count(), 1, "one line: {log}");
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+}
+
+#[test]
+fn a_socket_path_over_107_bytes_is_refused_and_107_is_fine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().to_str().expect("utf-8").len() + 1;
+    let at = |len: usize| dir.path().join("s".repeat(len - base));
+
+    let too_long = at(108);
+    let out =
+        Command::new(SHIM).args(["--bus", "unix:path=/nonexistent", "--uri"]).arg(&too_long).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("at most 107 bytes") && err.contains("108"), "{err}");
+    assert!(!too_long.exists());
+
+    let longest = at(107);
+    assert_eq!(longest.as_os_str().len(), 107);
+    let mut shim = Shim::serve("unix:path=/nonexistent", &longest, &[]);
+    assert!(shim.is_running());
+    assert!(shim.terminate().success(), "{}", shim.log_text());
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors() {
+    let out = Command::new(SHIM).args(["--uri", "tcp://127.0.0.1:7777"]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a Unix socket path") && err.lines().count() == 1, "{err}");
+
+    let out = Command::new(SHIM).args(["--bus", "private", "--uri", "/nonexistent/x.sock"]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--bus private") && err.lines().count() == 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_throttler_is_unavailable_and_the_shim_keeps_serving() {
+    let scratch = Scratch::new();
+    // The bus address is a symbolic link, so the bus behind it can be absent, appear, and change.
+    let link = scratch.dir.path().join("bus-link");
+    let bus_arg = format!("unix:path={}", link.display());
+    let socket = sock_in(scratch.dir.path());
+    let mut shim = Shim::serve(&bus_arg, &socket, &[]);
+
+    // No bus at all.
+    let status = kick(&socket).await.expect_err("no bus");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("cannot connect to the bus"), "{status:?}");
+
+    // A bus, but no throttler on it.
+    let bus = start_bus();
+    std::os::unix::fs::symlink(bus.dir().join("bus"), &link).expect("symlink");
+    let status = kick(&socket).await.expect_err("no throttler");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("org.freedesktop.DBus.Error.ServiceUnknown"), "{status:?}");
+
+    // The throttler starts: the very next call works.
+    let daemon = Daemon::spawn(&bus, &scratch, &[]);
+    let conn = connect(&bus).await;
+    wait_for_name(&conn, &daemon).await;
+    kick(&socket).await.expect("Kick once the throttler is up");
+    assert_eq!(proxy(&conn).await.current_setting().await.expect("get"), "aggressive");
+
+    // The bus goes away and another comes up: the shim reconnects; no call is lost to the old connection.
+    drop(daemon);
+    drop(conn);
+    drop(bus);
+    let status = kick(&socket).await.expect_err("bus gone");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let bus = start_bus();
+    std::fs::remove_file(&link).expect("unlink");
+    std::os::unix::fs::symlink(bus.dir().join("bus"), &link).expect("symlink");
+    let scratch2 = Scratch::new();
+    let daemon = Daemon::spawn(&bus, &scratch2, &[]);
+    let conn = connect(&bus).await;
+    wait_for_name(&conn, &daemon).await;
+    kick(&socket).await.expect("Kick on the new bus");
+    assert_eq!(proxy(&conn).await.kick_count().await.expect("get"), 1);
+    assert!(shim.is_running());
+    let log = shim.log_text();
+    assert!(log.contains("cannot be reached") && log.contains("reachable again"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_with_systemd_socket_activate() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let ignored = s.scratch.dir.path().join("ignored/ksm.sock");
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("--listen").arg(&socket).arg("--").arg(SHIM);
+    let mut shim = Shim::spawn_cmd(cmd, s.bus.address(), &socket, &["--uri", ignored.to_str().expect("utf-8")]);
+    // It reports listening once the socket is bound and listens; nothing is started until a connection.
+    let start = Instant::now();
+    while !shim.log_text().contains("Listening on") {
+        assert!(start.elapsed() < Duration::from_secs(10), "not listening after 10 s: {}", shim.log_text());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!shim.log_text().contains("serving"), "started before any connection: {}", shim.log_text());
+
+    // The first connection starts the shim on the passed socket.
+    kick(&socket).await.expect("Kick through the activated socket");
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive");
+    for _ in 0..3 {
+        kick(&socket).await.expect("Kick");
+    }
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 4);
+    let log = shim.log_text();
+    assert!(log.contains("on the socket systemd passed"), "{log}");
+    assert!(!ignored.exists() && !ignored.parent().expect("parent").exists(), "--uri ignored under activation");
+    // systemd-socket-activate execs the service in its own process: this PID is the shim.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", shim.pid())).expect("exe");
+    assert_eq!(exe, Path::new(SHIM));
+    assert!(shim.terminate().success(), "{log}");
+    assert!(socket.exists(), "a socket systemd made is left to systemd");
+}
+
+/// Waits (bounded) until the peer closes `stream`, returning how long it took.
+async fn closed_by_peer(stream: &mut UnixStream, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the shim kept the connection open for {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_http1_are_dropped_and_the_shim_keeps_serving() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let mut shim = Shim::serve(s.bus.address(), &socket, &[]);
+    let mut garbage = Vec::with_capacity(64 * 1024);
+    let mut x: u32 = 0x1234_5678;
+    for _ in 0..garbage.capacity() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        garbage.push(x as u8);
+    }
+    for payload in
+        [&garbage[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff"]
+    {
+        let mut peer = UnixStream::connect(&socket).await.expect("connect");
+        let _ = peer.write_all(payload).await;
+        let took = closed_by_peer(&mut peer, Duration::from_secs(5)).await;
+        eprintln!("{} bytes of nonsense: closed after {took:?}", payload.len());
+    }
+    kick(&socket).await.expect("Kick after the nonsense");
+    assert!(shim.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_peers_are_dropped_after_the_handshake_timeout_and_do_not_starve_callers() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let _shim = Shim::serve(s.bus.address(), &socket, &["--handshake-timeout", "1s", "--max-connections", "64"]);
+
+    // Twice as many silent peers as there are connection slots.
+    let mut idle = vec![];
+    for _ in 0..128 {
+        idle.push(UnixStream::connect(&socket).await.expect("connect"));
+    }
+    let started = Instant::now();
+    kick(&socket).await.expect("Kick while silent peers hold every slot");
+    let waited = started.elapsed();
+    eprintln!("Kick behind 128 silent peers (64 slots, 1 s handshake timeout): {waited:?}");
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    // Every silent peer is cut off, none lasts much past two timeouts (it may have waited for a slot).
+    for peer in &mut idle {
+        closed_by_peer(peer, Duration::from_secs(5)).await;
+    }
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_clients_are_all_served() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let shim = Shim::serve(s.bus.address(), &socket, &[]);
+    const CLIENTS: u64 = 300;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let socket = socket.clone();
+            tokio::spawn(async move { kick(&socket).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.expect("task").expect("Kick");
+    }
+    let took = started.elapsed();
+    eprintln!("{CLIENTS} concurrent clients, one connection and one Kick each: {took:?}");
+    assert_eq!(s.proxy.kick_count().await.expect("get"), CLIENTS);
+    assert!(took < Duration::from_secs(20), "{took:?}; log:\n{}", shim.log_text());
+}
+
+/// An HTTP/2 frame header: 24-bit length, type, flags, stream.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Writes `chunks` until the shim stops reading, returning how much it took in.
+async fn flood(socket: &Path, start: Vec<u8>, chunk: Vec<u8>, limit_bytes: usize) -> usize {
+    let mut peer = UnixStream::connect(socket).await.expect("connect");
+    peer.write_all(PREFACE).await.expect("preface");
+    peer.write_all(&frame(4, 0, 0, &[])).await.expect("settings");
+    peer.write_all(&start).await.expect("first frame");
+    let (mut read, mut write) = peer.into_split();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = read.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let mut sent = start.len();
+    while sent < limit_bytes {
+        match tokio::time::timeout(Duration::from_secs(5), write.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            Ok(Err(_)) => break,
+            Err(_) => panic!("the shim neither read nor closed for 5 s after {sent} bytes"),
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(5), reader).await.expect("closed within 5 s").expect("reader");
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_headers_and_oversized_frames_are_cut_off() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let mut shim = Shim::serve(s.bus.address(), &socket, &[]);
+
+    // HEADERS without END_HEADERS, a literal header whose value claims 1 GiB, then CONTINUATION forever.
+    let mut hpack = vec![0x00, 0x01, b'x', 0x7f];
+    let mut rest = (1u64 << 30) - 127;
+    while rest >= 128 {
+        hpack.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    hpack.push(rest as u8);
+    let continuation = frame(9, 0, 1, &vec![b'a'; 16 * 1024]);
+    let took_in = flood(&socket, frame(1, 0, 1, &hpack), continuation, 64 << 20).await;
+    eprintln!("endless CONTINUATION: cut off after {took_in} bytes written");
+    assert!(took_in < 4 << 20, "{took_in}");
+
+    // DATA frames of 16 MiB, far over the 16 KiB SETTINGS_MAX_FRAME_SIZE.
+    let headers = {
+        // :method POST, :scheme http, :path /ksm.KSMThrottler/Kick (literal), content-type application/grpc
+        let mut h = vec![0x83, 0x86, 0x04, 22];
+        h.extend_from_slice(b"/ksm.KSMThrottler/Kick");
+        h.extend_from_slice(&[0x5f, 16]);
+        h.extend_from_slice(b"application/grpc");
+        frame(1, 0x4, 1, &h)
+    };
+    let mut big = frame(0, 0, 1, &[]);
+    big[0..3].copy_from_slice(&[0xff, 0xff, 0xff]);
+    let mut start = headers;
+    start.extend_from_slice(&big);
+    let took_in = flood(&socket, start, vec![0u8; 64 * 1024], 64 << 20).await;
+    eprintln!("a 16 MiB DATA frame: cut off after {took_in} bytes written");
+    assert!(took_in < 4 << 20, "{took_in}");
+
+    kick(&socket).await.expect("Kick after the floods");
+    assert!(shim.is_running(), "{}", shim.log_text());
+}

@@ -1,0 +1,174 @@
+//! `Kick` for the Kata-side binaries (the gRPC shim and the sandbox trigger): one bus connection,
+//! made on first use and made again after it is lost, every call bounded in time, and failures
+//! sorted into "the throttler cannot be reached" and the rest.
+
+use std::time::Duration;
+
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::cli::BusArg;
+use crate::client::KsmThrottlerProxy;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KickError {
+    /// No bus, no throttler on it, or no answer in time: a later call may succeed.
+    #[error("the throttler cannot be reached: {0}")]
+    Unreachable(String),
+    /// The throttler (polkit) refused this caller.
+    #[error("the throttler refused the kick: {0}")]
+    Denied(String),
+    /// The throttler answered with an error of its own.
+    #[error("the throttler failed to kick: {name}: {message}")]
+    Failed { name: String, message: String },
+}
+
+/// `--bus private` starts a bus of one's own, where no throttler can be: refused up front.
+#[derive(Debug, thiserror::Error)]
+#[error("--bus private is the daemon's own bus: pass the address kata-ksm-throttler --bus private printed")]
+pub struct PrivateBusRefused;
+
+/// Calls on the bus at once. dbus-daemon refuses a connection more than 128 pending replies
+/// (`max_replies_per_connection`, its default) with `LimitsExceeded`; the rest wait their turn.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+pub struct Kicker {
+    bus: BusArg,
+    timeout: Duration,
+    proxy: Mutex<Option<KsmThrottlerProxy<'static>>>,
+    in_flight: Semaphore,
+}
+
+impl Kicker {
+    /// Connects nothing yet: a throttler or bus that is down at start-up is not an error.
+    pub fn new(bus: BusArg, timeout: Duration) -> Result<Kicker, PrivateBusRefused> {
+        if bus == BusArg::Private {
+            return Err(PrivateBusRefused);
+        }
+        Ok(Kicker { bus, timeout, proxy: Mutex::new(None), in_flight: Semaphore::new(MAX_IN_FLIGHT) })
+    }
+
+    /// One `Kick`, connecting first if needed, all (waiting for a turn included) within the timeout.
+    pub async fn kick(&self) -> Result<(), KickError> {
+        let turn_then_kick = async {
+            // Never closed.
+            let _turn = self.in_flight.acquire().await;
+            self.try_kick().await
+        };
+        match tokio::time::timeout(self.timeout, turn_then_kick).await {
+            Ok(result) => result,
+            Err(_) => {
+                Err(KickError::Unreachable(format!("no answer within {}", humantime::format_duration(self.timeout))))
+            }
+        }
+    }
+
+    async fn try_kick(&self) -> Result<(), KickError> {
+        let (proxy, fresh) = self.proxy().await?;
+        let Err(e) = proxy.kick().await else { return Ok(()) };
+        let (error, connection_lost) = classify(&e);
+        if !connection_lost {
+            return Err(error);
+        }
+        self.forget(&proxy).await;
+        if fresh {
+            return Err(error);
+        }
+        // A connection from before the bus restarted: the call deserves one on a new connection.
+        let (proxy, _) = self.proxy().await?;
+        let Err(e) = proxy.kick().await else { return Ok(()) };
+        let (error, connection_lost) = classify(&e);
+        if connection_lost {
+            self.forget(&proxy).await;
+        }
+        Err(error)
+    }
+
+    /// Drops `proxy`'s connection, unless another call has already put a new one in its place.
+    async fn forget(&self, proxy: &KsmThrottlerProxy<'static>) {
+        let mut slot = self.proxy.lock().await;
+        let ours = proxy.inner().connection().unique_name();
+        if slot.as_ref().is_some_and(|p| p.inner().connection().unique_name() == ours) {
+            *slot = None;
+        }
+    }
+
+    /// The proxy, and whether its connection was made just now.
+    async fn proxy(&self) -> Result<(KsmThrottlerProxy<'static>, bool), KickError> {
+        let mut slot = self.proxy.lock().await;
+        if let Some(proxy) = slot.as_ref() {
+            return Ok((proxy.clone(), false));
+        }
+        let unreachable = |e: zbus::Error| KickError::Unreachable(format!("cannot connect to the bus: {e}"));
+        let conn = self.bus.builder().map_err(unreachable)?.build().await.map_err(unreachable)?;
+        let proxy = KsmThrottlerProxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(unreachable)?;
+        *slot = Some(proxy.clone());
+        Ok((proxy, true))
+    }
+}
+
+/// The kick's failure, and whether the bus connection itself is gone.
+fn classify(e: &zbus::Error) -> (KickError, bool) {
+    let (name, message) = match e {
+        zbus::Error::MethodError(name, message, _) => (name.to_string(), message.clone().unwrap_or_default()),
+        zbus::Error::FDO(e) => (
+            zbus::DBusError::name(e.as_ref()).to_string(),
+            zbus::DBusError::description(e.as_ref()).unwrap_or_default().to_owned(),
+        ),
+        other => return (KickError::Unreachable(format!("the bus connection failed: {other}")), true),
+    };
+    let error = match name.as_str() {
+        "org.freedesktop.DBus.Error.ServiceUnknown"
+        | "org.freedesktop.DBus.Error.NameHasNoOwner"
+        | "org.freedesktop.DBus.Error.NoReply"
+        | "org.freedesktop.DBus.Error.Timeout"
+        | "org.freedesktop.DBus.Error.TimedOut"
+        | "org.freedesktop.DBus.Error.LimitsExceeded"
+        | "org.freedesktop.DBus.Error.Spawn.ChildExited"
+        | "org.freedesktop.DBus.Error.Spawn.Failed"
+        | "org.kata.KsmThrottler.Error.ShuttingDown" => KickError::Unreachable(format!("{name}: {message}")),
+        "org.freedesktop.DBus.Error.Disconnected" | "org.freedesktop.DBus.Error.NoServer" => {
+            return (KickError::Unreachable(format!("{name}: {message}")), true)
+        }
+        "org.freedesktop.DBus.Error.AccessDenied" | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+            KickError::Denied(format!("{name}: {message}"))
+        }
+        _ => KickError::Failed { name, message },
+    };
+    (error, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn method_error(name: &'static str) -> zbus::Error {
+        zbus::Error::MethodError(
+            zbus::names::OwnedErrorName::try_from(name).expect("error name"),
+            Some("why".into()),
+            zbus::message::Message::method_call("/", "Ping").build(&()).expect("build"),
+        )
+    }
+
+    #[test]
+    fn failures_are_sorted_by_what_a_caller_can_do_about_them() {
+        let (e, lost) = classify(&method_error("org.freedesktop.DBus.Error.ServiceUnknown"));
+        assert!(matches!(e, KickError::Unreachable(ref m) if m.contains("ServiceUnknown: why")), "{e:?}");
+        assert!(!lost, "the bus answered: the connection is fine");
+        let (e, _) = classify(&method_error("org.freedesktop.DBus.Error.AccessDenied"));
+        assert!(matches!(e, KickError::Denied(_)), "{e:?}");
+        let (e, _) = classify(&method_error("org.kata.KsmThrottler.Error.Sysfs"));
+        assert_eq!(e, KickError::Failed { name: "org.kata.KsmThrottler.Error.Sysfs".into(), message: "why".into() });
+        let (e, lost) = classify(&zbus::Error::InputOutput(std::io::Error::other("broken pipe").into()));
+        assert!(matches!(e, KickError::Unreachable(_)) && lost, "{e:?}");
+    }
+
+    #[test]
+    fn a_private_bus_is_refused_up_front() {
+        assert!(Kicker::new(BusArg::Private, Duration::from_secs(1)).is_err());
+        assert!(Kicker::new(BusArg::System, Duration::from_secs(1)).is_ok());
+    }
+}

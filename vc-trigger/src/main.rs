@@ -1,0 +1,107 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::filter::LevelFilter;
+
+use kata_ksm_throttler::cli::BusArg;
+use kata_ksm_throttler::kicker::Kicker;
+use kata_vc_throttler::kicks;
+use kata_vc_throttler::watcher::{Found, Watcher};
+
+/// Kicks the KSM throttler (org.kata.KsmThrottler on D-Bus) whenever a Kata Containers sandbox
+/// starts, watching the sandbox folders of both Kata runtimes with inotify.
+#[derive(Debug, Parser)]
+#[command(name = "kata-vc-throttler", version)]
+struct Args {
+    /// The Go runtime's (Kata 1.x-3.x) folder: sandboxes are DIR/sbs/<id>.
+    #[arg(long, default_value = "/run/vc", value_name = "DIR")]
+    root: PathBuf,
+
+    /// Do not watch --root.
+    #[arg(long)]
+    no_root: bool,
+
+    /// The Rust runtime-rs (Kata 3.x) folder: sandboxes are DIR/<id>.
+    #[arg(long, default_value = "/run/kata", value_name = "DIR")]
+    kata_root: PathBuf,
+
+    /// Do not watch --kata-root.
+    #[arg(long)]
+    no_kata_root: bool,
+
+    /// The bus org.kata.KsmThrottler is on: system, session, or a D-Bus address.
+    #[arg(long, default_value = "system", value_parser = BusArg::from_str)]
+    bus: BusArg,
+
+    /// How long a Kick may take before it counts as failed.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    kick_timeout: Duration,
+
+    /// error, warn, info, debug or trace.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    log_level: LevelFilter,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    kata_ksm_throttler::logging::init_as("kata-vc-throttler", args.log_level);
+    // One thread: a few events a minute.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kata-vc-throttler: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kata-vc-throttler: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let kicker = Kicker::new(args.bus.clone(), args.kick_timeout)?;
+
+    let mut folders = vec![];
+    if !args.no_root {
+        folders.push(std::path::absolute(args.root.join("sbs")).context("--root")?);
+    }
+    if !args.no_kata_root {
+        folders.push(std::path::absolute(&args.kata_root).context("--kata-root")?);
+    }
+    if folders.is_empty() {
+        bail!("--no-root and --no-kata-root leave nothing to watch");
+    }
+    let mut watcher = Watcher::new(&folders).context("setting up inotify")?;
+    let kicks = kicks::spawn(kicker);
+
+    loop {
+        let found = tokio::select! {
+            found = watcher.next() => found.context("reading inotify events")?,
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        };
+        for f in found {
+            match f {
+                Found::Sandbox(path) => tracing::info!(sandbox = %path.display(), "new sandbox"),
+                Found::Appeared(path) => {
+                    tracing::info!(folder = %path.display(), "the sandboxes folder appeared; sandboxes may be starting")
+                }
+                Found::Overflow => {}
+            }
+            kicks.kick();
+        }
+    }
+    tracing::info!("exiting");
+    Ok(())
+}
