@@ -144,9 +144,10 @@ for u in "$GRPC_SOCKET" "$GRPC_SERVICE" "$TRIGGER"; do
   ev systemctl cat "$u" || ok=1
   loads="$loads $u=$(show "$u" LoadState)"
 done
-for b in kata-ksm-throttler-grpc kata-vc-throttler; do
-  p=$(command -v "$b") || ok=1
-  loads="$loads $b=${p:-MISSING}"
+for u in "$GRPC_SERVICE" "$TRIGGER"; do
+  p=$(show "$u" ExecStart | sed -n 's/.*path=\([^ ;]*\).*/\1/p')
+  [ -n "$p" ] && [ -x "$p" ] || ok=1
+  loads="$loads $u:ExecStart=${p:-none}$([ -n "$p" ] && [ -x "$p" ] && echo " (installed)" || echo " (MISSING)")"
 done
 verdict "$ok" "${loads# }"
 
@@ -345,7 +346,8 @@ duration = "1s"
 [slow]
 duration = "1s"
 EOF
-ev kata-ksm-throttler --check-config
+bin=$(show "$UNIT" ExecStart | sed -n 's/.*path=\([^ ;]*\).*/\1/p')
+ev "${bin:-kata-ksm-throttler}" --check-config
 ev systemctl show -p ExecStart "$UNIT"
 busctl --timeout=30 call "$NAME" "$OBJ" "$IFACE" Kick >>"$EVIDENCE/$CURRENT.txt" 2>&1
 rc=$?
@@ -403,24 +405,36 @@ fi
 systemctl stop "$GRPC_SOCKET" "$GRPC_SERVICE" "$UNIT"
 
 check vc-trigger-mkdir
+# The sandboxes folder exists, as on a host where Kata has run before; the trigger is ready once
+# its inotify instance watches that very inode (/proc/PID/fdinfo), so the mkdir below cannot
+# race its start-up.
+mkdir -p /run/vc/sbs
+sbs_ino=$(printf '%x' "$(stat -c %i /run/vc/sbs)")
+watching_sbs() { grep -qs "^inotify wd:[0-9]* ino:$sbs_ino " /proc/"$(show "$TRIGGER" MainPID)"/fdinfo/*; }
 ev systemctl start "$TRIGGER"
 started=$?
-wait_until 10 active "$TRIGGER"
+wait_until 10 watching_sbs
+armed=$?
+note "inotify watch on /run/vc/sbs (ino $sbs_ino): $([ "$armed" = 0 ] && echo armed || echo 'not seen')"
 # Whatever the trigger did when it started, the throttler starts this check stopped and restored.
 systemctl stop "$UNIT"
 before=$(knobs)
 id=ksm-e2e-$(date +%s%N)
 t0=$(date +%s)
-mkdir -p "/run/vc/sbs/$id"
+mkdir "/run/vc/sbs/$id"
 wait_until 15 is_aggressive
 aggressive=$?
 kicks=$(prop KickCount 2>&1)
 setting=$(prop CurrentSetting 2>&1)
+saw() { journalctl --no-pager -o json -u "$TRIGGER" | grep -F "\"SANDBOX\":\"/run/vc/sbs/$id\"" | grep -q '"MESSAGE":"new sandbox"'; }
+wait_until 5 saw
+seen=$?
 ev journal_since "$t0" -u "$TRIGGER"
-if [ "$started" = 0 ] && [ "$before" = "$K0" ] && [ "$aggressive" = 0 ] && [ "$setting" = aggressive ] && [ "${kicks:-0}" -ge 1 ] 2>/dev/null; then
-  pass "mkdir /run/vc/sbs/$id -> $UNIT $(systemctl is-active "$UNIT"), CurrentSetting=$setting, KickCount=$kicks, KSM $(knobs)"
+if [ "$started" = 0 ] && [ "$armed" = 0 ] && [ "$before" = "$K0" ] && [ "$aggressive" = 0 ] && [ "$setting" = aggressive ] &&
+  [ "${kicks:-0}" -ge 1 ] 2>/dev/null && [ "$seen" = 0 ]; then
+  pass "mkdir /run/vc/sbs/$id -> trigger logged SANDBOX=/run/vc/sbs/$id; $UNIT $(systemctl is-active "$UNIT"), CurrentSetting=$setting, KickCount=$kicks, KSM $(knobs)"
 else
-  fail "trigger start rc=$started ($(systemctl is-active "$TRIGGER")); KSM before $before; mkdir /run/vc/sbs/$id -> aggressive=$([ "$aggressive" = 0 ] && echo yes || echo no), CurrentSetting=$setting, KickCount=$kicks, KSM $(knobs)"
+  fail "trigger start rc=$started ($(systemctl is-active "$TRIGGER")), watch armed: $([ "$armed" = 0 ] && echo yes || echo no); KSM before $before; mkdir /run/vc/sbs/$id -> aggressive=$([ "$aggressive" = 0 ] && echo yes || echo no), journal names it: $([ "$seen" = 0 ] && echo yes || echo no), CurrentSetting=$setting, KickCount=$kicks, KSM $(knobs)"
 fi
 systemctl stop "$TRIGGER" "$UNIT"
 rmdir "/run/vc/sbs/$id" 2>/dev/null

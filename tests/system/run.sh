@@ -62,24 +62,6 @@ install_project() {
   make -C "$REPO" --no-print-directory install DESTDIR="$destdir" PREFIX=/usr
 }
 
-# Until the Makefile's `install` lands: the same places, by hand, from what is built. Whatever
-# is not in the tree yet is simply absent, and the checks that need it fail.
-install_by_hand() {
-  local d=$1 f
-  cargo build --release --quiet --bins
-  for f in kata-ksm-throttler kata-ksm-throttler-grpc kata-vc-throttler; do
-    [ ! -x "$TARGET/release/$f" ] || install -D -m 0755 "$TARGET/release/$f" "$d/usr/bin/$f"
-  done
-  install -D -m 0644 "$REPO/dbus/org.kata.KsmThrottler.conf" "$d/usr/share/dbus-1/system.d/org.kata.KsmThrottler.conf"
-  [ ! -f "$REPO/dbus/org.kata.KsmThrottler.service" ] ||
-    install -D -m 0644 "$REPO/dbus/org.kata.KsmThrottler.service" "$d/usr/share/dbus-1/system-services/org.kata.KsmThrottler.service"
-  [ ! -f "$REPO/polkit/org.kata.KsmThrottler.policy" ] ||
-    install -D -m 0644 "$REPO/polkit/org.kata.KsmThrottler.policy" "$d/usr/share/polkit-1/actions/org.kata.KsmThrottler.policy"
-  for f in "$REPO"/systemd/*.service "$REPO"/systemd/*.socket; do
-    [ ! -f "$f" ] || install -D -m 0644 "$f" "$d/usr/lib/systemd/system/$(basename "$f")"
-  done
-}
-
 # What only the checks need: the check unit, the script, the gRPC probe; and the units a
 # container cannot run masked.
 prepare_container() {
@@ -186,8 +168,8 @@ on_exit() {
 command -v systemd-nspawn >/dev/null || die "systemd-nspawn is missing (apt-get install systemd-container)"
 [ -e "$KSM/run" ] || die "no $KSM in this kernel: the checks drive the real KSM"
 
-say "building"
-cargo build --release --quiet -p ksm-e2e-grpc-kick
+say "building (cargo build --release --locked --workspace --bins)"
+cargo build --release --locked --quiet --workspace --bins
 ROOTFS=$("$HERE/rootfs.sh")
 
 # The real KSM for the whole run; the lock is released when this shell exits.
@@ -208,7 +190,7 @@ mkdir -p "$WORK/upper" "$WORK/work" "$MERGED" "$RESULTS"
 mount -t overlay overlay -o "lowerdir=$ROOTFS,upperdir=$WORK/upper,workdir=$WORK/work" "$MERGED"
 
 say "make install DESTDIR=$MERGED PREFIX=/usr"
-install_by_hand "$MERGED" >"$WORK/install.log" 2>&1 || {
+install_project "$MERGED" >"$WORK/install.log" 2>&1 || {
   cat "$WORK/install.log" >&2
   die "make install failed (log above)"
 }
