@@ -2,6 +2,7 @@
 //! HTTP/2 path `/ksm.KSMThrottler/Kick`) on a Unix socket, forwarded to `org.kata.KsmThrottler`
 //! on D-Bus, so existing Kata deployments keep working.
 
+pub mod authority;
 pub mod conn;
 pub mod server;
 pub mod socket;

@@ -9,12 +9,13 @@ use std::time::Duration;
 use kata_ksm_throttler::kicker::{KickError, Kicker};
 use tonic::{Request, Response, Status};
 
+use crate::authority::Bounds;
 use crate::conn;
 use crate::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
 
-/// Every bound the server enforces. Worst case, per connection: the 64 KiB connection window of
-/// request data, plus decoded headers of at most 4 streams × 16 KiB, plus HPACK's 4 KiB table and
-/// h2's buffers: about 150 KiB; with 256 connections, about 40 MiB in all.
+/// Every bound the server enforces. Per connection: the 64 KiB connection window of request data,
+/// decoded headers of at most 4 streams × 16 KiB, a header block of at most 64 KiB being
+/// rewritten, two 4 KiB HPACK tables and h2's buffers.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Open connections at once; more wait in the listen backlog until one closes.
@@ -34,6 +35,10 @@ pub struct Limits {
     pub max_header_list_size: u32,
     /// The largest frame a peer may send (SETTINGS_MAX_FRAME_SIZE; 16 KiB is HTTP/2's minimum).
     pub max_frame_size: u32,
+    /// A header block held while its `:authority` is looked at (encoded, and decoded): larger
+    /// ones close the connection. Above `max_header_list_size`, so that h2 refuses the call
+    /// itself up to here.
+    pub max_rewritten_block: usize,
     /// Flow-control windows: request data buffered per connection and per call.
     pub connection_window: u32,
     pub stream_window: u32,
@@ -56,6 +61,7 @@ impl Limits {
             max_concurrent_streams: 4,
             max_header_list_size: 16 * 1024,
             max_frame_size: 16 * 1024,
+            max_rewritten_block: 64 * 1024,
             connection_window: 64 * 1024,
             stream_window: 16 * 1024,
             max_message_size: 1024,
@@ -110,7 +116,12 @@ pub async fn serve(
     drain: Duration,
 ) -> Result<(), tonic::transport::Error> {
     let service = KsmThrottlerServer::new(Forwarder::new(kicker)).max_decoding_message_size(limits.max_message_size);
-    let incoming = conn::incoming(listener, limits.max_connections, limits.handshake_timeout);
+    let bounds = Bounds {
+        max_frame: limits.max_frame_size as usize,
+        max_block: limits.max_rewritten_block,
+        max_headers: limits.max_rewritten_block,
+    };
+    let incoming = conn::incoming(listener, limits.max_connections, limits.handshake_timeout, bounds);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .timeout(limits.call_timeout)

@@ -211,6 +211,100 @@ async fn the_wire_is_the_originals_byte_for_byte() {
     assert_eq!(s.proxy.kick_count().await.expect("get"), 1);
 }
 
+/// HPACK: a literal with incremental indexing and an indexed name (RFC 7541 §6.2.1).
+fn indexed_literal(index: u8, value: &[u8]) -> Vec<u8> {
+    assert!(value.len() < 127);
+    let mut b = vec![0x40 | index, value.len() as u8];
+    b.extend_from_slice(value);
+    b
+}
+
+/// Reads frames until every one of `streams` has ended; the decoded headers of each HEADERS frame.
+async fn responses(peer: &mut UnixStream, mut streams: Vec<u32>, shim: &Shim) -> Vec<(u32, Vec<(String, String)>)> {
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut seen = vec![];
+    let mut buf = vec![];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !streams.is_empty() {
+        while buf.len() >= 9 && buf.len() >= 9 + (u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize) {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+            let payload: Vec<u8> = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            assert_ne!(kind, 3, "RST_STREAM on stream {stream}: {payload:?}");
+            assert_ne!(kind, 7, "GOAWAY: {payload:?}");
+            if kind == 1 {
+                assert!(flags & 0x4 != 0, "one frame per header block here");
+                let list = decoder.decode(&payload).expect("hpack");
+                let list = list
+                    .into_iter()
+                    .map(|(n, v)| (String::from_utf8_lossy(&n).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+                    .collect();
+                seen.push((stream, list));
+            }
+            if matches!(kind, 0 | 1) && flags & 0x1 != 0 {
+                streams.retain(|s| *s != stream);
+            }
+        }
+        if streams.is_empty() {
+            break;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline.into(), peer.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("no answers within 10 s; log:\n{}", shim.log_text()))
+            .expect("read");
+        assert!(n > 0, "closed before the answers; waiting for streams {streams:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_go_clients_socket_path_authority_is_served() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let shim = Shim::serve(s.bus.address(), &socket, &[]);
+
+    // As grpc-go (the original Kata clients: grpc.Dial(path, WithDialer(unix))) sends a call: the
+    // socket path as :authority, indexed, so that the next call on the connection refers to it.
+    let path = b"/var/run/kata-ksm-throttler/ksm.sock";
+    let mut first = vec![0x83, 0x86];
+    first.extend(indexed_literal(4, b"/ksm.KSMThrottler/Kick"));
+    first.extend(indexed_literal(1, path));
+    first.extend(indexed_literal(31, b"application/grpc"));
+    first.extend(indexed_literal(58, b"grpc-go/1.7.3"));
+    first.extend_from_slice(&[0x40, 2, b't', b'e', 8]);
+    first.extend_from_slice(b"trailers");
+    // Dynamic table now, newest first: te (62), user-agent (63), content-type (64), :authority (65), :path (66).
+    let second = [0x83, 0x86, 0xc2, 0xc1, 0xc0, 0xbf, 0xbe];
+    let empty_message = [0, 0, 0, 0, 0];
+
+    let mut peer = UnixStream::connect(&socket).await.expect("connect");
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    out.extend(frame(1, 0x4, 1, &first));
+    out.extend(frame(0, 0x1, 1, &empty_message));
+    out.extend(frame(1, 0x4, 3, &second));
+    out.extend(frame(0, 0x1, 3, &empty_message));
+    peer.write_all(&out).await.expect("write");
+    // SETTINGS ACK, or h2 stops answering after its own SETTINGS.
+    peer.write_all(&frame(4, 0x1, 0, &[])).await.expect("settings ack");
+
+    let answers = responses(&mut peer, vec![1, 3], &shim).await;
+    for stream in [1, 3] {
+        let status: Vec<_> = answers
+            .iter()
+            .filter(|(s, _)| *s == stream)
+            .flat_map(|(_, h)| h.iter().filter(|(n, _)| n == "grpc-status").map(|(_, v)| v.clone()))
+            .collect();
+        assert_eq!(status, ["0"], "stream {stream}: {answers:?}");
+    }
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 2);
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_is_made_as_the_original_made_it() {
     let s = setup(&[]).await;
