@@ -11,7 +11,7 @@ OUT=${1:-/e2e-results}
 EVIDENCE=$OUT/evidence
 mkdir -p "$EVIDENCE"
 : >"$OUT/results"
-export SYSTEMD_PAGER= SYSTEMD_COLORS=0 LC_ALL=C.UTF-8
+export SYSTEMD_PAGER='' SYSTEMD_COLORS=0 LC_ALL=C.UTF-8
 
 UNIT=kata-ksm-throttler.service
 GRPC_SOCKET=kata-ksm-throttler-grpc.socket
@@ -71,6 +71,12 @@ set_knobs() { # run pages_to_scan sleep_millisecs advisor_mode: advisor off firs
   echo "$1" >"$KSM/run"
   [ ! -e "$KSM/advisor_mode" ] || [ "$4" = - ] || echo "$4" >"$KSM/advisor_mode"
 }
+# From a knobs() line.
+set_knobs_from() {
+  local run pages sleep advisor
+  read -r run pages sleep advisor <<<"$(sed -E 's/[a-z_]+=//g' <<<"$1")"
+  set_knobs "$run" "$pages" "$sleep" "$advisor"
+}
 anon_pages() { awk -v ps="$(getconf PAGESIZE)" '/^AnonPages:/ {print int($2 * 1024 / ps)}' /proc/meminfo; }
 
 # `busctl get-property` prints `s "throttle"` / `t 3`: keep the value.
@@ -92,7 +98,7 @@ aggressive_pages_ok() {
   pages=$(knob pages_to_scan)
   lo=$(($1 < $2 ? $1 : $2))
   hi=$(($1 > $2 ? $1 : $2))
-  [ "$pages" -ge $((lo / 10 * 9 / 10)) ] && [ "$pages" -le $((hi / 10 * 11 / 10 + 1)) ]
+  [ "$pages" -ge $((lo * 9 / 100)) ] && [ "$pages" -le $((hi * 11 / 100 + 1)) ]
 }
 
 # ---------------------------------------------------------------- boot
@@ -117,7 +123,7 @@ verdict "$([ "$load" = loaded ] && echo 0 || echo 1)" "$UNIT LoadState=$load Fra
 
 check install-activation-file
 act=$(grep -lsx "Name=$NAME" /usr/share/dbus-1/system-services/*.service)
-ev cat ${act:-/usr/share/dbus-1/system-services/$NAME.service}
+ev cat "${act:-/usr/share/dbus-1/system-services/$NAME.service}"
 activatable=$(busctl --timeout=10 call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ListActivatableNames 2>&1 | grep -c "\"$NAME\"")
 if [ -n "$act" ] && grep -qx "SystemdService=$UNIT" "$act" && [ "$activatable" = 1 ]; then
   pass "$act has SystemdService=$UNIT; the system bus lists $NAME as activatable"
@@ -309,7 +315,7 @@ if [ "$rc" != 0 ] && grep -q 'org.kata.KsmThrottler.Error.Sysfs' <<<"$reply" && 
 else
   fail "without ReadWritePaths= Kick -> rc=$rc '$(tr '\n' ' ' <<<"$reply")'; KSM $now (recorded $K0)"
 fi
-[ "$(knobs)" = "$K0" ] || set_knobs $(sed -E 's/[a-z_]+=//g' <<<"$K0")
+[ "$(knobs)" = "$K0" ] || set_knobs_from "$K0"
 
 check kill9-then-call-restores
 busctl --timeout=30 call "$NAME" "$OBJ" "$IFACE" Kick >>"$EVIDENCE/$CURRENT.txt" 2>&1
@@ -443,7 +449,7 @@ rmdir "/run/vc/sbs/$id" 2>/dev/null
 check all-stopped-ksm-as-recorded
 now=$(knobs)
 verdict "$([ "$now" = "$K0" ] && echo 0 || echo 1)" "every unit stopped: real KSM $now (recorded before the first cycle: $K0)"
-set_knobs $(sed -E 's/[a-z_]+=//g' <<<"$FOUND")
+set_knobs_from "$FOUND"
 echo "inside: put back what was found at boot: $(knobs)" >&2
 journalctl --no-pager -b >"$EVIDENCE/journal.txt" 2>&1
 echo DONE >>"$OUT/results"

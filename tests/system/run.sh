@@ -38,17 +38,17 @@ ksm_snapshot() {
   done
 }
 
-# Writes back a snapshot: the advisor off first (it refuses pages_to_scan otherwise), run last,
+# Writes back a snapshot (its text): the advisor off first (it refuses pages_to_scan otherwise), run last,
 # the advisor's own mode after that; any other knob that differs is written as it was.
 ksm_put_back() {
   local snap=$1 name value advisor
-  value_of() { sed -n "s/^$1=//p" "$snap"; }
+  value_of() { sed -n "s/^$1=//p" <<<"$snap"; }
   advisor=$(value_of advisor_mode | sed -n 's/.*\[\(.*\)\].*/\1/p')
   [ -z "$advisor" ] || echo none >"$KSM/advisor_mode"
   while IFS='=' read -r name value; do
     case $name in run | advisor_mode | pages_to_scan | sleep_millisecs) continue ;; esac
     [ "$(tr '\n' ' ' <"$KSM/$name" | sed 's/ *$//')" = "$value" ] || echo "$value" >"$KSM/$name" || true
-  done <"$snap"
+  done <<<"$snap"
   echo "$(value_of pages_to_scan)" >"$KSM/pages_to_scan"
   echo "$(value_of sleep_millisecs)" >"$KSM/sleep_millisecs"
   echo "$(value_of run)" >"$KSM/run"
@@ -126,8 +126,17 @@ remove_cgroups() {
 WORK=
 MERGED=
 NSPAWN_RUN_EXISTED=1
+BOOT_PID=
 cleanup() {
-  local ok=0
+  local ok=0 deadline
+  # Interrupted while the container runs: ask it to power off (timeout passes SIGTERM on to
+  # nspawn), give it 30 s, then whatever is left is ended below.
+  if [ -n "$BOOT_PID" ] && kill -0 "$BOOT_PID" 2>/dev/null; then
+    say "stopping the container (PID $BOOT_PID)"
+    kill -TERM "$BOOT_PID" 2>/dev/null || true
+    deadline=$((SECONDS + 30))
+    while kill -0 "$BOOT_PID" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+  fi
   [ ${#CG_DIRS[@]} -eq 0 ] || remove_cgroups || ok=1
   if [ -n "$MERGED" ] && mountpoint -q "$MERGED"; then
     umount "$MERGED" || umount --lazy "$MERGED" || ok=1
@@ -147,10 +156,11 @@ cleanup() {
   return $ok
 }
 
+# Kept in memory: the work directory may already be gone when this is needed.
 KSM_BEFORE=
 restore_ksm() {
-  [ -n "$KSM_BEFORE" ] && [ -s "$KSM_BEFORE" ] || return 0
-  if ! diff -q "$KSM_BEFORE" <(ksm_snapshot) >/dev/null; then
+  [ -n "$KSM_BEFORE" ] || return 0
+  if [ "$(ksm_snapshot)" != "$KSM_BEFORE" ]; then
     say "putting the real KSM back as found"
     ksm_put_back "$KSM_BEFORE" || true
   fi
@@ -181,9 +191,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 WORK=$(mktemp -d /tmp/kata-ksm-e2e.XXXXXX)
-KSM_BEFORE=$WORK/ksm-before
-ksm_snapshot >"$KSM_BEFORE"
-say "real KSM found: $(tr '\n' ' ' <"$KSM_BEFORE")"
+KSM_BEFORE=$(ksm_snapshot)
+say "real KSM found: $(tr '\n' ' ' <<<"$KSM_BEFORE")"
 RESULTS=$WORK/results
 MERGED=$WORK/merged
 mkdir -p "$WORK/upper" "$WORK/work" "$MERGED" "$RESULTS"
@@ -200,15 +209,17 @@ prepare_container "$MERGED"
 make_cgroups
 say "booting $ROOTFS (overlay $WORK), hard timeout ${TIMEOUT}s"
 start=$SECONDS
-set +e
 (
   for d in "${CG_DIRS[@]}"; do echo "$BASHPID" >"$d/cgroup.procs"; done
   # SIGTERM asks nspawn to power the container off; SIGKILL 20 s later if that hangs.
   exec timeout --kill-after=20 "$TIMEOUT" systemd-nspawn --boot --register=no --keep-unit \
     --machine="$MACHINE" --bind="$KSM" --bind="$RESULTS:/e2e-results" -D "$MERGED" --console=read-only
-) </dev/null >"$WORK/console.log" 2>&1
-boot_rc=$?
-set -e
+) </dev/null >"$WORK/console.log" 2>&1 &
+BOOT_PID=$!
+# In the background, so that a signal to this script is handled at once (see on_exit).
+boot_rc=0
+wait "$BOOT_PID" || boot_rc=$?
+BOOT_PID=
 say "container ended after $((SECONDS - start)) s (exit $boot_rc)"
 
 # The host's view, before anything here puts KSM back.
@@ -218,7 +229,8 @@ out=$TARGET/ksm-e2e
 rm -rf "$out"
 mkdir -p "$out"
 cp -r "$RESULTS/." "$out/"
-cp "$WORK/console.log" "$WORK/install.log" "$KSM_BEFORE" "$out/"
+cp "$WORK/console.log" "$WORK/install.log" "$out/"
+echo "$KSM_BEFORE" >"$out/ksm-before"
 
 host_results=()
 host() { host_results+=("$1 host-$2: $3"); }
@@ -228,10 +240,10 @@ if grep -qx DONE "$RESULTS/results" 2>/dev/null; then
 else
   host FAIL checks-completed "checks.sh did not finish (timeout ${TIMEOUT}s or boot failure; container exit $boot_rc); console tail: $(tail -n 5 "$WORK/console.log" | tr '\n' ' ')"
 fi
-if [ "$ksm_after" = "$(cat "$KSM_BEFORE")" ]; then
-  host PASS ksm-left-as-found "$(tr '\n' ' ' <"$KSM_BEFORE")"
+if [ "$ksm_after" = "$KSM_BEFORE" ]; then
+  host PASS ksm-left-as-found "$(tr '\n' ' ' <<<"$KSM_BEFORE")"
 else
-  host FAIL ksm-left-as-found "before: $(tr '\n' ' ' <"$KSM_BEFORE"); after: $(tr '\n' ' ' <<<"$ksm_after") (put back now)"
+  host FAIL ksm-left-as-found "before: $(tr '\n' ' ' <<<"$KSM_BEFORE"); after: $(tr '\n' ' ' <<<"$ksm_after") (put back below)"
 fi
 
 leftover_pids=$(cgroup_pids | tr '\n' ' ')
@@ -244,7 +256,13 @@ if [ "$cleanup_ok" = 0 ] && [ -z "$left_dirs" ] && [ -z "$left_mounts" ] && [ ! 
 else
   host FAIL nothing-left-behind "processes: ${leftover_pids:-none}; cgroups left: ${left_dirs:-none}; mounts left: ${left_mounts:-none}; work dir $WORK $([ -e "$WORK" ] && echo left || echo removed)"
 fi
+# Nothing of the run is left that could write KSM: put it back if it differs, and make sure.
 restore_ksm
+if [ "$(ksm_snapshot)" = "$KSM_BEFORE" ]; then
+  host PASS ksm-as-found-at-exit "every writable knob as recorded before the boot"
+else
+  host FAIL ksm-as-found-at-exit "could not put back: now $(ksm_snapshot | tr '\n' ' ')"
+fi
 WORK=
 MERGED=
 
