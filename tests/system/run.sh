@@ -127,6 +127,7 @@ WORK=
 MERGED=
 NSPAWN_RUN_EXISTED=1
 BOOT_PID=
+IMAGE_LOCK=
 cleanup() {
   local ok=0 deadline
   # Interrupted while the container runs: ask it to power off (timeout passes SIGTERM on to
@@ -149,6 +150,8 @@ cleanup() {
       rm -rf --one-file-system "$WORK"
     fi
   fi
+  # nspawn's lock on the image, left behind if nspawn had to be killed.
+  [ -z "$IMAGE_LOCK" ] || rm -f "$IMAGE_LOCK"
   # nspawn's bookkeeping directory, if this run made it (empty directories only).
   if [ "$NSPAWN_RUN_EXISTED" = 0 ] && [ -d /run/systemd/nspawn ]; then
     find /run/systemd/nspawn -depth -type d -empty -delete 2>/dev/null || true
@@ -197,6 +200,7 @@ RESULTS=$WORK/results
 MERGED=$WORK/merged
 mkdir -p "$WORK/upper" "$WORK/work" "$MERGED" "$RESULTS"
 mount -t overlay overlay -o "lowerdir=$ROOTFS,upperdir=$WORK/upper,workdir=$WORK/work" "$MERGED"
+IMAGE_LOCK=/run/systemd/nspawn/locks/inode-$(stat -c '%d:%i' "$MERGED")
 
 say "make install DESTDIR=$MERGED PREFIX=/usr"
 install_project "$MERGED" >"$WORK/install.log" 2>&1 || {
