@@ -92,8 +92,9 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub slow_duration: Option<Duration>,
 
-    /// Exit after this long idle (throttle mode, initial settings, nothing scheduled); for D-Bus
-    /// activation, which starts the daemon again on the next call [config: exit-idle-after; default off].
+    /// Exit after this long idle (still in the start-up mode, initial settings, nothing
+    /// scheduled); for D-Bus activation, which starts the daemon again on the next call
+    /// [config: exit-idle-after; default off; the shipped activation file and unit give 60s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub exit_idle_after: Option<Duration>,
 

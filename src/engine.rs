@@ -1,6 +1,18 @@
 //! The one task that owns the throttling state. The bus sends it commands; it feeds them and its
 //! timer to the pure [`Policy`], applies the transitions to sysfs, keeps the administrator's
 //! settings safe on disk while they are changed, and publishes a [`Status`] for the bus to show.
+//!
+//! ## Exit on idle
+//!
+//! With [`Engine::exit_when_idle`], an engine at rest in its start-up mode (initial settings,
+//! nothing scheduled) for that long sends a notice; the bus edge then releases the bus name, lets
+//! every call that was already routed here finish, and reports back ([`Handle::conclude_idle`]).
+//! Calls keep being served meanwhile. If those late calls left the engine at rest, it ends
+//! ([`Ended::Idle`]): a fresh instance would be in the very same state. If they moved it, it
+//! either stays (the edge takes the name back) or, when the bus can start a successor, records
+//! where it is ([`Handover`]) and ends without restoring anything ([`Ended::HandedOver`]); the
+//! successor carries on from there. A stop signal that lands during that exchange (systemd
+//! stops a `Type=dbus` unit as soon as its name is released) waits for the verdict.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -13,7 +25,7 @@ use crate::config::Profiles;
 use crate::meminfo::{self, MeminfoError};
 use crate::policy::{Counters, Durations, Policy, Transition};
 use crate::setting::{Mode, Setting};
-use crate::state_file::{StateError, StateFile};
+use crate::state_file::{Handover, StateError, StateFile};
 use crate::sysfs::{Knobs, Ksm, SysfsError, Target, ADVISOR_NONE};
 
 /// How long a failed timer step waits before it is tried again.
@@ -54,6 +66,38 @@ pub enum Command {
     SetMode(Mode, Reply),
     /// New durations and profiles from a re-read configuration; the cycle goes on.
     Reload(Durations, Profiles, Reply),
+    ConcludeIdle(Drain, oneshot::Sender<Verdict>),
+}
+
+/// What the bus edge found after an idle notice (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// The name is released and every call routed here before that has finished. `successor`:
+    /// the bus can start another instance (the name is activatable).
+    Done { successor: bool },
+    /// The edge could not make sure of that (calls still in flight, a bus error): keep serving.
+    Unsure,
+}
+
+/// The engine's answer to [`Handle::conclude_idle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The engine is ending: do not take the name back.
+    Exit,
+    /// The engine keeps serving: take the name back.
+    Stay,
+}
+
+/// Why [`Engine::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Asked to stop, or every handle gone: the administrator's settings are back.
+    Shutdown,
+    /// At rest, with the name released and nothing in flight: nothing to restore or lose.
+    Idle,
+    /// Moved by a late call after the name was released: the state is recorded for a successor
+    /// and KSM is left as it is; the caller must see that a successor is started.
+    HandedOver,
 }
 
 /// What the bus shows. `kick_count` changes without notifying watchers, so a kick storm does not
@@ -86,6 +130,13 @@ impl Handle {
         self.call(|reply| Command::Reload(durations, profiles, reply)).await
     }
 
+    /// Answers an idle notice: see the module documentation.
+    pub async fn conclude_idle(&self, drain: Drain) -> Result<Verdict, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::ConcludeIdle(drain, tx)).await.map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
     async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<(), EngineError> {
         let (tx, rx) = oneshot::channel();
         self.commands.send(make(tx)).await.map_err(|_| EngineError::ShuttingDown)?;
@@ -100,6 +151,18 @@ pub struct Engine {
     saved: Option<Knobs>,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
+    idle: Option<IdleExit>,
+    /// A stop signal arrived while an idle exit was being concluded.
+    stop_requested: bool,
+}
+
+struct IdleExit {
+    after: Duration,
+    notices: mpsc::Sender<()>,
+    /// Since when the engine has been at rest with nothing happening; `None` while busy.
+    since: Option<Instant>,
+    /// A notice is out and not yet concluded.
+    asked: bool,
 }
 
 impl Engine {
@@ -111,14 +174,27 @@ impl Engine {
         let (status_tx, status_rx) = watch::channel(status);
         // Bounded: a flood of callers waits here instead of growing memory.
         let (tx, rx) = mpsc::channel(256);
-        let engine = Engine { config, policy, saved: None, status: status_tx, commands: rx };
+        let engine =
+            Engine { config, policy, saved: None, status: status_tx, commands: rx, idle: None, stop_requested: false };
         (engine, Handle { commands: tx }, status_rx)
+    }
+
+    /// Sends a notice on the returned channel each time the engine has been at rest in its
+    /// start-up mode, with no command, for `after`; answer it with [`Handle::conclude_idle`].
+    pub fn exit_when_idle(&mut self, after: Duration) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        self.idle = Some(IdleExit { after, notices: tx, since: None, asked: false });
+        rx
     }
 
     /// Puts back what a previous instance left changed (its state file), then enters the
     /// start-up mode. Fails if either cannot be done: starting on top of a half-restored host
     /// would record the wrong "initial" settings.
     fn startup(&mut self) -> Result<(), EngineError> {
+        if self.resume()? {
+            self.publish();
+            return Ok(());
+        }
         let config = &self.config;
         match config.state.load() {
             Ok(Some(knobs)) => {
@@ -144,33 +220,163 @@ impl Engine {
         Ok(())
     }
 
+    /// Carries on from where an instance that exited on idle handed over, if it did: `Ok(true)`.
+    /// A hand-over that does not hold together is ignored (and the usual restore follows).
+    fn resume(&mut self) -> Result<bool, EngineError> {
+        let handover = match self.config.state.take_handover() {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(false),
+            Err(e @ StateError::Corrupt { .. }) => {
+                tracing::error!("{e}");
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let saved = match self.config.state.load() {
+            Ok(saved) => saved,
+            Err(e @ StateError::Corrupt { .. }) => {
+                tracing::error!("{e}");
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let deadline = (handover.next_step_down_us > 0).then(|| {
+            let due = UNIX_EPOCH + Duration::from_micros(handover.next_step_down_us);
+            Instant::now() + due.duration_since(SystemTime::now()).unwrap_or_default()
+        });
+        let policy = match (handover.mode.parse::<Mode>(), Setting::from_name(&handover.setting)) {
+            (Ok(mode), Some(setting)) => Policy::resume(mode, setting, deadline, self.config.durations, Instant::now()),
+            _ => None,
+        };
+        let Some(policy) = policy.filter(|p| p.setting() == Setting::Initial || saved.is_some()) else {
+            tracing::error!(?handover, "ignoring a hand-over that does not hold together");
+            return Ok(false);
+        };
+        tracing::info!(
+            mode = %policy.mode(),
+            setting = %policy.setting(),
+            "carrying on where the instance that exited on idle left off"
+        );
+        self.saved = saved;
+        self.policy = policy;
+        if self.policy.setting() == Setting::Initial {
+            // A record beside an initial setting is from a cycle that did not finish: put it back.
+            self.restore("resumed in initial")?;
+        } else {
+            // In force already; applied again so that what the bus shows is what is in force
+            // even if something touched KSM in between.
+            let target = self.target_for(self.policy.setting())?;
+            self.config.ksm.apply(&target)?;
+        }
+        Ok(true)
+    }
+
     /// Serves commands and timers until `shutdown` completes or every handle is gone, then puts
-    /// the administrator's settings back.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), EngineError> {
+    /// the administrator's settings back; or until an idle exit concludes (see the module
+    /// documentation).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Ended, EngineError> {
         if let Err(e) = self.startup() {
             self.commands.close();
             // Whatever start-up managed to change goes back.
             let _ = self.restore("start-up failed");
             return Err(e);
         }
+        self.note_activity();
         tokio::pin!(shutdown);
-        loop {
+        let ended = loop {
             let wake = self.policy.wake_at();
+            let idle_due = self.idle_due();
             tokio::select! {
                 biased;
-                () = &mut shutdown => break,
+                () = &mut shutdown, if !self.stop_requested => {
+                    self.stop_requested = true;
+                    if self.idle.as_ref().is_some_and(|i| i.asked) {
+                        tracing::info!("stop requested while exiting on idle: concluding that first");
+                    } else {
+                        break Ended::Shutdown;
+                    }
+                }
                 cmd = self.commands.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
-                    None => break,
+                    Some(cmd) => if let Some(ended) = self.handle(cmd) { break ended },
+                    None => break Ended::Shutdown,
                 },
                 () = sleep_until(wake) => self.on_wake(),
+                () = sleep_until(idle_due) => self.on_idle(),
             }
-        }
+        };
         self.commands.close();
-        self.restore("shutdown")
+        match ended {
+            Ended::HandedOver => Ok(ended),
+            Ended::Idle => self.restore("idle exit").map(|()| ended),
+            Ended::Shutdown => self.restore("shutdown").map(|()| ended),
+        }
     }
 
-    fn handle(&mut self, cmd: Command) {
+    fn at_rest(&self) -> bool {
+        self.saved.is_none() && self.policy.at_rest_in(self.config.mode)
+    }
+
+    /// Restarts the idle clock: from now if at rest, else not running.
+    fn note_activity(&mut self) {
+        let since = self.at_rest().then(Instant::now);
+        if let Some(idle) = &mut self.idle {
+            idle.since = since;
+        }
+    }
+
+    fn idle_due(&self) -> Option<Instant> {
+        self.idle.as_ref().filter(|i| !i.asked).and_then(|i| i.since.map(|s| s + i.after))
+    }
+
+    fn on_idle(&mut self) {
+        let Some(idle) = &mut self.idle else { return };
+        match idle.notices.try_send(()) {
+            Ok(()) => {
+                tracing::info!("idle for {}: releasing the bus name to exit", humantime::format_duration(idle.after));
+                idle.asked = true;
+            }
+            // Nobody listens any more: stay.
+            Err(_) => self.idle = None,
+        }
+    }
+
+    fn conclude_idle(&mut self, drain: Drain) -> (Verdict, Option<Ended>) {
+        if let Some(idle) = &mut self.idle {
+            idle.asked = false;
+        }
+        let ended = match drain {
+            Drain::Done { .. } if self.at_rest() => Some(Ended::Idle),
+            Drain::Done { successor: true } => match self.hand_over() {
+                Ok(()) => Some(Ended::HandedOver),
+                Err(e) => {
+                    tracing::error!("cannot hand over to a successor, staying: {e}");
+                    None
+                }
+            },
+            Drain::Done { successor: false } | Drain::Unsure => None,
+        };
+        match ended.or(self.stop_requested.then_some(Ended::Shutdown)) {
+            Some(ended) => (Verdict::Exit, Some(ended)),
+            None => {
+                tracing::info!("calls arrived while exiting on idle: staying");
+                self.note_activity();
+                (Verdict::Stay, None)
+            }
+        }
+    }
+
+    fn hand_over(&mut self) -> Result<(), EngineError> {
+        let handover = Handover {
+            mode: self.policy.mode().as_str().to_owned(),
+            setting: self.policy.setting().as_str().to_owned(),
+            next_step_down_us: self.next_step_down_us(),
+        };
+        self.config.state.save_handover(&handover)?;
+        tracing::info!(?handover, "a late call moved the throttler after its name was released: handing over");
+        Ok(())
+    }
+
+    fn handle(&mut self, cmd: Command) -> Option<Ended> {
         match cmd {
             Command::Kick(reply) => {
                 self.status.send_if_modified(|s| {
@@ -187,8 +393,15 @@ impl Engine {
             Command::Reload(durations, profiles, reply) => {
                 let _ = reply.send(self.reload(durations, profiles));
             }
+            Command::ConcludeIdle(drain, reply) => {
+                let (verdict, ended) = self.conclude_idle(drain);
+                let _ = reply.send(verdict);
+                return ended;
+            }
         }
+        self.note_activity();
         self.publish();
+        None
     }
 
     fn on_wake(&mut self) {
@@ -208,6 +421,7 @@ impl Engine {
             tracing::error!("step down failed, retrying in {}s: {e}", RETRY_AFTER.as_secs());
             self.policy.postpone(now + RETRY_AFTER);
         }
+        self.note_activity();
         self.publish();
     }
 
@@ -317,11 +531,15 @@ impl Engine {
         Ok(())
     }
 
-    fn publish(&self) {
-        let next_step_down_us = self.policy.deadline().map_or(0, |d| {
+    fn next_step_down_us(&self) -> u64 {
+        self.policy.deadline().map_or(0, |d| {
             let wall = SystemTime::now() + d.saturating_duration_since(Instant::now());
             wall.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros() as u64)
-        });
+        })
+    }
+
+    fn publish(&self) {
+        let next_step_down_us = self.next_step_down_us();
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
         self.status.send_if_modified(|s| {
             // A kick storm moves the deadline on every kick: the value is kept current for Get,

@@ -1,4 +1,6 @@
+use std::fs::File;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
@@ -7,10 +9,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use kata_ksm_throttler::authorize::Authority;
 use kata_ksm_throttler::cli::{Args, BusArg};
 use kata_ksm_throttler::config::{ConfigError, Settings};
-use kata_ksm_throttler::engine::{Config, Engine};
+use kata_ksm_throttler::engine::{Config, Ended, Engine};
+use kata_ksm_throttler::idle_exit;
 use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::service::{self, Throttler, BUS_NAME, INTERFACE, OBJECT_PATH};
-use kata_ksm_throttler::state_file::StateFile;
+use kata_ksm_throttler::state_file::{StateError, StateFile};
 use kata_ksm_throttler::sysfs::Ksm;
 use kata_ksm_throttler::{logging, meminfo};
 
@@ -54,7 +57,10 @@ async fn run(args: Args) -> Result<()> {
     let ksm = Ksm::open(&args.sysfs_root)
         .with_context(|| format!("no KSM at {} (is this kernel built with CONFIG_KSM?)", args.sysfs_root.display()))?;
     let state = StateFile::new(&args.state_dir);
-    let _lock = state.lock().context("taking the state directory's lock")?.ok_or_else(|| {
+    // An instance started by the bus may find the previous one still exiting on idle: it waits
+    // for it (see the README's "Exit on idle"). Started by hand, a second one is refused at once.
+    let wait = if settings.exit_idle_after.is_some() { LOCK_WAIT } else { Duration::ZERO };
+    let _lock = lock_state(&state, wait).await.context("taking the state directory's lock")?.ok_or_else(|| {
         anyhow!("another kata-ksm-throttler already drives KSM ({} is locked)", args.state_dir.display())
     })?;
 
@@ -89,13 +95,13 @@ async fn run(args: Args) -> Result<()> {
         durations: settings.durations,
         profiles: settings.profiles,
     };
-    let (engine, handle, status) = Engine::new(config);
-    let engine_handle = handle.clone();
+    let (mut engine, handle, status) = Engine::new(config);
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
-    conn.object_server()
-        .at(OBJECT_PATH, Throttler::new(engine_handle, status.clone(), authority, ksm, meminfo::page_size()))
-        .await
-        .context("exporting the object")?;
+    let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size());
+    let calls = throttler.calls();
+    // Before the name is taken, so that every call routed here is counted.
+    tokio::spawn(calls.clone().watch(conn.clone()));
+    conn.object_server().at(OBJECT_PATH, throttler).await.context("exporting the object")?;
     conn.request_name(BUS_NAME).await.map_err(|e| match e {
         zbus::Error::NameTaken => anyhow!("{BUS_NAME} is already owned on this bus: another throttler is running"),
         e => anyhow!("cannot own {BUS_NAME}: {e} (only root may, once dbus/{BUS_NAME}.conf is installed)"),
@@ -125,12 +131,73 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
+    let notices = settings.exit_idle_after.map(|after| engine.exit_when_idle(after));
+    let (edge_failed, edge_failure) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    let edge = async {
+        if let Some(notices) = notices {
+            if let Err(e) = idle_exit::serve(conn.clone(), handle, notices, calls).await {
+                let _ = edge_failed.send(e);
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let mut failure = None;
     let shutdown = async {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM: restoring and exiting"),
             _ = sigint.recv() => tracing::info!("SIGINT: restoring and exiting"),
+            Ok(e) = edge_failure => {
+                tracing::error!("{e:#}: restoring and exiting");
+                failure = Some(e);
+            }
+            // Nobody can reach the throttler any more; under systemd, Restart=on-failure brings
+            // it back with the bus.
+            () = conn.closed() => {
+                tracing::error!("the bus connection closed: restoring and exiting");
+                failure = Some(anyhow!("the bus connection closed"));
+            }
         }
     };
-    engine.run(shutdown).await.context("KSM settings")?;
-    Ok(())
+    let ended = tokio::select! {
+        ended = engine.run(shutdown) => ended.context("KSM settings")?,
+        () = edge => unreachable!("the edge task never completes"),
+    };
+    match ended {
+        Ended::Shutdown => {}
+        Ended::Idle => tracing::info!("exiting on idle; the next call starts the throttler again"),
+        Ended::HandedOver => {
+            idle_exit::start_successor(&conn).await.context("asking the bus to start a successor")?;
+            tracing::info!("exiting on idle; the successor carries on");
+        }
+    }
+    idle_exit::flush(&conn).await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// How long an instance started by the bus waits for one that is exiting on idle; under the bus's
+/// own activation timeout (25 s by default).
+const LOCK_WAIT: Duration = Duration::from_secs(20);
+
+async fn lock_state(state: &StateFile, wait: Duration) -> Result<Option<File>, StateError> {
+    let start = Instant::now();
+    let mut logged = false;
+    loop {
+        if let Some(lock) = state.lock()? {
+            return Ok(Some(lock));
+        }
+        if start.elapsed() >= wait {
+            return Ok(None);
+        }
+        if !logged {
+            tracing::info!(
+                "the state directory is locked: waiting up to {}s for the previous instance to exit",
+                wait.as_secs()
+            );
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -149,6 +149,40 @@ impl Policy {
         }
     }
 
+    /// A policy carried over from an instance that exited on idle while a late call had moved it
+    /// (the engine's hand-over): `None` unless `mode`, `setting` and `deadline` are a state the
+    /// policy itself could be in, so a damaged record cannot put it somewhere it never goes.
+    /// `now` restarts adaptive mode's sampling, which starts afresh.
+    pub fn resume(
+        mode: Mode,
+        setting: Setting,
+        deadline: Option<Instant>,
+        durations: Durations,
+        now: Instant,
+    ) -> Option<Self> {
+        let consistent = match mode {
+            Mode::Throttle | Mode::Adaptive => match setting {
+                Setting::Initial => deadline.is_none(),
+                Setting::Aggressive | Setting::Standard | Setting::Slow => deadline.is_some(),
+                Setting::Off => false,
+            },
+            Mode::Initial => setting == Setting::Initial && deadline.is_none(),
+            Mode::Off => setting == Setting::Off && deadline.is_none(),
+            Mode::Pinned(p) => setting == p.setting() && deadline.is_none(),
+        };
+        consistent.then(|| {
+            let mut p = Policy { mode, setting, deadline, durations, watch: None };
+            p.watch_from(now);
+            p
+        })
+    }
+
+    /// At rest in `mode`: the initial settings, nothing scheduled. An instance started in `mode`
+    /// is in this very state, so one that is at rest can exit and be started again losing nothing.
+    pub fn at_rest_in(&self, mode: Mode) -> bool {
+        self.mode == mode && self.setting == Setting::Initial && self.deadline.is_none()
+    }
+
     /// Enters the start-up mode: `throttle` and `initial` change nothing until something happens.
     pub fn start(&mut self, _now: Instant) -> Option<Transition> {
         let target = match self.mode {
@@ -378,6 +412,36 @@ mod tests {
             assert_eq!((t.from, t.to), (from, Setting::Aggressive));
             assert_eq!(p.deadline(), Some(now + 31 * S));
         }
+    }
+
+    #[test]
+    fn at_rest_only_in_the_start_up_mode_with_nothing_scheduled() {
+        let (mut p, t0) = throttle();
+        assert!(p.at_rest_in(Mode::Throttle));
+        assert!(!p.at_rest_in(Mode::Off), "another start-up mode would not come back here");
+        p.kick(t0);
+        assert!(!p.at_rest_in(Mode::Throttle), "a cycle is running");
+        p.set_mode(Mode::Initial, t0);
+        assert!(!p.at_rest_in(Mode::Throttle), "a mode set at run time would be lost");
+        p.set_mode(Mode::Throttle, t0);
+        assert!(p.at_rest_in(Mode::Throttle));
+        p.set_mode(Mode::Off, t0);
+        assert!(!p.at_rest_in(Mode::Throttle));
+    }
+
+    #[test]
+    fn resume_accepts_only_reachable_states() {
+        let t0 = Instant::now();
+        let d = Durations::default();
+        let p = Policy::resume(Mode::Throttle, Setting::Standard, Some(t0 + S), d, t0).expect("mid-cycle");
+        assert_eq!((p.mode(), p.setting(), p.deadline()), (Mode::Throttle, Setting::Standard, Some(t0 + S)));
+        assert!(Policy::resume(Mode::Off, Setting::Off, None, d, t0).is_some());
+        assert!(Policy::resume(Mode::Pinned(Pinned::Slow), Setting::Slow, None, d, t0).is_some());
+        assert!(Policy::resume(Mode::Throttle, Setting::Aggressive, None, d, t0).is_none(), "a cycle has a deadline");
+        assert!(Policy::resume(Mode::Throttle, Setting::Off, None, d, t0).is_none());
+        assert!(Policy::resume(Mode::Off, Setting::Aggressive, None, d, t0).is_none());
+        assert!(Policy::resume(Mode::Pinned(Pinned::Slow), Setting::Standard, None, d, t0).is_none());
+        assert!(Policy::resume(Mode::Initial, Setting::Initial, Some(t0), d, t0).is_none());
     }
 
     #[test]

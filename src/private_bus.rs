@@ -1,7 +1,7 @@
 //! A `dbus-daemon` of our own, configured like the system bus (default deny, policy files
 //! included): for `--bus private` on hosts with no system bus, and for the tests.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -74,6 +74,8 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+const LOG_NAME: &str = "dbus-daemon.log";
+
 /// A running `dbus-daemon`, ended (by its PID) when dropped.
 pub struct PrivateBus {
     child: Child,
@@ -96,6 +98,9 @@ impl PrivateBus {
         let conf = dir.path().join("bus.conf");
         std::fs::write(&conf, config.render(&dir.path().join("bus"), &texts))?;
 
+        // A file rather than a pipe: services the bus activates inherit it, and write to it for
+        // as long as they run.
+        let log = std::fs::File::create(dir.path().join(LOG_NAME))?;
         let mut command = Command::new("dbus-daemon");
         // SAFETY: only an async-signal-safe prctl between fork and exec. The bus must not
         // outlive its owner even when that owner is killed with SIGKILL.
@@ -110,7 +115,7 @@ impl PrivateBus {
             .args(["--nofork", "--nopidfile", "--print-address=1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting dbus-daemon: {e}")))?;
 
@@ -120,12 +125,9 @@ impl PrivateBus {
             None => Ok(0),
         };
         if read.map_or(true, |n| n == 0) || line.trim().is_empty() {
-            let mut err = String::new();
             let _ = child.kill();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
             let _ = child.wait();
+            let err = std::fs::read_to_string(dir.path().join(LOG_NAME)).unwrap_or_default();
             return Err(io::Error::other(format!("dbus-daemon did not start: {}", err.trim())));
         }
         Ok(PrivateBus { child, address: line.trim().to_owned(), dir })
@@ -137,6 +139,11 @@ impl PrivateBus {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What the bus, and the services it started, wrote to stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(LOG_NAME)).unwrap_or_default()
     }
 
     /// The folder holding the bus's socket and configuration.

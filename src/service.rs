@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use zbus::fdo::Properties;
@@ -15,6 +16,7 @@ use zbus::{interface, Connection, Variant};
 use crate::authorize::{Action, Authority};
 use crate::bus_error::BusError;
 use crate::engine::{Handle, Status};
+use crate::idle_exit::CallTracker;
 use crate::setting::Mode;
 use crate::sysfs::Ksm;
 
@@ -29,6 +31,7 @@ pub struct Throttler {
     /// Read-only here: the statistics are read live on each Get; only the engine writes.
     ksm: Ksm,
     page_size: u64,
+    calls: Arc<CallTracker>,
 }
 
 impl Throttler {
@@ -39,7 +42,12 @@ impl Throttler {
         ksm: Ksm,
         page_size: u64,
     ) -> Self {
-        Throttler { engine, status, authority, ksm, page_size }
+        Throttler { engine, status, authority, ksm, page_size, calls: CallTracker::new() }
+    }
+
+    /// The count of `Kick` and `SetMode` calls in flight, for exiting on idle.
+    pub fn calls(&self) -> Arc<CallTracker> {
+        Arc::clone(&self.calls)
     }
 
     /// A KSM counter read now; 0 where this kernel does not have it.
@@ -57,12 +65,14 @@ impl Throttler {
 impl Throttler {
     /// New virtual machines are starting: scan aggressively now, then step down.
     async fn kick(&self, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
+        let _call = self.calls.enter(&header);
         self.authority.check(&header, Action::Kick).await?;
         Ok(self.engine.kick().await?)
     }
 
     /// Changes how KSM is driven: throttle (alias auto), adaptive, initial, off, aggressive, standard, slow.
     async fn set_mode(&self, mode: &str, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
+        let _call = self.calls.enter(&header);
         let mode: Mode = mode.parse()?;
         self.authority.check(&header, Action::SetMode).await?;
         Ok(self.engine.set_mode(mode).await?)

@@ -25,6 +25,13 @@ impl Setting {
             Setting::Off => "off",
         }
     }
+
+    /// The setting named `name` (as [`Setting::as_str`] prints it).
+    pub fn from_name(name: &str) -> Option<Setting> {
+        [Setting::Initial, Setting::Aggressive, Setting::Standard, Setting::Slow, Setting::Off]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
 }
 
 impl fmt::Display for Setting {
@@ -151,6 +158,15 @@ mod tests {
             assert_eq!(mode.as_str(), *name);
         }
         assert_eq!("auto".parse::<Mode>(), Ok(Mode::Throttle));
+    }
+
+    #[test]
+    fn settings_parse_back_from_their_names() {
+        for s in [Setting::Initial, Setting::Aggressive, Setting::Standard, Setting::Slow, Setting::Off] {
+            assert_eq!(Setting::from_name(s.as_str()), Some(s));
+        }
+        assert_eq!(Setting::from_name("Aggressive"), None);
+        assert_eq!(Setting::from_name(""), None);
     }
 
     #[test]

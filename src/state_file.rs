@@ -11,12 +11,30 @@ use serde::{Deserialize, Serialize};
 use crate::sysfs::Knobs;
 
 const FILE_NAME: &str = "initial-settings.json";
+const HANDOVER_FILE_NAME: &str = "handover.json";
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
 struct Record {
     version: u32,
     knobs: Knobs,
+}
+
+/// What an instance that exited on idle left for its successor, because a call that reached it
+/// after it had released its bus name moved it (see the engine). The administrator's settings
+/// stay in the main record; this says where the throttler was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    pub mode: String,
+    pub setting: String,
+    /// CLOCK_REALTIME microseconds of the next step down, 0 when none.
+    pub next_step_down_us: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HandoverRecord {
+    version: u32,
+    handover: Handover,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,17 +62,55 @@ impl StateFile {
 
     /// Records `knobs` atomically: write a temporary file, fsync, rename over, fsync the folder.
     pub fn save(&self, knobs: &Knobs) -> Result<(), StateError> {
+        let body = serde_json::to_vec(&Record { version: FORMAT_VERSION, knobs: knobs.clone() })
+            .map_err(|e| StateError::Io { path: self.path(), source: e.into() })?;
+        self.write_atomic(&self.path(), &body)
+    }
+
+    fn write_atomic(&self, path: &Path, body: &[u8]) -> Result<(), StateError> {
         let io_err = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
-        let body = serde_json::to_vec(&Record { version: FORMAT_VERSION, knobs: knobs.clone() })
-            .map_err(|e| StateError::Io { path: self.path(), source: e.into() })?;
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
-        tmp.write_all(&body).and_then(|()| tmp.as_file().sync_all()).map_err(io_err(tmp.path()))?;
-        tmp.persist(self.path()).map_err(|e| StateError::Io { path: self.path(), source: e.error })?;
+        tmp.write_all(body).and_then(|()| tmp.as_file().sync_all()).map_err(io_err(tmp.path()))?;
+        tmp.persist(path).map_err(|e| StateError::Io { path: path.to_owned(), source: e.error })?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
+    }
+
+    pub fn handover_path(&self) -> PathBuf {
+        self.dir.join(HANDOVER_FILE_NAME)
+    }
+
+    /// Leaves `handover` for the next instance, atomically like [`StateFile::save`].
+    pub fn save_handover(&self, handover: &Handover) -> Result<(), StateError> {
+        let path = self.handover_path();
+        let body = serde_json::to_vec(&HandoverRecord { version: FORMAT_VERSION, handover: handover.clone() })
+            .map_err(|e| StateError::Io { path: path.clone(), source: e.into() })?;
+        self.write_atomic(&path, &body)
+    }
+
+    /// The hand-over a previous instance left, removed so it is used once. One that cannot be
+    /// read is kept aside as `handover.json.corrupt`.
+    pub fn take_handover(&self) -> Result<Option<Handover>, StateError> {
+        let path = self.handover_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let reason = match serde_json::from_slice::<HandoverRecord>(&bytes) {
+            Ok(r) if r.version != FORMAT_VERSION => format!("unknown format version {}", r.version),
+            Ok(r) => {
+                fs::remove_file(&path).map_err(|source| StateError::Io { path: path.clone(), source })?;
+                return Ok(Some(r.handover));
+            }
+            Err(e) => e.to_string(),
+        };
+        let kept_as = self.dir.join(format!("{HANDOVER_FILE_NAME}.corrupt"));
+        fs::rename(&path, &kept_as).map_err(|source| StateError::Io { path: path.clone(), source })?;
+        Err(StateError::Corrupt { path, kept_as, reason })
     }
 
     /// The recorded settings, if a previous cycle did not finish. A file that cannot be trusted
@@ -121,6 +177,21 @@ mod tests {
         state.remove().expect("removing twice is fine");
         let left: Vec<_> = fs::read_dir(dir.path().join("sub")).expect("ls").collect();
         assert!(left.is_empty(), "no temporary files left: {left:?}");
+    }
+
+    #[test]
+    fn a_handover_is_taken_once_and_a_bad_one_kept_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateFile::new(dir.path());
+        assert_eq!(state.take_handover().expect("none"), None);
+        let h = Handover { mode: "throttle".into(), setting: "standard".into(), next_step_down_us: 42 };
+        state.save_handover(&h).expect("save");
+        assert_eq!(state.take_handover().expect("take"), Some(h));
+        assert_eq!(state.take_handover().expect("gone"), None, "used once");
+        fs::write(state.handover_path(), b"{\"version\":1}").expect("write");
+        assert!(matches!(state.take_handover(), Err(StateError::Corrupt { .. })));
+        assert!(!state.handover_path().exists());
+        assert!(dir.path().join("handover.json.corrupt").exists());
     }
 
     #[test]

@@ -23,7 +23,7 @@ struct Running {
     handle: Handle,
     status: watch::Receiver<Status>,
     stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), kata_ksm_throttler::engine::EngineError>>,
+    task: JoinHandle<Result<kata_ksm_throttler::engine::Ended, kata_ksm_throttler::engine::EngineError>>,
 }
 
 fn start(scratch: &Scratch, mode: Mode) -> Running {

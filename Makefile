@@ -1,0 +1,55 @@
+# Build and install kata-ksm-throttler as a system service.
+#
+#   make                              # cargo build --release
+#   sudo make install PREFIX=/usr     # what a distribution package does (DESTDIR=... to stage)
+#   sudo make uninstall PREFIX=/usr
+#
+# The system bus and polkit only read /usr/share (and /etc), and systemd /usr/lib/systemd/system
+# (and /etc): with the default PREFIX=/usr/local the files land where none of them look, as is
+# usual for a local build. The D-Bus activation file and the unit name the binary's installed
+# path, which install writes into them.
+
+PREFIX ?= /usr/local
+LIBEXECDIR ?= $(PREFIX)/libexec
+DATADIR ?= $(PREFIX)/share
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DBUS_POLICYDIR ?= $(DATADIR)/dbus-1/system.d
+DBUS_SERVICEDIR ?= $(DATADIR)/dbus-1/system-services
+POLKIT_ACTIONDIR ?= $(DATADIR)/polkit-1/actions
+DESTDIR ?=
+
+CARGO ?= cargo
+CARGO_TARGET_DIR ?= target
+BINARY ?= $(CARGO_TARGET_DIR)/release/kata-ksm-throttler
+INSTALL ?= install
+
+NAME := kata-ksm-throttler
+BUS_NAME := org.kata.KsmThrottler
+SHIPPED_EXEC := /usr/libexec/$(NAME)
+
+.PHONY: all build install uninstall
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+# Installs what is built; it does not build, so that `sudo make install` never runs cargo as root.
+install:
+	@test -x "$(BINARY)" || { echo "$(BINARY) is missing: run make first (or pass BINARY=...)" >&2; exit 1; }
+	$(INSTALL) -D -m 0755 "$(BINARY)" "$(DESTDIR)$(LIBEXECDIR)/$(NAME)"
+	$(INSTALL) -D -m 0644 dbus/$(BUS_NAME).conf "$(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf"
+	$(INSTALL) -D -m 0644 polkit/$(BUS_NAME).policy "$(DESTDIR)$(POLKIT_ACTIONDIR)/$(BUS_NAME).policy"
+	$(INSTALL) -d "$(DESTDIR)$(DBUS_SERVICEDIR)" "$(DESTDIR)$(UNITDIR)"
+	sed 's|$(SHIPPED_EXEC)|$(LIBEXECDIR)/$(NAME)|' dbus/$(BUS_NAME).service \
+		> "$(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service"
+	sed 's|$(SHIPPED_EXEC)|$(LIBEXECDIR)/$(NAME)|' systemd/$(NAME).service \
+		> "$(DESTDIR)$(UNITDIR)/$(NAME).service"
+	chmod 0644 "$(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service" "$(DESTDIR)$(UNITDIR)/$(NAME).service"
+
+uninstall:
+	rm -f "$(DESTDIR)$(LIBEXECDIR)/$(NAME)" \
+		"$(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf" \
+		"$(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service" \
+		"$(DESTDIR)$(POLKIT_ACTIONDIR)/$(BUS_NAME).policy" \
+		"$(DESTDIR)$(UNITDIR)/$(NAME).service"

@@ -1,0 +1,368 @@
+//! Authorization with a real `polkitd` on the test's private bus, the project's polkit actions
+//! installed where polkitd reads them, and callers that are really not root: a child process
+//! (this test binary, run again as `nobody`) makes the calls.
+//!
+//! polkitd is started as root and switches to its `polkitd` user itself (started as `polkitd`, it
+//! fails to drop its groups). Its bus policy, `/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf`,
+//! is included in the private bus. Tests that put files in /usr/share/polkit-1 or /etc/polkit-1
+//! hold an exclusive flock, since cargo runs tests (and other checkouts run theirs) in parallel.
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus};
+use kata_ksm_throttler::service::BUS_NAME;
+use rustix::process::{kill_process, Pid, Signal};
+use zbus::fdo::DBusProxy;
+use zbus::names::BusName;
+use zbus::proxy::MethodFlags;
+
+const POLKITD: &str = "/usr/lib/polkit-1/polkitd";
+const POLKIT_BUS_POLICY: &str = "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf";
+const ACTIONS: &str = "/usr/share/polkit-1/actions/org.kata.KsmThrottler.policy";
+const RULES: &str = "/etc/polkit-1/rules.d/10-kata-ksm-throttler-test.rules";
+const LOCK: &str = "/run/lock/kata-ksm-throttler-polkit.lock";
+const NOBODY: u32 = 65534;
+
+const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
+const INTERACTIVE_REQUIRED: &str = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired";
+
+/// The polkit files, installed while the lock is held and put back as found when dropped.
+struct PolkitFiles {
+    /// What was at [`ACTIONS`] before (`None`: nothing, so remove it after).
+    actions_before: Option<Vec<u8>>,
+    wrote_actions: bool,
+    _lock: File,
+}
+
+impl PolkitFiles {
+    fn install(rules: Option<&str>) -> PolkitFiles {
+        let lock = File::options().create(true).truncate(false).write(true).open(LOCK).expect("lock file");
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("flock");
+        // A run killed before its clean-up left this one; it is ours by name.
+        let _ = std::fs::remove_file(RULES);
+
+        let ours = std::fs::read(project_file("polkit/org.kata.KsmThrottler.policy")).expect("read actions");
+        let actions_before = std::fs::read(ACTIONS).ok();
+        let wrote_actions = actions_before.as_deref() != Some(&ours[..]);
+        let files = PolkitFiles { actions_before, wrote_actions, _lock: lock };
+        if wrote_actions {
+            std::fs::write(ACTIONS, &ours).expect("install the actions");
+        }
+        if let Some(rules) = rules {
+            std::fs::write(RULES, rules).expect("install the rules");
+        }
+        files
+    }
+}
+
+impl Drop for PolkitFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(RULES);
+        if self.wrote_actions {
+            let _ = match &self.actions_before {
+                Some(before) => std::fs::write(ACTIONS, before),
+                None => std::fs::remove_file(ACTIONS),
+            };
+        }
+    }
+}
+
+/// A real polkitd on `bus`, ended by PID when dropped.
+struct Polkitd {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Polkitd {
+    async fn start(bus: &PrivateBus, log_dir: &Path) -> Polkitd {
+        let log = log_dir.join("polkitd.log");
+        let out = File::create(&log).expect("log");
+        let child = Command::new(POLKITD)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("start polkitd");
+        let polkitd = Polkitd { child: Some(child), log };
+        let conn = connect(bus).await;
+        let dbus = DBusProxy::new(&conn).await.expect("dbus proxy");
+        let name = BusName::try_from("org.freedesktop.PolicyKit1").expect("name");
+        let start = Instant::now();
+        while !dbus.name_has_owner(name.clone()).await.expect("NameHasOwner") {
+            assert!(start.elapsed() < Duration::from_secs(10), "polkitd never took its name:\n{}", polkitd.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        polkitd
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.child.as_ref().and_then(|c| Pid::from_raw(c.id() as i32))
+    }
+
+    fn signal(&self, sig: Signal) {
+        if let Some(pid) = self.pid() {
+            kill_process(pid, sig).expect("signal polkitd");
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Polkitd {
+    fn drop(&mut self) {
+        // A stopped polkitd does not die of SIGKILL any less, but let it run its exit path.
+        self.signal(Signal::CONT);
+        self.stop();
+    }
+}
+
+/// Bus with both policies, polkitd, the throttler on a scratch sysfs, and a root client.
+struct World {
+    setup: Setup,
+    polkitd: Polkitd,
+    _files: PolkitFiles,
+}
+
+async fn world(rules: Option<&str>, daemon_flags: &[&str]) -> World {
+    let files = PolkitFiles::install(rules);
+    let bus = start_bus_with(BusConfig { policy_files: vec![POLKIT_BUS_POLICY.into()], ..BusConfig::default() });
+    let scratch = Scratch::new();
+    let polkitd = Polkitd::start(&bus, scratch.dir.path()).await;
+    let daemon = Daemon::spawn(&bus, &scratch, daemon_flags);
+    let conn = connect(&bus).await;
+    wait_for_name(&conn, &daemon).await;
+    let proxy = proxy(&conn).await;
+    World { setup: Setup { conn, proxy, daemon, scratch, bus }, polkitd, _files: files }
+}
+
+/// What a call made as `nobody` came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Ok(String),
+    Err { name: String, message: String },
+}
+
+impl Outcome {
+    fn error_name(&self) -> &str {
+        match self {
+            Outcome::Err { name, .. } => name,
+            Outcome::Ok(_) => "(succeeded)",
+        }
+    }
+}
+
+/// Runs `call` in a child process as `nobody` (this binary's `nobody_client`), waiting for it.
+fn as_nobody(bus: &PrivateBus, call: &str, interactive: bool) -> Outcome {
+    let out = nobody_command(bus, call, interactive).output().expect("run the client");
+    parse_client_output(&String::from_utf8_lossy(&out.stdout), &String::from_utf8_lossy(&out.stderr))
+}
+
+fn nobody_command(bus: &PrivateBus, call: &str, interactive: bool) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args(["--ignored", "--exact", "nobody_client", "--nocapture", "--test-threads=1"])
+        .env("KSM_TEST_ADDRESS", bus.address())
+        .env("KSM_TEST_CALL", call)
+        .env("KSM_TEST_INTERACTIVE", if interactive { "1" } else { "0" })
+        .current_dir("/")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn parse_client_output(stdout: &str, stderr: &str) -> Outcome {
+    // The test harness starts its "test nobody_client ..." line before the client prints.
+    let after = |tag: &str| stdout.lines().find_map(|l| l.split_once(tag).map(|(_, rest)| rest.to_owned()));
+    let uid = after("CLIENT-UID ").unwrap_or_default();
+    assert_eq!(uid, NOBODY.to_string(), "the client runs as nobody; stdout:\n{stdout}\nstderr:\n{stderr}");
+    let result = after("CLIENT-RESULT ")
+        .unwrap_or_else(|| panic!("no result from the client; stdout:\n{stdout}\nstderr:\n{stderr}"));
+    match result.split_once(' ') {
+        Some(("ok", value)) => Outcome::Ok(value.to_owned()),
+        Some(("err", rest)) => {
+            let (name, message) = rest.split_once(' ').unwrap_or((rest, ""));
+            Outcome::Err { name: name.to_owned(), message: message.to_owned() }
+        }
+        _ => panic!("unreadable client result {result:?}"),
+    }
+}
+
+/// Not a test: the client the tests run as `nobody`. It prints its uid and what its one call
+/// came to, on lines the parent reads.
+#[test]
+#[ignore = "run by the polkit tests as a child process, as nobody"]
+fn nobody_client() {
+    let address = std::env::var("KSM_TEST_ADDRESS").expect("KSM_TEST_ADDRESS");
+    let call = std::env::var("KSM_TEST_CALL").expect("KSM_TEST_CALL");
+    let flags = match std::env::var("KSM_TEST_INTERACTIVE").as_deref() {
+        Ok("1") => MethodFlags::ALLOW_INTERACTIVE_AUTH,
+        _ => MethodFlags::empty(),
+    };
+    println!("CLIENT-UID {}", rustix::process::getuid().as_raw());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let result: zbus::Result<String> = runtime.block_on(async {
+        let conn = zbus::connection::Builder::address(address.as_str()).build().await?;
+        let throttler = proxy(&conn).await;
+        match call.as_str() {
+            "kick" => throttler.inner().call_with_flags::<_, _, ()>("Kick", flags, &()).await.map(|_| String::new()),
+            "set-mode-off" => {
+                throttler.inner().call_with_flags::<_, _, ()>("SetMode", flags, &("off",)).await.map(|_| String::new())
+            }
+            "read" => throttler.current_setting().await,
+            "own" => conn.request_name(BUS_NAME).await.map(|()| String::new()),
+            other => panic!("unknown call {other}"),
+        }
+    });
+    match result {
+        Ok(value) => println!("CLIENT-RESULT ok {value}"),
+        Err(e) => println!("CLIENT-RESULT err {} {}", error_name(&e), error_message(&e).replace('\n', " ")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_rule_nobody_is_refused_both_actions_and_root_is_served() {
+    let w = world(None, &[]).await;
+    let s = &w.setup;
+    let before = s.scratch.snapshot();
+
+    // kick: allow_active only, and a process with no session has none.
+    let kick = as_nobody(&s.bus, "kick", false);
+    assert_eq!(kick.error_name(), ACCESS_DENIED, "{kick:?}");
+    assert!(format!("{kick:?}").contains("org.kata.KsmThrottler.kick"), "{kick:?}");
+    let kick = as_nobody(&s.bus, "kick", true);
+    assert_eq!(kick.error_name(), ACCESS_DENIED, "no authentication can help: {kick:?}");
+
+    // set-mode: auth_admin_keep, so an administrator's password would do, if the caller allows
+    // being asked; it did not.
+    let set = as_nobody(&s.bus, "set-mode-off", false);
+    assert_eq!(set.error_name(), INTERACTIVE_REQUIRED, "{set:?}");
+    assert!(format!("{set:?}").contains("org.kata.KsmThrottler.set-mode"), "{set:?}");
+    // Allowed to ask, polkit finds no authentication agent to ask with: refused.
+    let set = as_nobody(&s.bus, "set-mode-off", true);
+    assert_eq!(set.error_name(), ACCESS_DENIED, "{set:?}");
+
+    assert_eq!(s.scratch.snapshot(), before, "nothing done for refused calls");
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 0, "refused kicks are not counted");
+    assert_eq!(as_nobody(&s.bus, "read", false), Outcome::Ok("initial".into()), "properties are open");
+
+    // Root is not asked about.
+    s.proxy.kick().await.expect("root kicks");
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+    s.proxy.set_mode("off").await.expect("root sets the mode");
+    assert_eq!(s.scratch.knob("run"), "0\n");
+    assert!(w.polkitd.log_text().contains("Acquired the name"), "{}", w.polkitd.log_text());
+}
+
+const GRANT_NOBODY: &str = r#"// Test rule of kata-ksm-throttler's tests/polkit.rs; removed after the test.
+polkit.addRule(function(action, subject) {
+    if ((action.id == "org.kata.KsmThrottler.kick" || action.id == "org.kata.KsmThrottler.set-mode")
+        && subject.user == "nobody") {
+        return polkit.Result.YES;
+    }
+});
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_granting_the_actions_lets_nobody_kick_and_set_the_mode() {
+    let w = world(Some(GRANT_NOBODY), &[]).await;
+    let s = &w.setup;
+    assert_eq!(as_nobody(&s.bus, "kick", false), Outcome::Ok(String::new()));
+    assert_eq!(s.scratch.knobs(), expected(10, 1), "the kick acted");
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 1);
+    assert_eq!(as_nobody(&s.bus, "set-mode-off", false), Outcome::Ok(String::new()));
+    assert_eq!(s.proxy.mode().await.expect("get"), "off");
+    assert_eq!(s.scratch.knob("run"), "0\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_polkitd_gone_nobody_is_refused_clearly_and_root_is_still_served() {
+    let mut w = world(Some(GRANT_NOBODY), &[]).await;
+    w.polkitd.stop();
+    let s = &w.setup;
+    // Even with a rule that would grant it: polkit cannot be asked, so no.
+    match as_nobody(&s.bus, "kick", false) {
+        Outcome::Err { name, message } => {
+            assert_eq!(name, ACCESS_DENIED);
+            assert!(message.contains("polkit could not be asked"), "{message}");
+        }
+        ok => panic!("allowed without polkit: {ok:?}"),
+    }
+    assert_eq!(as_nobody(&s.bus, "set-mode-off", true).error_name(), ACCESS_DENIED);
+    assert_eq!(s.scratch.knobs(), (0, 100, 20));
+    s.proxy.kick().await.expect("root needs no polkit");
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+    assert_eq!(s.proxy.current_setting().await.expect("still serving"), "aggressive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_polkit_keeps_an_idle_throttler_from_exiting() {
+    let w = world(None, &["--exit-idle-after", "1s"]).await;
+    let s = &w.setup;
+    w.polkitd.signal(Signal::STOP);
+    let client = nobody_command(&s.bus, "kick", false).spawn().expect("client");
+    let client = ClientGuard(Some(client));
+    // The engine is at rest; only the call in flight keeps the throttler on the bus.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dbus = DBusProxy::new(&s.conn).await.expect("dbus proxy");
+    let name = BusName::try_from(BUS_NAME).expect("name");
+    let owner = dbus.get_connection_unix_process_id(name.clone()).await.expect("still owned");
+    assert_eq!(owner as i32, s.daemon.pid());
+
+    w.polkitd.signal(Signal::CONT);
+    let out = client.wait();
+    let outcome = parse_client_output(&out.0, &out.1);
+    assert_eq!(outcome.error_name(), ACCESS_DENIED, "answered by polkit, not cut off: {outcome:?}");
+    let start = Instant::now();
+    while dbus.name_has_owner(name.clone()).await.expect("NameHasOwner") {
+        assert!(start.elapsed() < Duration::from_secs(10), "never exited; log:\n{}", s.daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client child, killed if the test ends before it does.
+struct ClientGuard(Option<Child>);
+
+impl ClientGuard {
+    fn wait(mut self) -> (String, String) {
+        let out = self.0.take().expect("child").wait_with_output().expect("wait client");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_policy_lets_no_one_but_root_own_the_name() {
+    // The project's policy file, as loaded by every test bus: here the name is free.
+    let bus = start_bus();
+    let own = as_nobody(&bus, "own", false);
+    assert_eq!(own.error_name(), ACCESS_DENIED, "{own:?}");
+    let conn = connect(&bus).await;
+    conn.request_name(BUS_NAME).await.expect("root may own it");
+}
