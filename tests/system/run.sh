@@ -181,8 +181,9 @@ on_exit() {
 command -v systemd-nspawn >/dev/null || die "systemd-nspawn is missing (apt-get install systemd-container)"
 [ -e "$KSM/run" ] || die "no $KSM in this kernel: the checks drive the real KSM"
 
-say "building (cargo build --release --locked --workspace --bins)"
-cargo build --release --locked --quiet --workspace --bins
+say "building (make build, and the gRPC probe)"
+make -C "$REPO" --no-print-directory build
+cargo build --release --locked --quiet -p ksm-e2e-grpc-kick
 ROOTFS=$("$HERE/rootfs.sh")
 
 # The real KSM for the whole run; the lock is released when this shell exits.
