@@ -14,6 +14,7 @@
 //! successor carries on from there. A stop signal that lands during that exchange (systemd
 //! stops a `Type=dbus` unit as soon as its name is released) waits for the verdict.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -154,6 +155,9 @@ pub struct Engine {
     idle: Option<IdleExit>,
     /// A stop signal arrived while an idle exit was being concluded.
     stop_requested: bool,
+    /// The deadline last shown and its wall-clock form, so that a deadline that has not moved
+    /// reads as the same microsecond every time (converting it again jitters by a microsecond).
+    shown_deadline: Cell<Option<(Instant, u64)>>,
 }
 
 struct IdleExit {
@@ -174,8 +178,16 @@ impl Engine {
         let (status_tx, status_rx) = watch::channel(status);
         // Bounded: a flood of callers waits here instead of growing memory.
         let (tx, rx) = mpsc::channel(256);
-        let engine =
-            Engine { config, policy, saved: None, status: status_tx, commands: rx, idle: None, stop_requested: false };
+        let engine = Engine {
+            config,
+            policy,
+            saved: None,
+            status: status_tx,
+            commands: rx,
+            idle: None,
+            stop_requested: false,
+            shown_deadline: Cell::new(None),
+        };
         (engine, Handle { commands: tx }, status_rx)
     }
 
@@ -532,10 +544,16 @@ impl Engine {
     }
 
     fn next_step_down_us(&self) -> u64 {
-        self.policy.deadline().map_or(0, |d| {
-            let wall = SystemTime::now() + d.saturating_duration_since(Instant::now());
-            wall.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros() as u64)
-        })
+        let Some(deadline) = self.policy.deadline() else { return 0 };
+        if let Some((shown, us)) = self.shown_deadline.get() {
+            if shown == deadline {
+                return us;
+            }
+        }
+        let wall = SystemTime::now() + deadline.saturating_duration_since(Instant::now());
+        let us = wall.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros() as u64);
+        self.shown_deadline.set(Some((deadline, us)));
+        us
     }
 
     fn publish(&self) {
