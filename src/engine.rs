@@ -544,20 +544,28 @@ impl Engine {
     }
 
     fn next_step_down_us(&self) -> u64 {
-        let Some(deadline) = self.policy.deadline() else { return 0 };
-        if let Some((shown, us)) = self.shown_deadline.get() {
-            if shown == deadline {
-                return us;
+        self.policy.deadline().map_or(0, |d| {
+            let wall = SystemTime::now() + d.saturating_duration_since(Instant::now());
+            wall.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros() as u64)
+        })
+    }
+
+    /// As [`Self::next_step_down_us`], but the same value as last shown while the deadline has
+    /// not moved.
+    fn shown_next_step_down_us(&self) -> u64 {
+        let deadline = self.policy.deadline();
+        match self.shown_deadline.get() {
+            Some((shown, us)) if Some(shown) == deadline => us,
+            _ => {
+                let us = self.next_step_down_us();
+                self.shown_deadline.set(deadline.map(|d| (d, us)));
+                us
             }
         }
-        let wall = SystemTime::now() + deadline.saturating_duration_since(Instant::now());
-        let us = wall.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros() as u64);
-        self.shown_deadline.set(Some((deadline, us)));
-        us
     }
 
     fn publish(&self) {
-        let next_step_down_us = self.next_step_down_us();
+        let next_step_down_us = self.shown_next_step_down_us();
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
         self.status.send_if_modified(|s| {
             // A kick storm moves the deadline on every kick: the value is kept current for Get,
