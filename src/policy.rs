@@ -265,21 +265,16 @@ impl Policy {
     /// Starts (or stops) reading the counters, as mode and setting require.
     fn watch_from(&mut self, now: Instant) {
         self.watch = match (self.mode, sample_interval(self.setting)) {
-            (Mode::Adaptive, Some(_)) => Some(Watch {
-                next_sample: now,
-                first: None,
-                last: None,
-                quiet_scans: 0,
-                stepped_on_counters: false,
-            }),
+            (Mode::Adaptive, Some(_)) => {
+                Some(Watch { next_sample: now, first: None, last: None, quiet_scans: 0, stepped_on_counters: false })
+            }
             _ => None,
         };
     }
 
     /// After an adaptive step: same baseline, quiet count restarted, next sample at the new pace.
     fn keep_watching(&mut self, now: Instant, w: Watch) {
-        self.watch = sample_interval(self.setting)
-            .map(|i| Watch { next_sample: now + i, quiet_scans: 0, ..w });
+        self.watch = sample_interval(self.setting).map(|i| Watch { next_sample: now + i, quiet_scans: 0, ..w });
     }
 
     /// Moves the deadline without a transition: a step that could not be applied is tried again.

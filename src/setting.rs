@@ -122,7 +122,9 @@ impl fmt::Display for Mode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown mode {given:?}: valid modes are throttle (alias auto), adaptive, initial, off, aggressive, standard, slow")]
+#[error(
+    "unknown mode {given:?}: valid modes are throttle (alias auto), adaptive, initial, off, aggressive, standard, slow"
+)]
 pub struct UnknownMode {
     /// What was asked for, cut short so a huge argument does not end up in logs and replies.
     pub given: String,
