@@ -50,7 +50,7 @@ impl BusArg {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 30s, 2m, 1m30s, 500ms)"))
+    crate::config::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 2m, 1m30s, 500ms)"))
 }
 
 /// Throttles the Linux KSM daemon (ksmd): aggressive when VMs start (Kick), then stepping down.

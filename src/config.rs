@@ -102,11 +102,24 @@ struct TriggerLayer {
 /// ksmd sleeping longer than a minute between batches is a setting nobody means.
 const MAX_SLEEP_MILLISECS: u32 = 60_000;
 
+/// The longest duration accepted anywhere: longer ones are a typo, and far larger ones would
+/// overflow the clock when a step is scheduled (found by tests/parsers.rs).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// A duration as written by a person (`30s`, `2m`, `1m30s`), at most [`MAX_DURATION`].
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e})"))?;
+    if d > MAX_DURATION {
+        return Err(format!("{s:?} is longer than a year"));
+    }
+    Ok(d)
+}
+
 fn duration(file: &Path, key: &str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s).map_err(|e| ConfigError {
+    parse_duration(s).map_err(|e| ConfigError {
         file: file.to_owned(),
         key: key.to_owned(),
-        reason: format!("{s:?} is not a duration ({e}); examples: 30s, 2m, 1m30s"),
+        reason: format!("{e}; examples: 30s, 2m, 1m30s"),
     })
 }
 

@@ -28,6 +28,7 @@ use crate::policy::{Counters, Durations, Policy, Transition};
 use crate::setting::{Mode, Setting};
 use crate::state_file::{Handover, StateError, StateFile};
 use crate::sysfs::{Knobs, Ksm, SysfsError, Target, ADVISOR_NONE};
+use crate::timer::DeadlineTimer;
 
 /// How long a failed timer step waits before it is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -152,6 +153,8 @@ pub struct Engine {
     saved: Option<Knobs>,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
+    /// `None`: tokio's timer (which tests can pause).
+    timer: Option<DeadlineTimer>,
     idle: Option<IdleExit>,
     /// A stop signal arrived while an idle exit was being concluded.
     stop_requested: bool,
@@ -187,8 +190,16 @@ impl Engine {
             idle: None,
             stop_requested: false,
             shown_deadline: Cell::new(None),
+            timer: None,
         };
         (engine, Handle { commands: tx }, status_rx)
+    }
+
+    /// Steps on a timerfd: one wake-up per scheduled step, where tokio's timer wheel takes two
+    /// or three (see [`crate::timer`]). For the daemon; not with tokio's paused clock.
+    pub fn with_timerfd(mut self) -> std::io::Result<Self> {
+        self.timer = Some(DeadlineTimer::new()?);
+        Ok(self)
     }
 
     /// Sends a notice on the returned channel each time the engine has been at rest in its
@@ -312,8 +323,8 @@ impl Engine {
                     Some(cmd) => if let Some(ended) = self.handle(cmd) { break ended },
                     None => break Ended::Shutdown,
                 },
-                () = sleep_until(wake) => self.on_wake(),
-                () = sleep_until(idle_due) => self.on_idle(),
+                () = sleep_until(&mut self.timer, wake) => self.on_wake(),
+                () = tokio_sleep_until(idle_due) => self.on_idle(),
             }
         };
         self.commands.close();
@@ -459,6 +470,14 @@ impl Engine {
                 if let Err(e) = self.restore("a first step failed") {
                     tracing::error!("{e}");
                 }
+            } else if self.policy.setting() != Setting::Initial {
+                // A step that failed half-way may have paused ksmd (run=0) or changed one scan
+                // knob of two: put the setting in force back, so what is shown is what runs.
+                let setting = self.policy.setting();
+                let target = self.target_for(setting);
+                if let Err(e) = target.and_then(|t| Ok(self.config.ksm.apply(&t)?)) {
+                    tracing::error!(setting = %setting, "putting the setting in force back: {e}");
+                }
             }
         })
     }
@@ -580,9 +599,28 @@ impl Engine {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+async fn tokio_sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The next step: on the timerfd when the engine has one, else on tokio's timer.
+async fn sleep_until(timer: &mut Option<DeadlineTimer>, deadline: Option<Instant>) {
+    match (timer, deadline) {
+        (Some(timer), Some(d)) => {
+            if let Err(e) = timer.sleep_until(d).await {
+                tracing::warn!("timerfd: {e}; using tokio's timer for this step");
+                tokio::time::sleep_until(d).await;
+            }
+        }
+        (None, Some(d)) => tokio::time::sleep_until(d).await,
+        (timer, None) => {
+            if let Some(Err(e)) = timer.as_mut().map(DeadlineTimer::disarm) {
+                tracing::warn!("timerfd: {e}");
+            }
+            std::future::pending().await
+        }
     }
 }

@@ -21,3 +21,4 @@ pub mod service;
 pub mod setting;
 pub mod state_file;
 pub mod sysfs;
+pub mod timer;

@@ -95,7 +95,8 @@ async fn run(args: Args) -> Result<()> {
         durations: settings.durations,
         profiles: settings.profiles,
     };
-    let (mut engine, handle, status) = Engine::new(config);
+    let (engine, handle, status) = Engine::new(config);
+    let mut engine = engine.with_timerfd().context("creating the step timer (timerfd)")?;
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
     let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size());
     let calls = throttler.calls();

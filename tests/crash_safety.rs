@@ -1,0 +1,133 @@
+//! Crash safety: the daemon is killed with SIGKILL at 100 random instants across cycles (during
+//! start-up and restore, mid-transition, with steps pending, in every mode), and every restart
+//! must put back exactly the settings that were in force before the first cycle.
+//!
+//! The instants come from a seeded generator; the seed is printed, and `KSM_CRASH_SEED=<n>`
+//! replays a run.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kata_ksm_throttler::sysfs::Ksm;
+use rustix::process::Signal;
+
+const CYCLES: usize = 100;
+/// Fast steps, so that a cycle of a few hundred milliseconds crosses several transitions.
+const FAST: &[&str] = &["--aggressive-duration", "40ms", "--standard-duration", "40ms", "--slow-duration", "40ms"];
+const MODES: [&str; 8] = ["throttle", "adaptive", "off", "aggressive", "standard", "slow", "initial", "throttle"];
+
+/// xorshift64*: small, seedable, good enough to spread instants.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// On sysfs a write(2) is all or nothing; on a scratch file, a kill between the daemon's
+/// open(O_TRUNC) and its write(2) leaves the file empty. Such a torn write can only happen while
+/// the record of the initial settings exists (every write of a cycle is made under it), which is
+/// checked; the knob is then given its value from before the first cycle (one the kernel could
+/// hold), and the restart must restore the rest.
+fn mend_torn_writes(scratch: &Scratch, first: &[(String, Vec<u8>)]) -> usize {
+    let mut mended = 0;
+    for (name, bytes) in scratch.snapshot() {
+        if bytes.is_empty() {
+            assert!(
+                scratch.state_dir().join("initial-settings.json").exists(),
+                "{name} was torn by the kill with no record of the initial settings to restore from"
+            );
+            let before = first.iter().find(|(n, _)| *n == name).map(|(_, b)| b.clone()).unwrap_or_default();
+            std::fs::write(scratch.ksm().join(&name), before).expect("mend");
+            mended += 1;
+        }
+    }
+    mended
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_a_hundred_random_instants_and_every_restart_restores_the_original_settings() {
+    let seed = std::env::var("KSM_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64 | 1
+    });
+    eprintln!("KSM_CRASH_SEED={seed}");
+    let mut rng = Rng(seed);
+
+    let bus = start_bus();
+    let scratch = Scratch::new();
+    // The advisor scanning by time, so every cycle also turns it off and must put it back.
+    std::fs::write(scratch.ksm().join("advisor_mode"), "none [scan-time]\n").expect("write");
+    let ksm = Ksm::open(scratch.ksm()).expect("open");
+    let original = ksm.read().expect("read");
+    let conn = connect(&bus).await;
+    let p = proxy(&conn).await;
+
+    let (mut checked, mut during_startup, mut mended) = (0, 0, 0);
+    let first = scratch.snapshot();
+    for cycle in 0..CYCLES {
+        let mut daemon = Daemon::spawn(&bus, &scratch, FAST);
+        // A third of the kills land in the first milliseconds: start-up, which is where a
+        // restore from the previous kill is under way.
+        if rng.below(3) == 0 {
+            std::thread::sleep(Duration::from_micros(rng.below(15_000)));
+            daemon.kill9();
+            during_startup += 1;
+        } else {
+            wait_for_name(&conn, &daemon).await;
+            // Through the engine, so after its start-up restore: the mode in force, a no-op.
+            p.set_mode("throttle").await.unwrap_or_else(|e| panic!("cycle {cycle}: {e}\n{}", daemon.log_text()));
+            assert_eq!(
+                ksm.read().expect("read"),
+                original,
+                "cycle {cycle} (seed {seed}): the restart did not restore\n{}",
+                daemon.log_text()
+            );
+            assert!(!scratch.state_dir().join("initial-settings.json").exists(), "cycle {cycle}: record left");
+            checked += 1;
+
+            // Drive it for a random while, killed at a random instant of it.
+            let kill_at = Instant::now() + Duration::from_micros(rng.below(250_000));
+            while Instant::now() < kill_at {
+                let r = match rng.below(4) {
+                    0 => p.set_mode(MODES[rng.below(MODES.len() as u64) as usize]).await,
+                    _ => p.kick().await,
+                };
+                r.unwrap_or_else(|e| panic!("cycle {cycle}: {e}\n{}", daemon.log_text()));
+                let pause = Duration::from_micros(rng.below(60_000));
+                tokio::time::sleep(pause.min(kill_at.saturating_duration_since(Instant::now()))).await;
+            }
+            daemon.signal(Signal::KILL);
+            daemon.wait(Duration::from_secs(10));
+        }
+        mended += mend_torn_writes(&scratch, &first);
+        drop(daemon);
+        // The log is per process; keep the scratch folder small.
+        let _ = std::fs::remove_file(scratch.dir.path().join(format!("daemon-{}.log", std::process::id())));
+    }
+
+    // The last word: a clean start after the hundredth kill, then a clean stop.
+    let mut daemon = Daemon::spawn(&bus, &scratch, FAST);
+    wait_for_name(&conn, &daemon).await;
+    p.set_mode("throttle").await.expect("serving");
+    assert_eq!(ksm.read().expect("read"), original, "seed {seed}: final restart\n{}", daemon.log_text());
+    let status = daemon.terminate();
+    assert!(status.success());
+    assert_eq!(ksm.read().expect("read"), original);
+    assert!(!Path::new(&scratch.state_dir().join("initial-settings.json")).exists());
+    eprintln!(
+        "{CYCLES} kills: {during_startup} during start-up, {checked} restarts checked, \
+         {mended} torn scratch writes mended"
+    );
+    assert!(checked >= CYCLES / 2, "most restarts are checked");
+}

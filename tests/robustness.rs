@@ -1,0 +1,563 @@
+//! Robustness: many clients, clients that leave mid-call or flood, bad input over the bus, and a
+//! bad environment. The real daemon binary on a private bus over a scratch sysfs; sysfs writes are
+//! counted with real inotify.
+
+mod common;
+#[path = "common/procfs.rs"]
+mod procfs;
+#[path = "common/writes.rs"]
+mod writes;
+
+use std::io::{BufRead, BufReader, Write};
+use std::num::NonZeroU32;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kata_ksm_throttler::private_bus::BusConfig;
+use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use procfs::{footprint, raise_fd_limit};
+use writes::WriteWatch;
+use zbus::message::Message;
+use zbus::Connection;
+
+/// The stock system bus allows 256 connections per uid; a thousand root clients need more.
+const MANY_CONNECTIONS: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <limit name="max_completed_connections">4096</limit>
+  <limit name="max_incomplete_connections">4096</limit>
+  <limit name="max_connections_per_user">4096</limit>
+</busconfig>
+"#;
+
+async fn kick(conn: &Connection) -> zbus::Result<()> {
+    conn.call_method(Some(BUS_NAME), OBJECT_PATH, Some(INTERFACE), "Kick", &()).await.map(drop)
+}
+
+async fn ping(conn: &Connection) -> zbus::Result<()> {
+    conn.call_method(Some(BUS_NAME), OBJECT_PATH, Some("org.freedesktop.DBus.Peer"), "Ping", &()).await.map(drop)
+}
+
+/// Mode, setting, next step and kick count, as a caller sees them.
+async fn shown(s: &Setup) -> (String, String, u64, u64) {
+    let p = &s.proxy;
+    (
+        p.mode().await.expect("Mode"),
+        p.current_setting().await.expect("CurrentSetting"),
+        p.next_step_down().await.expect("NextStepDown"),
+        p.kick_count().await.expect("KickCount"),
+    )
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    footprint(pid as u32).expect("/proc status").vm_rss_kib
+}
+
+fn state_file(s: &Scratch) -> std::path::PathBuf {
+    s.state_dir().join("initial-settings.json")
+}
+
+/// Waits (bounded) until `f` holds.
+async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many clients
+
+/// `clients` fresh connections, each kicking `each` times, all at once; every call must succeed.
+async fn round_of_clients(bus: &kata_ksm_throttler::private_bus::PrivateBus, clients: usize, each: usize) {
+    let mut conns = Vec::with_capacity(clients);
+    for batch in (0..clients).collect::<Vec<_>>().chunks(50) {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in batch {
+            let address = bus.address().to_owned();
+            set.spawn(async move { zbus::connection::Builder::address(address.as_str()).build().await });
+        }
+        while let Some(c) = set.join_next().await {
+            conns.push(c.expect("join").expect("connect"));
+        }
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for conn in conns {
+        set.spawn(async move {
+            for _ in 0..each {
+                kick(&conn).await?;
+            }
+            Ok::<_, zbus::Error>(())
+        });
+    }
+    let mut answered = 0;
+    while let Some(r) = set.join_next().await {
+        r.expect("join").expect("every call answered with success");
+        answered += 1;
+    }
+    assert_eq!(answered, clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_clients_are_all_answered_with_flat_memory_and_a_responsive_daemon() {
+    assert!(raise_fd_limit() > 1200, "this test needs 1,000 sockets");
+    let bus = start_bus_with(BusConfig { policy_texts: vec![MANY_CONNECTIONS.into()], ..BusConfig::default() });
+    let scratch = Scratch::new();
+    let daemon = Daemon::spawn(&bus, &scratch, &[]);
+    let conn = connect(&bus).await;
+    wait_for_name(&conn, &daemon).await;
+    let proxy = proxy(&conn).await;
+    let mut writes = WriteWatch::new(&scratch.ksm()).expect("inotify");
+
+    const CLIENTS: usize = 1000;
+    const EACH: usize = 5;
+    const ROUNDS: usize = 6;
+    let mut rss = vec![rss_kib(daemon.pid())];
+    for round in 0..ROUNDS {
+        // A watcher measures how long the daemon takes to answer while the round is on.
+        let watcher_conn = connect(&bus).await;
+        let watcher = tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            let mut answered = 0u32;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                ping(&watcher_conn).await.expect("ping during the round");
+                worst = worst.max(t.elapsed());
+                answered += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if answered >= 20 {
+                    break;
+                }
+            }
+            worst
+        });
+        round_of_clients(&bus, CLIENTS, EACH).await;
+        let worst = watcher.await.expect("watcher");
+        assert!(worst < Duration::from_secs(1), "round {round}: a ping took {worst:?} during the round");
+        rss.push(rss_kib(daemon.pid()));
+    }
+
+    let kicks = (CLIENTS * EACH * ROUNDS) as u64;
+    assert_eq!(proxy.kick_count().await.expect("get"), kicks, "every kick counted");
+    assert_eq!(proxy.current_setting().await.expect("get"), "aggressive");
+    let seen = writes.writes().expect("inotify");
+    assert!(!seen.overflowed);
+    assert_eq!(seen.files_written(), 3, "{kicks} kicks wrote sysfs once (3 knobs): {seen:?}");
+    // Memory is flat: after the first rounds (the allocator and zbus warming up to a thousand
+    // calls in flight) more rounds of a thousand new clients do not raise it.
+    let warm = rss[1..=ROUNDS / 2].iter().max().copied().unwrap_or_default();
+    let late = rss[ROUNDS / 2 + 1..].iter().max().copied().unwrap_or_default();
+    assert!(late <= warm + 512, "RSS kept growing: {rss:?} KiB");
+    eprintln!("daemon RSS before and after each round of {CLIENTS} clients: {rss:?} KiB");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients that leave mid-call, and a flood
+
+/// A D-Bus peer on a bare socket: it sends what it is told and reads nothing back, as a client
+/// that crashed or a flooder would.
+struct RawPeer {
+    sock: UnixStream,
+    serial: u32,
+}
+
+impl RawPeer {
+    fn connect(address: &str) -> RawPeer {
+        let path =
+            address.strip_prefix("unix:path=").and_then(|rest| rest.split(',').next()).expect("a unix:path= address");
+        let sock = UnixStream::connect(path).expect("connect");
+        let mut peer = RawPeer { sock, serial: 0 };
+        let uid: String = rustix::process::geteuid().as_raw().to_string().bytes().map(|b| format!("{b:02x}")).collect();
+        peer.sock.write_all(format!("\0AUTH EXTERNAL {uid}\r\n").as_bytes()).expect("auth");
+        let mut line = String::new();
+        BufReader::new(&peer.sock).read_line(&mut line).expect("auth reply");
+        assert!(line.starts_with("OK "), "auth refused: {line:?}");
+        peer.sock.write_all(b"BEGIN\r\n").expect("begin");
+        let hello = peer.message("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus", "Hello");
+        peer.send(&hello);
+        peer
+    }
+
+    fn message(&mut self, path: &str, dest: &str, iface: &str, member: &str) -> Message {
+        self.serial += 1;
+        Message::method_call(path, member)
+            .destination(dest)
+            .interface(iface)
+            .serial(NonZeroU32::new(self.serial).expect("non-zero"))
+            .build(&())
+            .expect("build")
+    }
+
+    fn kick_message(&mut self) -> Message {
+        self.message(OBJECT_PATH, BUS_NAME, INTERFACE, "Kick")
+    }
+
+    fn send(&mut self, m: &Message) {
+        self.sock.write_all(m.data()).expect("send");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_mid_call_or_flood_and_leave_change_nothing_but_their_kicks() {
+    let mut s = setup(&[]).await;
+    let pid = s.daemon.pid();
+
+    // Known callers (one call answered, so their uid is known) send a call and are gone before
+    // its reply: the call is still carried out, once.
+    for _ in 0..50 {
+        let c = connect(&s.bus).await;
+        kick(&c).await.expect("kick");
+        let m = Message::method_call(OBJECT_PATH, "Kick")
+            .destination(BUS_NAME)
+            .interface(INTERFACE)
+            .build(&())
+            .expect("msg");
+        c.send(&m).await.expect("send");
+        drop(c);
+    }
+    eventually("100 kicks counted", Duration::from_secs(10), async || s.proxy.kick_count().await.expect("get") == 100)
+        .await;
+    // Unknown callers gone before the daemon could ask the bus who they were: refused (fail
+    // closed) or carried out, never half; the count settles.
+    for _ in 0..50 {
+        let mut peer = RawPeer::connect(s.bus.address());
+        let kick = peer.kick_message();
+        peer.send(&kick);
+        drop(peer);
+    }
+    let mut last = 0;
+    eventually("the kick count settles", Duration::from_secs(10), async || {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = s.proxy.kick_count().await.expect("get");
+        std::mem::replace(&mut last, now) == now
+    })
+    .await;
+    assert!((100..=150).contains(&last), "{last}");
+    eprintln!("abandoned calls of unknown callers carried out: {} of 50", last - 100);
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive");
+    let settled = rss_kib(pid);
+    let before_flood = last;
+
+    // A flooder: 20,000 pipelined calls, no reply read, then gone. Other callers keep being served.
+    let address = s.bus.address().to_owned();
+    let flood = std::thread::spawn(move || {
+        let mut peer = RawPeer::connect(&address);
+        let mut bytes = Vec::new();
+        for _ in 0..20_000 {
+            bytes.extend_from_slice(&peer.kick_message().data()[..]);
+        }
+        // The bus stops reading a peer that never reads its replies: flood for as long as the
+        // bus takes it (or hangs up), then leave.
+        peer.sock.set_write_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let _ = peer.sock.write_all(&bytes);
+    });
+    let mut worst = Duration::ZERO;
+    while !flood.is_finished() {
+        let t = Instant::now();
+        tokio::time::timeout(Duration::from_secs(100), ping(&s.conn))
+            .await
+            .expect("answered within 10 s during the flood")
+            .expect("served during the flood");
+        worst = worst.max(t.elapsed());
+    }
+    flood.join().expect("flooder");
+    eprintln!("worst ping during the flood: {worst:?}");
+    assert!(worst < Duration::from_secs(1), "a ping took {worst:?} during the flood");
+
+    // Whatever of the flood reached the daemon is counted, then the count stays put: nothing
+    // is left queued or in flight once the flooder is gone.
+    let mut last = s.proxy.kick_count().await.expect("get");
+    eventually("the kick count settles after the flood", Duration::from_secs(20), async || {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = s.proxy.kick_count().await.expect("get");
+        std::mem::replace(&mut last, now) == now
+    })
+    .await;
+    assert!((before_flood..=before_flood + 20_000).contains(&last), "kick count {last}");
+    let (mode, setting, next, _) = shown(&s).await;
+    assert_eq!((mode.as_str(), setting.as_str()), ("throttle", "aggressive"));
+    assert!(next > 0);
+    let grown = rss_kib(pid) as i64 - settled as i64;
+    assert!(grown < 2048, "RSS grew {grown} KiB through the flood");
+    let bus_log = s.bus.log_text();
+    eprintln!(
+        "flood: {} of 20,000 kicks carried out; RSS grew {grown} KiB; the bus logged {} lines, first: {:?}",
+        last - before_flood,
+        bus_log.lines().count(),
+        bus_log.lines().nth(1)
+    );
+
+    // And the daemon still stops cleanly, restoring.
+    let before_kick = (0, 100, 20);
+    let status = s.daemon.terminate();
+    assert!(status.success(), "{}", s.daemon.log_text());
+    assert_eq!(s.scratch.knobs(), before_kick);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input over the bus
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_over_the_bus_gets_the_right_error_and_changes_nothing() {
+    let s = setup(&[]).await;
+    let mut writes = WriteWatch::new(&s.scratch.ksm()).expect("inotify");
+    let before_files = s.scratch.snapshot();
+    let before = shown(&s).await;
+    let c = &s.conn;
+    let huge = "x".repeat(1 << 20);
+    let call = async |path: &str, iface: &str, member: &str, body: &dyn erased::Body| {
+        body.call(c, path, iface, member).await.expect_err("refused")
+    };
+    let cases: Vec<(&str, zbus::Error, &str)> = vec![
+        ("Kick with an argument", call(OBJECT_PATH, INTERFACE, "Kick", &("now",)).await, "InvalidArgs"),
+        ("SetMode without one", call(OBJECT_PATH, INTERFACE, "SetMode", &()).await, "InvalidArgs"),
+        ("SetMode with a number", call(OBJECT_PATH, INTERFACE, "SetMode", &(7u32,)).await, "InvalidArgs"),
+        ("SetMode with two strings", call(OBJECT_PATH, INTERFACE, "SetMode", &("off", "now")).await, "InvalidArgs"),
+        ("an unknown mode", call(OBJECT_PATH, INTERFACE, "SetMode", &("turbo",)).await, "InvalidArgs"),
+        ("a 1 MiB mode", call(OBJECT_PATH, INTERFACE, "SetMode", &(huge.as_str(),)).await, "InvalidArgs"),
+        ("an unknown method", call(OBJECT_PATH, INTERFACE, "Frobnicate", &()).await, "UnknownMethod"),
+        ("a wrong path", call("/org/kata/KsmThrottler2", INTERFACE, "Kick", &()).await, "UnknownObject"),
+        // Nodes that exist (the root, a parent) but do not carry the interface.
+        ("the root path", call("/", INTERFACE, "SetMode", &("off",)).await, "UnknownInterface"),
+        ("a parent path", call("/org/kata", INTERFACE, "Kick", &()).await, "UnknownInterface"),
+        // The bus policy lets only the service's interfaces through: the bus itself refuses.
+        ("a wrong interface", call(OBJECT_PATH, "org.kata.Other", "Kick", &()).await, "AccessDenied"),
+        (
+            "setting a read-only property",
+            call(
+                OBJECT_PATH,
+                "org.freedesktop.DBus.Properties",
+                "Set",
+                &(INTERFACE, "Mode", zbus::Variant::from("off")),
+            )
+            .await,
+            // The D-Bus spec's name is PropertyReadOnly; zbus 6 answers every Set it has no
+            // setter for with UnknownProperty (zbus::fdo::Properties::set).
+            "UnknownProperty",
+        ),
+        (
+            "an unknown property",
+            call(OBJECT_PATH, "org.freedesktop.DBus.Properties", "Get", &(INTERFACE, "Turbo")).await,
+            "UnknownProperty",
+        ),
+        (
+            "properties of an unknown interface",
+            call(OBJECT_PATH, "org.freedesktop.DBus.Properties", "GetAll", &("org.kata.Other",)).await,
+            "UnknownInterface",
+        ),
+    ];
+    for (what, err, want) in &cases {
+        let name = error_name(err);
+        assert_eq!(name, format!("org.freedesktop.DBus.Error.{want}"), "{what}: {err}");
+        assert!(error_message(err).len() < 400, "{what}: the message does not echo the input");
+        ping(c).await.unwrap_or_else(|e| panic!("alive after {what}: {e}"));
+    }
+    assert_eq!(shown(&s).await, before, "nothing shown changed");
+    assert_eq!(s.scratch.snapshot(), before_files, "no knob changed");
+    assert_eq!(writes.writes().expect("inotify").files_written(), 0, "not a single sysfs write");
+    assert!(!state_file(&s.scratch).exists());
+
+    // Still fully working.
+    s.proxy.kick().await.expect("kick");
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+}
+
+/// Calls with bodies of any signature, for the table above.
+mod erased {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    use kata_ksm_throttler::service::BUS_NAME;
+    use zbus::Connection;
+
+    pub trait Body: Sync {
+        fn call<'a>(
+            &'a self,
+            c: &'a Connection,
+            path: &'a str,
+            iface: &'a str,
+            member: &'a str,
+        ) -> Pin<Box<dyn Future<Output = zbus::Result<()>> + Send + 'a>>;
+    }
+
+    impl<T: serde::Serialize + zbus::zvariant::DynamicType + Sync> Body for T {
+        fn call<'a>(
+            &'a self,
+            c: &'a Connection,
+            path: &'a str,
+            iface: &'a str,
+            member: &'a str,
+        ) -> Pin<Box<dyn Future<Output = zbus::Result<()>> + Send + 'a>> {
+            Box::pin(async move { c.call_method(Some(BUS_NAME), path, Some(iface), member, self).await.map(drop) })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A bad environment
+
+#[test]
+fn a_sysfs_root_that_is_not_a_ksm_directory_is_a_one_line_error_and_a_failing_exit() {
+    let scratch = Scratch::new();
+    let not_a_dir = scratch.dir.path().join("file");
+    std::fs::write(&not_a_dir, "x").expect("write");
+    let incomplete = scratch.dir.path().join("incomplete");
+    std::fs::create_dir(&incomplete).expect("mkdir");
+    std::fs::write(incomplete.join("run"), "0\n").expect("write");
+    for root in [scratch.dir.path().join("missing"), not_a_dir, incomplete.clone()] {
+        let out = std::process::Command::new(DAEMON)
+            .arg("--bus")
+            .arg("unix:path=/nonexistent")
+            .arg("--sysfs-root")
+            .arg(&root)
+            .arg("--state-dir")
+            .arg(scratch.state_dir())
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "{root:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{root:?}: {err}");
+        assert!(err.contains(&*root.to_string_lossy()) && err.contains("CONFIG_KSM"), "{err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&incomplete).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(left, ["run"], "nothing created in the sysfs root");
+    assert_eq!(std::fs::read_to_string(incomplete.join("run")).expect("read"), "0\n");
+}
+
+/// A knob that keeps its value and refuses writes, even root's: the file is made immutable
+/// (`chattr +i`) until dropped.
+struct Immutable(std::fs::File);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        use rustix::fs::{ioctl_getflags, ioctl_setflags, IFlags};
+        let file = std::fs::File::open(path).expect("open");
+        let flags = ioctl_getflags(&file).expect("FS_IOC_GETFLAGS");
+        ioctl_setflags(&file, flags | IFlags::IMMUTABLE)
+            .expect("chattr +i (the scratch folder needs ext4, xfs or btrfs)");
+        Immutable(file)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        use rustix::fs::{ioctl_getflags, ioctl_setflags, IFlags};
+        if let Ok(flags) = ioctl_getflags(&self.0) {
+            let _ = ioctl_setflags(&self.0, flags - IFlags::IMMUTABLE);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_knob_that_turns_read_only_fails_the_timer_step_which_is_logged_and_retried() {
+    let s = setup(&["--aggressive-duration", "300ms"]).await;
+    s.proxy.kick().await.expect("kick");
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+
+    // The step to standard needs sleep_millisecs; it turns read-only before the step is due.
+    let knob = s.scratch.ksm().join("sleep_millisecs");
+    let read_only = Immutable::set(&knob);
+    eventually("the failed step logged", Duration::from_secs(5), async || {
+        s.daemon.log_text().contains("step down failed, retrying in 5s")
+    })
+    .await;
+    let log = s.daemon.log_text();
+    assert!(log.contains("sleep_millisecs") && log.contains("os error 1)"), "path and errno logged:\n{log}");
+    assert_eq!(s.proxy.current_setting().await.expect("serving"), "aggressive", "shown: what is in force");
+    assert_eq!(s.scratch.knobs(), expected(10, 1), "the failed step's writes are undone: ksmd is not left paused");
+    let err = s.proxy.set_mode("slow").await.expect_err("a call that needs the knob");
+    assert_eq!(error_name(&err), "org.kata.KsmThrottler.Error.Sysfs");
+    assert!(error_message(&err).contains("sleep_millisecs"), "{err}");
+    assert_eq!(s.scratch.knobs(), expected(10, 1), "and the failed call's");
+
+    // Writable again: the retry (5 s after the failure) steps down.
+    drop(read_only);
+    eventually("the retried step", Duration::from_secs(8), async || {
+        s.proxy.current_setting().await.expect("get") == "standard"
+    })
+    .await;
+    assert_eq!(s.scratch.knobs(), expected(100, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meminfo_without_anon_pages_is_a_meminfo_error_and_nothing_is_written() {
+    let s = setup(&[]).await;
+    std::fs::write(s.scratch.meminfo(), "MemTotal: 24000000 kB\nAnonHugePages: 0 kB\n").expect("write");
+    let mut writes = WriteWatch::new(&s.scratch.ksm()).expect("inotify");
+    let before = s.scratch.snapshot();
+
+    let err = s.proxy.kick().await.expect_err("no AnonPages");
+    assert_eq!(error_name(&err), "org.kata.KsmThrottler.Error.Meminfo");
+    assert!(error_message(&err).contains("AnonPages"), "{err}");
+    let err = s.proxy.set_mode("standard").await.expect_err("no AnonPages");
+    assert_eq!(error_name(&err), "org.kata.KsmThrottler.Error.Meminfo");
+    assert_eq!(s.scratch.snapshot(), before);
+    assert_eq!(writes.writes().expect("inotify").files_written(), 0, "not a single sysfs write");
+    assert!(!state_file(&s.scratch).exists(), "no record left for a cycle that never began");
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "initial");
+
+    // "off" needs no AnonPages.
+    s.proxy.set_mode("off").await.expect("off");
+    assert_eq!(s.scratch.knob("run"), "0\n");
+    s.proxy.set_mode("throttle").await.expect("throttle");
+    std::fs::write(s.scratch.meminfo(), format!("AnonPages: {ANON_KB} kB\n")).expect("write");
+    s.proxy.kick().await.expect("kick");
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_truncated_state_files_are_kept_aside_logged_and_never_written_to_sysfs() {
+    // A real record (written by a daemon killed mid-cycle) to cut short.
+    let bus = start_bus();
+    let model = Scratch::new();
+    let mut d = Daemon::spawn(&bus, &model, &[]);
+    let conn = connect(&bus).await;
+    wait_for_name(&conn, &d).await;
+    proxy(&conn).await.kick().await.expect("kick");
+    d.kill9();
+    let good = std::fs::read(state_file(&model)).expect("record");
+    let text = String::from_utf8(good.clone()).expect("utf8");
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", good[..good.len() * 2 / 3].to_vec()),
+        ("empty", vec![]),
+        ("binary", vec![0xff, 0x00, 0xfe, 0x7b]),
+        ("run out of range", text.replace("\"run\":0", "\"run\":9").into_bytes()),
+        (
+            "pages_to_scan too large",
+            text.replace("\"pages_to_scan\":100", "\"pages_to_scan\":99999999999").into_bytes(),
+        ),
+        (
+            "advisor with a newline",
+            text.replace("\"advisor_mode\":\"none\"", "\"advisor_mode\":\"none\\nx\"").into_bytes(),
+        ),
+        ("unknown version", text.replace("\"version\":1", "\"version\":2").into_bytes()),
+    ];
+    for (what, bytes) in cases {
+        assert_ne!(bytes, good, "{what}: the case must differ from the good record");
+        let scratch = Scratch::new();
+        std::fs::create_dir_all(scratch.state_dir()).expect("mkdir");
+        std::fs::write(state_file(&scratch), &bytes).expect("write");
+        let before = scratch.snapshot();
+        let mut writes = WriteWatch::new(&scratch.ksm()).expect("inotify");
+        let daemon = Daemon::spawn(&bus, &scratch, &[]);
+        wait_for_name(&conn, &daemon).await;
+        let p = proxy(&conn).await;
+        // SetMode to the mode in force goes through the engine after start-up, changing nothing.
+        p.set_mode("throttle").await.expect("serving");
+        assert_eq!(scratch.snapshot(), before, "{what}: nothing written from it");
+        assert_eq!(writes.writes().expect("inotify").files_written(), 0, "{what}");
+        let kept = std::fs::read(scratch.state_dir().join("initial-settings.json.corrupt")).expect("kept aside");
+        assert_eq!(kept, bytes, "{what}: kept byte for byte");
+        assert!(!state_file(&scratch).exists(), "{what}");
+        assert!(daemon.log_text().contains("corrupt"), "{what}: logged:\n{}", daemon.log_text());
+        // And the next cycle records afresh.
+        p.kick().await.expect("kick");
+        assert!(state_file(&scratch).exists(), "{what}");
+        drop(daemon);
+    }
+}
