@@ -7,6 +7,8 @@
 //!   cargo bench --bench throughput -- --json FILE        # where the JSON goes (target/throughput.json)
 //!   cargo bench --bench throughput -- --grpc-shim BIN    # also measure the gRPC shim binary
 //!   cargo bench --bench throughput -- --daemon BIN       # measure another build of the daemon
+//!   cargo bench --bench throughput -- --clients N        # N clients in the many-clients phase
+//!   cargo bench --bench throughput -- --hold 60s         # keep daemon A up after its phases
 //!
 //! Nothing here touches the real /sys/kernel/mm/ksm.
 
@@ -85,6 +87,8 @@ struct Options {
     plan: Plan,
     json: PathBuf,
     grpc_shim: Option<PathBuf>,
+    /// Keep daemon A running this long after its phases, to look at it (gdb, perf, smaps).
+    hold: Duration,
 }
 
 /// The daemon measured: the release build of this package, or another (`--daemon BIN`) to
@@ -96,7 +100,12 @@ fn daemon_bin() -> &'static str {
 }
 
 fn options() -> Result<Options> {
-    let mut o = Options { plan: Plan::FULL, json: PathBuf::from("target/throughput.json"), grpc_shim: None };
+    let mut o = Options {
+        plan: Plan::FULL,
+        json: PathBuf::from("target/throughput.json"),
+        grpc_shim: None,
+        hold: Duration::ZERO,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -108,8 +117,12 @@ fn options() -> Result<Options> {
                 DAEMON_BIN.set(bin).map_err(|_| anyhow!("--daemon given twice"))?;
             }
             // cargo bench passes --bench to harness-less benches.
+            "--hold" => o.hold = humantime::parse_duration(&args.next().context("--hold needs a duration")?)?,
+            "--clients" => o.plan.many_clients = args.next().context("--clients needs a number")?.parse()?,
             "--bench" => {}
-            other => bail!("unknown argument {other:?} (--smoke, --json FILE, --grpc-shim BIN, --daemon BIN)"),
+            other => {
+                bail!("unknown argument {other:?} (--smoke, --json FILE, --grpc-shim BIN, --daemon BIN, --clients N, --hold DURATION)")
+            }
         }
     }
     Ok(o)
@@ -247,7 +260,7 @@ fn start_bus(service_dirs: Vec<PathBuf>) -> Result<PrivateBus> {
     .context("starting a private dbus-daemon")
 }
 
-async fn connect(bus: &PrivateBus) -> Result<Connection> {
+async fn connect_bus(bus: &PrivateBus) -> Result<Connection> {
     Ok(zbus::connection::Builder::address(bus.address()).build().await?)
 }
 
@@ -429,7 +442,7 @@ async fn activation(plan: Plan) -> Result<Value> {
     )?;
     std::fs::set_permissions(services.path(), std::fs::Permissions::from_mode(0o755))?;
 
-    let conn = connect(&bus).await?;
+    let conn = connect_bus(&bus).await?;
     let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
     let mut samples = vec![];
     let mut started: Vec<u32> = vec![];
@@ -499,9 +512,9 @@ async fn run() -> Result<()> {
     let pending = humantime::format_duration(plan.pending_after).to_string();
     let mut b = Daemon::spawn(&bus_b, &scratch_b, &["--aggressive-duration", &pending])?;
 
-    let conn_a = connect(&bus_a).await?;
+    let conn_a = connect_bus(&bus_a).await?;
     wait_for_name(&conn_a, &a).await?;
-    let conn_b = connect(&bus_b).await?;
+    let conn_b = connect_bus(&bus_b).await?;
     wait_for_name(&conn_b, &b).await?;
     println!("daemon A pid {} (bus pid {}), daemon B pid {}", a.pid(), bus_a.pid(), b.pid());
 
@@ -595,6 +608,10 @@ async fn run() -> Result<()> {
     let after_many = procfs::footprint(a.pid())?;
     out.insert("after_many_clients".into(), footprint_json(after_many));
 
+    if !opts.hold.is_zero() {
+        println!("holding daemon A (pid {}) for {}", a.pid(), humantime::format_duration(opts.hold));
+        tokio::time::sleep(opts.hold).await;
+    }
     let seen = watch.writes()?;
     ensure!(!seen.overflowed, "the inotify queue overflowed: the daemon wrote sysfs on (nearly) every kick");
     let (writes, modifies, per_file) = (seen.files_written(), seen.modify_events, seen.per_file.clone());
@@ -622,8 +639,17 @@ async fn run() -> Result<()> {
 
     out.insert("activation".into(), activation(plan).await?);
 
-    if let Some(shim) = &opts.grpc_shim {
-        out.insert("grpc".into(), grpc::measure(shim, plan).await?);
+    // Beside the daemon when the workspace was built (`cargo build --release --workspace`).
+    let shim = opts.grpc_shim.clone().or_else(|| {
+        let beside = Path::new(daemon_bin()).with_file_name("kata-ksm-throttler-grpc");
+        beside.exists().then_some(beside)
+    });
+    match &shim {
+        Some(shim) => {
+            out.insert("grpc_shim".into(), json!(shim));
+            out.insert("grpc".into(), grpc::measure(shim, plan).await?);
+        }
+        None => println!("gRPC shim not measured: no kata-ksm-throttler-grpc beside the daemon (cargo build --release --workspace, or --grpc-shim BIN)"),
     }
 
     out.insert("loadavg_after".into(), json!(std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()));
@@ -716,6 +742,16 @@ fn table(v: &Value) -> String {
             ),
             "(original's kicker: 3.2 ms)",
         );
+        row(
+            "gRPC shim footprint: fresh / after",
+            format!(
+                "RSS {:.2} / {:.2} MiB, {} threads",
+                mib("/grpc/shim_fresh/vm_rss_kib"),
+                mib("/grpc/shim_after/vm_rss_kib"),
+                n("/grpc/shim_after/threads")
+            ),
+            "",
+        );
     }
     row(
         "sysfs writes by a storm of kicks",
@@ -774,11 +810,100 @@ fn table(v: &Value) -> String {
     s
 }
 
-/// The gRPC shim, measured once its binary exists (see `--grpc-shim`).
+/// The gRPC shim (`kata-ksm-throttler-grpc`) in front of a daemon of its own, driven by a
+/// plain HTTP/2 gRPC client (h2, as tonic uses) on its Unix socket.
 mod grpc {
     use super::*;
+    use bytes::Bytes;
+    use h2::client::SendRequest;
+    use tokio::net::UnixStream;
 
-    pub async fn measure(_shim: &Path, _plan: Plan) -> Result<Value> {
-        bail!("the gRPC measurement needs the shim (branch kata-compat), which this build does not have yet")
+    /// The shim, ended by its PID when dropped.
+    struct Shim(Child);
+
+    impl Drop for Shim {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    async fn connect(socket: &Path) -> Result<SendRequest<Bytes>> {
+        let io = UnixStream::connect(socket).await.with_context(|| format!("connecting to {}", socket.display()))?;
+        let (client, conn) = h2::client::handshake(io).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// One Kick: an empty protobuf message in a gRPC frame; OK is grpc-status 0.
+    async fn kick(client: &SendRequest<Bytes>) -> zbus::Result<()> {
+        call(client).await.map_err(|e| zbus::Error::Failure(format!("{e:#}")))
+    }
+
+    async fn call(client: &SendRequest<Bytes>) -> Result<()> {
+        let request = http::Request::post("http://localhost/ksm.KSMThrottler/Kick")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let mut client = client.clone().ready().await?;
+        let (response, mut stream) = client.send_request(request, false)?;
+        stream.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+        let (parts, mut body) = response.await?.into_parts();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await?.unwrap_or_default();
+        let status = trailers.get("grpc-status").or(parts.headers.get("grpc-status"));
+        ensure!(status.is_some_and(|s| s == "0"), "grpc-status {status:?}");
+        Ok(())
+    }
+
+    pub async fn measure(shim_bin: &Path, plan: Plan) -> Result<Value> {
+        let bus = start_bus(vec![])?;
+        let scratch = Scratch::new()?;
+        let daemon = Daemon::spawn(&bus, &scratch, &["--aggressive-duration", "1h"])?;
+        let conn = connect_bus(&bus).await?;
+        wait_for_name(&conn, &daemon).await?;
+        let socket = scratch.dir.path().join("ksm.sock");
+        let log = std::fs::File::create(scratch.dir.path().join("shim.log"))?;
+        let shim = Shim(
+            Command::new(shim_bin)
+                .arg("--bus")
+                .arg(bus.address())
+                .arg("--uri")
+                .arg(&socket)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", shim_bin.display()))?,
+        );
+        let start = Instant::now();
+        while !socket.exists() {
+            ensure!(start.elapsed() < Duration::from_secs(10), "the shim never made {}", socket.display());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let fresh = procfs::footprint(shim.0.id())?;
+        let client = connect(&socket).await?;
+        kick(&client).await?;
+        let kept = sequential(plan.single, || kick(&client)).await?;
+        let fresh_each = sequential(plan.single / 10, || async {
+            let client = connect(&socket).await.map_err(|e| zbus::Error::Failure(format!("{e:#}")))?;
+            kick(&client).await
+        })
+        .await?;
+        let after = procfs::footprint(shim.0.id())?;
+        let kicks = kick_count(&conn).await?;
+        ensure!(kicks as usize == 1 + plan.single + plan.single / 10, "the daemon counted {kicks} kicks");
+        drop(shim);
+        Ok(json!({
+            "kept": kept.json(),
+            "new_connection": fresh_each.json(),
+            "shim_fresh": footprint_json(fresh),
+            "shim_after": footprint_json(after),
+        }))
     }
 }
