@@ -16,27 +16,41 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 DBUS_POLICYDIR ?= $(DATADIR)/dbus-1/system.d
 DBUS_SERVICEDIR ?= $(DATADIR)/dbus-1/system-services
 POLKIT_ACTIONDIR ?= $(DATADIR)/polkit-1/actions
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(DATADIR)/man
+SYSCONFDIR ?= /etc
 DESTDIR ?=
 
 CARGO ?= cargo
 CARGO_TARGET_DIR ?= target
 BINARY ?= $(CARGO_TARGET_DIR)/release/kata-ksm-throttler
+# The Kata-side binaries (grpc-shim/, vc-trigger/), built beside the throttler.
+GRPC_BINARY ?= $(dir $(BINARY))kata-ksm-throttler-grpc
+TRIGGER_BINARY ?= $(dir $(BINARY))kata-vc-throttler
+CTL_BINARY ?= $(dir $(BINARY))ksmtctl
+# Man pages and shell completions, generated from the clap definitions by `cargo run -p xtask`.
+DOCS ?= $(CARGO_TARGET_DIR)/docs
 INSTALL ?= install
 
 NAME := kata-ksm-throttler
 BUS_NAME := org.kata.KsmThrottler
 SHIPPED_EXEC := /usr/libexec/$(NAME)
+KATA_BINARIES := kata-ksm-throttler-grpc kata-vc-throttler
+KATA_UNITS := kata-ksm-throttler-grpc.socket kata-ksm-throttler-grpc.service kata-vc-throttler.service
 
 .PHONY: all build install uninstall
 
 all: build
 
 build:
-	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked -p kata-ksm-throttler -p kata-ksm-throttler-grpc -p kata-vc-throttler
+	$(CARGO) run --release --locked -q -p xtask -- docs "$(DOCS)" >/dev/null
 
 # Installs what is built; it does not build, so that `sudo make install` never runs cargo as root.
 install:
 	@test -x "$(BINARY)" || { echo "$(BINARY) is missing: run make first (or pass BINARY=...)" >&2; exit 1; }
+	@test -x "$(GRPC_BINARY)" || { echo "$(GRPC_BINARY) is missing: run make first (or pass GRPC_BINARY=...)" >&2; exit 1; }
+	@test -x "$(TRIGGER_BINARY)" || { echo "$(TRIGGER_BINARY) is missing: run make first (or pass TRIGGER_BINARY=...)" >&2; exit 1; }
 	$(INSTALL) -D -m 0755 "$(BINARY)" "$(DESTDIR)$(LIBEXECDIR)/$(NAME)"
 	$(INSTALL) -D -m 0644 dbus/$(BUS_NAME).conf "$(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf"
 	$(INSTALL) -D -m 0644 polkit/$(BUS_NAME).policy "$(DESTDIR)$(POLKIT_ACTIONDIR)/$(BUS_NAME).policy"
@@ -46,10 +60,35 @@ install:
 	sed 's|$(SHIPPED_EXEC)|$(LIBEXECDIR)/$(NAME)|' systemd/$(NAME).service \
 		> "$(DESTDIR)$(UNITDIR)/$(NAME).service"
 	chmod 0644 "$(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service" "$(DESTDIR)$(UNITDIR)/$(NAME).service"
+	$(INSTALL) -D -m 0755 "$(GRPC_BINARY)" "$(DESTDIR)$(LIBEXECDIR)/kata-ksm-throttler-grpc"
+	$(INSTALL) -D -m 0755 "$(TRIGGER_BINARY)" "$(DESTDIR)$(LIBEXECDIR)/kata-vc-throttler"
+	for unit in $(KATA_UNITS); do \
+		sed 's|/usr/libexec/|$(LIBEXECDIR)/|' systemd/$$unit > "$(DESTDIR)$(UNITDIR)/$$unit" && \
+		chmod 0644 "$(DESTDIR)$(UNITDIR)/$$unit" || exit 1; \
+	done
+	@test -x "$(CTL_BINARY)" || { echo "$(CTL_BINARY) is missing: run make first (or pass CTL_BINARY=...)" >&2; exit 1; }
+	@test -d "$(DOCS)/man" || { echo "$(DOCS) is missing: run make first (or cargo run -p xtask -- docs $(DOCS))" >&2; exit 1; }
+	$(INSTALL) -D -m 0755 "$(CTL_BINARY)" "$(DESTDIR)$(BINDIR)/ksmtctl"
+	# The administrator's file is never overwritten.
+	test -e "$(DESTDIR)$(SYSCONFDIR)/$(NAME)/config.toml" || \
+		$(INSTALL) -D -m 0644 config/config.toml "$(DESTDIR)$(SYSCONFDIR)/$(NAME)/config.toml"
+	$(INSTALL) -D -m 0644 -t "$(DESTDIR)$(MANDIR)/man8" "$(DOCS)"/man/*.8
+	$(INSTALL) -D -m 0644 -t "$(DESTDIR)$(MANDIR)/man1" "$(DOCS)"/man/*.1
+	$(INSTALL) -D -m 0644 "$(DOCS)/completions/ksmtctl.bash" "$(DESTDIR)$(DATADIR)/bash-completion/completions/ksmtctl"
+	$(INSTALL) -D -m 0644 "$(DOCS)/completions/_ksmtctl" "$(DESTDIR)$(DATADIR)/zsh/vendor-completions/_ksmtctl"
+	$(INSTALL) -D -m 0644 "$(DOCS)/completions/ksmtctl.fish" "$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/ksmtctl.fish"
 
 uninstall:
 	rm -f "$(DESTDIR)$(LIBEXECDIR)/$(NAME)" \
 		"$(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf" \
 		"$(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service" \
 		"$(DESTDIR)$(POLKIT_ACTIONDIR)/$(BUS_NAME).policy" \
-		"$(DESTDIR)$(UNITDIR)/$(NAME).service"
+		"$(DESTDIR)$(UNITDIR)/$(NAME).service" \
+		$(foreach b,$(KATA_BINARIES),"$(DESTDIR)$(LIBEXECDIR)/$(b)") \
+		$(foreach u,$(KATA_UNITS),"$(DESTDIR)$(UNITDIR)/$(u)") \
+		"$(DESTDIR)$(BINDIR)/ksmtctl" \
+		"$(DESTDIR)$(DATADIR)/bash-completion/completions/ksmtctl" \
+		"$(DESTDIR)$(DATADIR)/zsh/vendor-completions/_ksmtctl" \
+		"$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/ksmtctl.fish"
+	rm -f "$(DESTDIR)$(MANDIR)"/man8/kata-ksm-throttler.8 "$(DESTDIR)$(MANDIR)"/man1/ksmtctl*.1
+	# $(SYSCONFDIR)/$(NAME)/config.toml is the administrator's: left in place.

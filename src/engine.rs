@@ -14,6 +14,7 @@
 //! successor carries on from there. A stop signal that lands during that exchange (systemd
 //! stops a `Type=dbus` unit as soon as its name is released) waits for the verdict.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -157,6 +158,9 @@ pub struct Engine {
     idle: Option<IdleExit>,
     /// A stop signal arrived while an idle exit was being concluded.
     stop_requested: bool,
+    /// The deadline last shown and its wall-clock form, so that a deadline that has not moved
+    /// reads as the same microsecond every time (converting it again jitters by a microsecond).
+    shown_deadline: Cell<Option<(Instant, u64)>>,
 }
 
 struct IdleExit {
@@ -183,9 +187,10 @@ impl Engine {
             saved: None,
             status: status_tx,
             commands: rx,
-            timer: None,
             idle: None,
             stop_requested: false,
+            shown_deadline: Cell::new(None),
+            timer: None,
         };
         (engine, Handle { commands: tx }, status_rx)
     }
@@ -564,8 +569,22 @@ impl Engine {
         })
     }
 
+    /// As [`Self::next_step_down_us`], but the same value as last shown while the deadline has
+    /// not moved.
+    fn shown_next_step_down_us(&self) -> u64 {
+        let deadline = self.policy.deadline();
+        match self.shown_deadline.get() {
+            Some((shown, us)) if Some(shown) == deadline => us,
+            _ => {
+                let us = self.next_step_down_us();
+                self.shown_deadline.set(deadline.map(|d| (d, us)));
+                us
+            }
+        }
+    }
+
     fn publish(&self) {
-        let next_step_down_us = self.next_step_down_us();
+        let next_step_down_us = self.shown_next_step_down_us();
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
         self.status.send_if_modified(|s| {
             // A kick storm moves the deadline on every kick: the value is kept current for Get,

@@ -22,7 +22,9 @@ pub fn init_as(identifier: &str, level: LevelFilter) {
     let registry = tracing_subscriber::registry().with(level);
     if stderr_is_journal() {
         if let Ok(journald) = tracing_journald::layer() {
-            registry.with(journald.with_syslog_identifier(identifier.to_owned())).init();
+            // Fields under their own names (FROM, TO, CAUSE, ...), as the README documents them,
+            // not tracing-journald's default F_FROM, F_TO, ...
+            registry.with(journald.with_syslog_identifier(identifier.to_owned()).with_field_prefix(None)).init();
             return;
         }
     }

@@ -1,0 +1,118 @@
+//! The machine's own KSM, held for the whole benchmark: taken under the project's real-KSM lock,
+//! recorded first, and put back exactly as found at the end, even on error, panic or signal.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kata_ksm_throttler::sysfs::{Knobs, Ksm, SysfsError, Target};
+use rustix::fs::{flock, FlockOperation};
+
+pub const REAL_KSM: &str = "/sys/kernel/mm/ksm";
+/// Taken by everything in this project that touches the real KSM (see tests/real_ksm.rs).
+pub const REAL_KSM_LOCK: &str = "/run/lock/kata-ksm-throttler-real-ksm.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RealKsmError {
+    #[error("the real KSM needs root (it writes {REAL_KSM})")]
+    NotRoot,
+    #[error("no KSM in this kernel: {0}")]
+    NoKsm(SysfsError),
+    #[error("the real-KSM lock {REAL_KSM_LOCK}: {0}")]
+    Lock(std::io::Error),
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+    #[error("KSM did not unmerge within {limit:?}: pages_shared {shared}, pages_sharing {sharing}")]
+    Unmerge { limit: Duration, shared: i64, sharing: i64 },
+    #[error("restored KSM reads {now:?}, not {found:?} as found")]
+    NotAsFound { found: Knobs, now: Knobs },
+}
+
+pub struct RealKsm {
+    ksm: Ksm,
+    found: Knobs,
+    restored: bool,
+    _lock: File,
+}
+
+impl RealKsm {
+    /// Waits for the lock (saying so if someone else holds it), then records the knobs.
+    pub fn take() -> Result<RealKsm, RealKsmError> {
+        if !rustix::process::geteuid().is_root() {
+            return Err(RealKsmError::NotRoot);
+        }
+        let ksm = Ksm::open(REAL_KSM).map_err(RealKsmError::NoKsm)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Path::new(REAL_KSM_LOCK))
+            .map_err(RealKsmError::Lock)?;
+        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            eprintln!("waiting for {REAL_KSM_LOCK}: something else is using the real KSM");
+            flock(&lock, FlockOperation::LockExclusive).map_err(|e| RealKsmError::Lock(e.into()))?;
+        }
+        let found = ksm.read()?;
+        Ok(RealKsm { ksm, found, restored: false, _lock: lock })
+    }
+
+    pub fn ksm(&self) -> &Ksm {
+        &self.ksm
+    }
+
+    pub fn found(&self) -> &Knobs {
+        &self.found
+    }
+
+    /// A clean start: everything unmerged (`run` = 2, until pages_shared and pages_sharing read
+    /// 0), then the knobs as found. Returns how long unmerging took.
+    pub fn clean(&self, limit: Duration) -> Result<Duration, RealKsmError> {
+        let start = Instant::now();
+        self.ksm.apply(&Target { run: Some(2), ..Target::default() })?;
+        loop {
+            let shared = self.ksm.read_counter("pages_shared")?.unwrap_or(0);
+            let sharing = self.ksm.read_counter("pages_sharing")?.unwrap_or(0);
+            if shared == 0 && sharing == 0 {
+                break;
+            }
+            if start.elapsed() > limit {
+                return Err(RealKsmError::Unmerge { limit, shared, sharing });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let took = start.elapsed();
+        self.put_back()?;
+        Ok(took)
+    }
+
+    fn put_back(&self) -> Result<(), RealKsmError> {
+        self.ksm.apply(&Target::from(&self.found))?;
+        let now = self.ksm.read()?;
+        if now != self.found {
+            return Err(RealKsmError::NotAsFound { found: self.found.clone(), now });
+        }
+        Ok(())
+    }
+
+    /// Unmerges what the benchmark left merged and puts the knobs back exactly as found.
+    pub fn restore(&mut self) -> Result<(), RealKsmError> {
+        let cleaned = self.clean(Duration::from_secs(120));
+        // Even if unmerging failed, the knobs go back.
+        let put = self.put_back();
+        cleaned?;
+        put?;
+        self.restored = true;
+        Ok(())
+    }
+}
+
+impl Drop for RealKsm {
+    fn drop(&mut self) {
+        if !self.restored {
+            match self.restore() {
+                Ok(()) => eprintln!("real KSM restored as found: {:?}", self.found),
+                Err(e) => eprintln!("COULD NOT RESTORE the real KSM to {:?}: {e}", self.found),
+            }
+        }
+    }
+}

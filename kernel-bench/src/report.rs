@@ -1,0 +1,136 @@
+//! What a benchmark run leaves: one record per mode and workload (kept as JSON), and the tables
+//! printed from them.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::{Start, Summary, Verdict};
+use crate::sample::Sample;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub mode: String,
+    pub workload: String,
+    pub procs: u32,
+    pub size_mib: u64,
+    pub unique_fraction: f64,
+    pub stagger_s: f64,
+    pub window_s: f64,
+    pub max_pages_sharing: u64,
+    pub shared_pages_per_process: u64,
+    pub page_size: u64,
+    /// Kicks sent, and the daemon's KickCount at the end (runs with a daemon).
+    pub kicks: u32,
+    pub kick_count: Option<u64>,
+    /// 1-minute load average before and after the run: other work on the machine.
+    pub load_before: Option<f64>,
+    pub load_after: Option<f64>,
+    /// How long the clean start's unmerge (`run` = 2) took.
+    pub unmerge_s: f64,
+    pub starts: Vec<Start>,
+    pub summary: Summary,
+    pub daemon_log: Option<String>,
+    pub samples: Vec<Sample>,
+}
+
+impl RunRecord {
+    /// The slowest process to merge after the first (which has no peer until the second starts).
+    pub fn slowest_new_process(&self) -> Option<Option<f64>> {
+        let later: Vec<Option<f64>> = self.summary.process_merged_s.iter().skip(1).copied().collect();
+        if later.is_empty() {
+            return None;
+        }
+        Some(later.iter().try_fold(0.0f64, |w, t| t.map(|t| w.max(t))))
+    }
+}
+
+fn secs(t: Option<f64>, window: f64) -> String {
+    t.map_or_else(|| format!("> {window:.0}"), |t| format!("{t:.1}"))
+}
+
+fn slowest(r: &RunRecord) -> String {
+    match r.slowest_new_process() {
+        None => "-".into(),
+        Some(t) => secs(t, r.window_s),
+    }
+}
+
+const HEAD: [&str; 8] =
+    ["workload", "mode", "50 % (s)", "90 % (s)", "95 % (s)", "ksmd CPU-s", "saved MiB·s", "slowest new process (s)"];
+
+fn row(r: &RunRecord) -> [String; 8] {
+    let s = &r.summary;
+    [
+        r.workload.clone(),
+        r.mode.clone(),
+        secs(s.t50, r.window_s),
+        secs(s.t90, r.window_s),
+        secs(s.t95, r.window_s),
+        format!("{:.2}", s.ksmd_cpu_s),
+        format!("{:.0}", s.saved_mib_s),
+        slowest(r),
+    ]
+}
+
+/// An aligned plain-text table.
+pub fn text_table(records: &[RunRecord]) -> String {
+    let rows: Vec<[String; 8]> = records.iter().map(row).collect();
+    let width =
+        |i: usize| rows.iter().map(|r| r[i].chars().count()).chain([HEAD[i].chars().count()]).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..HEAD.len()).map(width).collect();
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[&str]| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(&mut out, &HEAD);
+    for r in &rows {
+        line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    out
+}
+
+/// The same table in Markdown, for the README.
+pub fn markdown_table(records: &[RunRecord]) -> String {
+    let mut out = format!("| {} |\n|{}\n", HEAD.join(" | "), "---|".repeat(HEAD.len()));
+    for r in records {
+        let _ = writeln!(out, "| {} |", row(r).join(" | "));
+    }
+    out
+}
+
+/// Steps, per-process times and load, one block per run.
+pub fn details(records: &[RunRecord]) -> String {
+    let mut out = String::new();
+    for r in records {
+        let s = &r.summary;
+        let steps: Vec<String> = s.steps.iter().map(|st| format!("{} at {:.1}", st.setting, st.t)).collect();
+        let procs: Vec<String> = s.process_merged_s.iter().map(|t| secs(*t, r.window_s)).collect();
+        let load = |l: Option<f64>| l.map_or("?".into(), |l| format!("{l:.2}"));
+        let _ = writeln!(
+            out,
+            "{} / {}: {} full scans, max {:.1} % merged, load {} -> {}, kicks {}{}\n  settings: {}\n  per process merged (s from its start): {}",
+            r.workload,
+            r.mode,
+            s.full_scans,
+            s.max_merged * 100.0,
+            load(r.load_before),
+            load(r.load_after),
+            r.kicks,
+            r.kick_count.map_or(String::new(), |k| format!(" (daemon counted {k})")),
+            steps.join(", "),
+            procs.join(" "),
+        );
+    }
+    out
+}
+
+pub fn verdicts(verdicts: &[Verdict]) -> String {
+    let mut out = String::new();
+    for v in verdicts {
+        let _ =
+            writeln!(out, "[{}] {}: {} — {}", if v.met { "met" } else { "MISSED" }, v.workload, v.target, v.measured);
+    }
+    out
+}

@@ -1,0 +1,177 @@
+//! One look at the real KSM: its counters, its knobs, ksmd's CPU time, and how much of each
+//! workload process is merged.
+
+use std::path::{Path, PathBuf};
+
+use kata_ksm_throttler::meminfo;
+use kata_ksm_throttler::sysfs::{Ksm, SysfsError};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the run's start (the first kick, or the knobs being written).
+    pub t: f64,
+    pub pages_sharing: u64,
+    pub pages_shared: u64,
+    pub full_scans: u64,
+    pub pages_unshared: u64,
+    pub pages_volatile: u64,
+    /// ksmd's CPU time since the run's start, in nanoseconds.
+    pub ksmd_cpu_ns: u64,
+    /// The throttler's CurrentSetting, or the fixed profile of a run with no daemon.
+    pub setting: String,
+    pub run: u8,
+    pub pages_to_scan: u64,
+    pub sleep_millisecs: u64,
+    pub anon_pages: u64,
+    /// `ksm_merging_pages` of each workload process by index (0 before it started).
+    pub merging: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+    #[error("reading {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{} holds {content:?}, not what was expected", path.display())]
+    Parse { path: PathBuf, content: String },
+    #[error("no ksmd thread in /proc (is KSM built in?)")]
+    NoKsmd,
+    #[error(transparent)]
+    Meminfo(#[from] kata_ksm_throttler::meminfo::MeminfoError),
+}
+
+/// Reads everything but the setting (which the caller knows or asks the daemon for).
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    ksm: Ksm,
+    ksmd: PathBuf,
+    page_size: u64,
+}
+
+/// Counters and knobs read at one instant (the rest of a [`Sample`] comes from the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reading {
+    pub pages_sharing: u64,
+    pub pages_shared: u64,
+    pub full_scans: u64,
+    pub pages_unshared: u64,
+    pub pages_volatile: u64,
+    pub ksmd_cpu_ns: u64,
+    pub run: u8,
+    pub pages_to_scan: u64,
+    pub sleep_millisecs: u64,
+    pub anon_pages: u64,
+}
+
+impl Sampler {
+    pub fn new(ksm: Ksm) -> Result<Sampler, SampleError> {
+        let pid = ksmd_pid()?.ok_or(SampleError::NoKsmd)?;
+        Ok(Sampler {
+            ksm,
+            ksmd: Path::new("/proc").join(pid.to_string()).join("schedstat"),
+            page_size: meminfo::page_size(),
+        })
+    }
+
+    pub fn read(&self) -> Result<Reading, SampleError> {
+        let counter =
+            |name| -> Result<u64, SampleError> { Ok(self.ksm.read_counter(name)?.unwrap_or(0).max(0) as u64) };
+        let knobs = self.ksm.read()?;
+        Ok(Reading {
+            pages_sharing: counter("pages_sharing")?,
+            pages_shared: counter("pages_shared")?,
+            full_scans: counter("full_scans")?,
+            pages_unshared: counter("pages_unshared")?,
+            pages_volatile: counter("pages_volatile")?,
+            ksmd_cpu_ns: schedstat_cpu_ns(&self.ksmd)?,
+            run: knobs.run,
+            pages_to_scan: knobs.pages_to_scan,
+            sleep_millisecs: knobs.sleep_millisecs,
+            anon_pages: meminfo::anon_pages(Path::new("/proc/meminfo"), self.page_size)?,
+        })
+    }
+}
+
+/// The PID of the `ksmd` kernel thread (a child of kthreadd, PID 2).
+pub fn ksmd_pid() -> Result<Option<u32>, SampleError> {
+    let proc = Path::new("/proc");
+    let entries = std::fs::read_dir(proc).map_err(|source| SampleError::Read { path: proc.into(), source })?;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        if let Some((comm, ppid)) = parse_stat_comm_ppid(&stat) {
+            if comm == "ksmd" && ppid == 2 {
+                return Ok(Some(pid));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `comm` and `ppid` from `/proc/<pid>/stat` (`pid (comm) state ppid ...`).
+fn parse_stat_comm_ppid(stat: &str) -> Option<(&str, u32)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let mut rest = stat.get(close + 1..)?.split_whitespace();
+    let _state = rest.next()?;
+    Some((comm, rest.next()?.parse().ok()?))
+}
+
+/// Field 1 of `/proc/<pid>/schedstat`: time spent on a CPU, in nanoseconds.
+pub fn schedstat_cpu_ns(path: &Path) -> Result<u64, SampleError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SampleError::Read { path: path.into(), source })?;
+    text.split_whitespace()
+        .next()
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| SampleError::Parse { path: path.into(), content: text.clone() })
+}
+
+/// `ksm_merging_pages` of a process: how many of its pages KSM has merged. `None` once the
+/// process is gone.
+pub fn merging_pages(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/ksm_merging_pages")).ok()?.trim().parse().ok()
+}
+
+/// The 1-minute load average, as `uptime` shows it.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_with_odd_command_names() {
+        assert_eq!(parse_stat_comm_ppid("36 (ksmd) S 2 0 0 0 -1"), Some(("ksmd", 2)));
+        assert_eq!(parse_stat_comm_ppid("99 (a) b (c)) R 1 0"), Some(("a) b (c)", 1)));
+        assert_eq!(parse_stat_comm_ppid("garbage"), None);
+    }
+
+    #[test]
+    fn ksmd_cpu_time_is_read_and_bad_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("good");
+        std::fs::write(&good, "1234567 89 10\n").expect("write");
+        assert_eq!(schedstat_cpu_ns(&good).expect("parse"), 1_234_567);
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "x y z\n").expect("write");
+        let err = schedstat_cpu_ns(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad") && err.contains("x y z"), "{err}");
+    }
+
+    #[test]
+    fn this_kernel_has_a_ksmd_with_cpu_time() {
+        // Runs wherever the project's tests run: a KSM kernel (the real-KSM test needs one too).
+        if !Path::new("/sys/kernel/mm/ksm/run").exists() {
+            assert!(std::env::var_os("KSM_THROTTLER_SKIP_REAL_KSM").is_some(), "no KSM in this kernel");
+            return;
+        }
+        let pid = ksmd_pid().expect("scan /proc").expect("a ksmd thread");
+        let path = Path::new("/proc").join(pid.to_string()).join("schedstat");
+        schedstat_cpu_ns(&path).expect("ksmd schedstat");
+    }
+}
