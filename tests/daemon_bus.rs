@@ -142,10 +142,11 @@ async fn set_mode_drives_every_mode_and_refuses_unknown_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_knob_that_cannot_be_written_is_a_sysfs_error_and_the_daemon_keeps_serving() {
     let s = setup(&[]).await;
-    // A real read-only kernel attribute: readable as a number, and not writable even by root.
+    // A real read-only kernel attribute: a constant number (never the 1 ms it would be set to),
+    // not writable even by root.
     let knob = s.scratch.ksm().join("sleep_millisecs");
     std::fs::remove_file(&knob).expect("rm");
-    std::os::unix::fs::symlink("/sys/kernel/mm/ksm/full_scans", &knob).expect("symlink");
+    std::os::unix::fs::symlink("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", &knob).expect("symlink");
 
     let err = s.proxy.kick().await.expect_err("kick fails");
     assert_eq!(error_name(&err), "org.kata.KsmThrottler.Error.Sysfs");
