@@ -34,6 +34,9 @@ pub struct Summary {
     pub t50: Option<f64>,
     pub t90: Option<f64>,
     pub t95: Option<f64>,
+    /// ksmd's CPU-seconds until 95 % merged: the merge work, which load does not stretch.
+    #[serde(default)]
+    pub ksmd_cpu_to_t95_s: Option<f64>,
     pub ksmd_cpu_s: f64,
     pub saved_mib_s: f64,
     pub max_merged: f64,
@@ -58,10 +61,12 @@ pub fn summarize(samples: &[Sample], starts: &[Start], scale: Scale) -> Summary 
     let reach = |f: f64| time_to_fraction(&within, scale.max_pages_sharing, f);
     let max_sharing = within.iter().map(|s| s.pages_sharing).max().unwrap_or(0);
     let first_scans = samples.first().map_or(0, |s| s.full_scans);
+    let t95 = reach(0.95);
     Summary {
         t50: reach(0.50),
         t90: reach(0.90),
-        t95: reach(0.95),
+        t95,
+        ksmd_cpu_to_t95_s: t95.map(|t| at_time(samples, t, |s| s.ksmd_cpu_ns as f64) / 1e9),
         ksmd_cpu_s: at_time(samples, scale.window_s, |s| s.ksmd_cpu_ns as f64) / 1e9,
         saved_mib_s: saved_mib_s(samples, scale.page_size, scale.window_s),
         max_merged: fraction(max_sharing, scale.max_pages_sharing),
@@ -235,6 +240,7 @@ mod tests {
         ];
         let sum = summarize(&samples, &[], scale(1000, 10.0));
         assert_eq!((sum.t50, sum.t90, sum.t95), (Some(2.0), Some(3.0), Some(4.0)));
+        assert_eq!(sum.ksmd_cpu_to_t95_s, Some(0.4));
         assert_eq!(sum.max_merged, 1.0);
         let steps: Vec<_> = sum.steps.iter().map(|s| (s.t, s.setting.as_str())).collect();
         assert_eq!(steps, [(0.0, "aggressive"), (4.0, "standard"), (5.0, "initial")]);
@@ -279,6 +285,7 @@ mod tests {
             t50: None,
             t90: None,
             t95,
+            ksmd_cpu_to_t95_s: None,
             ksmd_cpu_s: cpu,
             saved_mib_s: 0.0,
             max_merged: 0.0,

@@ -80,6 +80,9 @@ pub fn draw(records: &[RunRecord], path: &Path, title: &str) -> Result<(), PlotE
             .configure_mesh()
             .x_desc("seconds since the first start")
             .y_desc("% merged")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .light_line_style(WHITE)
             .label_style((FONT, 13))
             .draw()
             .map_err(|e| err(&e))?;
@@ -113,6 +116,9 @@ pub fn draw(records: &[RunRecord], path: &Path, title: &str) -> Result<(), PlotE
         cpu.configure_mesh()
             .x_desc("seconds since the first start")
             .y_desc("CPU-s")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y}"))
+            .light_line_style(WHITE)
             .label_style((FONT, 13))
             .draw()
             .map_err(|e| err(&e))?;
@@ -142,6 +148,8 @@ pub fn draw(records: &[RunRecord], path: &Path, title: &str) -> Result<(), PlotE
         setting
             .configure_mesh()
             .x_desc("seconds since the first start")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .light_line_style(WHITE)
             .y_labels(4)
             .y_label_formatter(&|y| {
                 match y.round() as i64 {

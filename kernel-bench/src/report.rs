@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{Start, Summary, Verdict};
+use crate::analysis::{self, Scale, Start, Summary, Verdict};
 use crate::sample::Sample;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,6 +35,20 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    pub fn scale(&self) -> Scale {
+        Scale {
+            max_pages_sharing: self.max_pages_sharing,
+            shared_pages_per_process: self.shared_pages_per_process,
+            page_size: self.page_size,
+            window_s: self.window_s,
+        }
+    }
+
+    /// The summary again from the recorded samples (after the analysis has changed).
+    pub fn resummarize(&mut self) {
+        self.summary = analysis::summarize(&self.samples, &self.starts, self.scale());
+    }
+
     /// The slowest process to merge after the first (which has no peer until the second starts).
     pub fn slowest_new_process(&self) -> Option<Option<f64>> {
         let later: Vec<Option<f64>> = self.summary.process_merged_s.iter().skip(1).copied().collect();
@@ -56,10 +70,20 @@ fn slowest(r: &RunRecord) -> String {
     }
 }
 
-const HEAD: [&str; 8] =
-    ["workload", "mode", "50 % (s)", "90 % (s)", "95 % (s)", "ksmd CPU-s", "saved MiB·s", "slowest new process (s)"];
+const COLUMNS: usize = 9;
+const HEAD: [&str; COLUMNS] = [
+    "workload",
+    "mode",
+    "50 % (s)",
+    "90 % (s)",
+    "95 % (s)",
+    "ksmd CPU-s to 95 %",
+    "ksmd CPU-s in window",
+    "saved MiB·s",
+    "slowest new process (s)",
+];
 
-fn row(r: &RunRecord) -> [String; 8] {
+fn row(r: &RunRecord) -> [String; COLUMNS] {
     let s = &r.summary;
     [
         r.workload.clone(),
@@ -67,6 +91,7 @@ fn row(r: &RunRecord) -> [String; 8] {
         secs(s.t50, r.window_s),
         secs(s.t90, r.window_s),
         secs(s.t95, r.window_s),
+        s.ksmd_cpu_to_t95_s.map_or("-".into(), |c| format!("{c:.2}")),
         format!("{:.2}", s.ksmd_cpu_s),
         format!("{:.0}", s.saved_mib_s),
         slowest(r),
@@ -75,7 +100,7 @@ fn row(r: &RunRecord) -> [String; 8] {
 
 /// An aligned plain-text table.
 pub fn text_table(records: &[RunRecord]) -> String {
-    let rows: Vec<[String; 8]> = records.iter().map(row).collect();
+    let rows: Vec<[String; COLUMNS]> = records.iter().map(row).collect();
     let width =
         |i: usize| rows.iter().map(|r| r[i].chars().count()).chain([HEAD[i].chars().count()]).max().unwrap_or(0);
     let widths: Vec<usize> = (0..HEAD.len()).map(width).collect();

@@ -27,7 +27,7 @@ use kernel_bench::plot;
 use kernel_bench::real_ksm::{RealKsm, REAL_KSM};
 use kernel_bench::report::{self, RunRecord};
 use kernel_bench::sample::{load_average, merging_pages, Sample, Sampler};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
@@ -145,6 +145,9 @@ struct Args {
     /// Exit non-zero if adaptive misses one of issue 7's targets.
     #[arg(long)]
     enforce_targets: bool,
+    /// Touch nothing: analyse a results.json again and write the table and plot into --out.
+    #[arg(long, value_name = "FILE")]
+    from_json: Option<PathBuf>,
 }
 
 /// Everything a run needs, resolved and checked before KSM is touched.
@@ -244,6 +247,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<ExitCode> {
+    if let Some(json) = &args.from_json {
+        plot::register_font(plot::DEJAVU_SANS)?;
+        reanalyse(json, &args.out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let plan = Plan::new(args)?;
     plot::register_font(plot::DEJAVU_SANS)?;
     std::fs::create_dir_all(&plan.out).with_context(|| format!("creating {}", plan.out.display()))?;
@@ -353,8 +361,9 @@ fn smoke_problems(records: &[RunRecord]) -> Vec<String> {
     problems
 }
 
-#[derive(Serialize)]
-struct Results<'a> {
+/// How a benchmark was run; kept with its results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
     command: Vec<String>,
     unix_time: u64,
     kernel: String,
@@ -365,38 +374,67 @@ struct Results<'a> {
     stagger_s: f64,
     window_s: f64,
     smoke: bool,
-    verdicts: &'a [Verdict],
-    runs: &'a [RunRecord],
+}
+
+impl Meta {
+    fn now(plan: &Plan) -> Meta {
+        Meta {
+            command: std::env::args().collect(),
+            unix_time: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            procs: plan.procs,
+            size_mib: plan.size_mib,
+            unique_fraction: plan.unique_fraction,
+            stagger_s: plan.stagger.as_secs_f64(),
+            window_s: plan.window.as_secs_f64(),
+            smoke: plan.smoke,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Results {
+    #[serde(flatten)]
+    meta: Meta,
+    verdicts: Vec<Verdict>,
+    runs: Vec<RunRecord>,
 }
 
 fn save(plan: &Plan, records: &[RunRecord], verdicts: &[Verdict]) -> Result<()> {
-    let results = Results {
-        command: std::env::args().collect(),
-        unix_time: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        procs: plan.procs,
-        size_mib: plan.size_mib,
-        unique_fraction: plan.unique_fraction,
-        stagger_s: plan.stagger.as_secs_f64(),
-        window_s: plan.window.as_secs_f64(),
-        smoke: plan.smoke,
-        verdicts,
-        runs: records,
-    };
-    let json = plan.out.join("results.json");
+    write_results(&plan.out, Meta::now(plan), records, verdicts)
+}
+
+fn write_results(out: &Path, meta: Meta, records: &[RunRecord], verdicts: &[Verdict]) -> Result<()> {
+    let title = format!(
+        "KSM modes on the real kernel: {} processes x {} MiB, {:.0} s window, staggered every {:.0} s",
+        meta.procs, meta.size_mib, meta.window_s, meta.stagger_s
+    );
+    let results = Results { meta, verdicts: verdicts.to_vec(), runs: records.to_vec() };
+    let json = out.join("results.json");
     let file = File::create(&json).with_context(|| format!("creating {}", json.display()))?;
     serde_json::to_writer(std::io::BufWriter::new(file), &results).context("writing results.json")?;
     let md = format!("{}\n{}", report::markdown_table(records), report::verdicts(verdicts));
-    std::fs::write(plan.out.join("table.md"), md).context("writing table.md")?;
-    let title = format!(
-        "KSM modes on the real kernel: {} processes x {} MiB, {:.0} s window, staggered every {:.0} s",
-        plan.procs,
-        plan.size_mib,
-        plan.window.as_secs_f64(),
-        plan.stagger.as_secs_f64()
-    );
-    plot::draw(records, &plan.out.join("modes.png"), &title)?;
+    std::fs::write(out.join("table.md"), md).context("writing table.md")?;
+    plot::draw(records, &out.join("modes.png"), &title)?;
+    Ok(())
+}
+
+/// `--from-json`: the same report from recorded samples, with the current analysis.
+fn reanalyse(json: &Path, out: &Path) -> Result<()> {
+    let file = File::open(json).with_context(|| format!("opening {}", json.display()))?;
+    let mut results: Results = serde_json::from_reader(std::io::BufReader::new(file))
+        .with_context(|| format!("{} is not a ksm-modes-bench results.json", json.display()))?;
+    for r in &mut results.runs {
+        r.resummarize();
+    }
+    let verdicts = verdicts(&results.runs);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    write_results(out, results.meta, &results.runs, &verdicts)?;
+    println!("{}", report::text_table(&results.runs));
+    println!("{}", report::details(&results.runs));
+    print!("{}", report::verdicts(&verdicts));
+    println!("results in {}", out.display());
     Ok(())
 }
 
