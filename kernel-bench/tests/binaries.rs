@@ -158,18 +158,25 @@ fn a_dead_parent_takes_its_workers_with_it() {
     }
 }
 
-/// Processes still running this worktree's ksm-workload binary.
-fn workload_processes() -> Vec<u32> {
+/// Processes still running this worktree's ksm-workload binary with `tag` in their environment
+/// (inherited from the benchmark): the other tests here run the same binary at the same time.
+fn workload_processes(tag: &str) -> Vec<u32> {
     let me = std::fs::canonicalize(WORKLOAD).expect("canonical path");
+    let marker = format!("{TAG_VAR}={tag}");
     let mut pids = vec![];
     for entry in std::fs::read_dir("/proc").expect("ls /proc").flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == me) && !gone(pid) {
+        let ours = std::fs::read(entry.path().join("environ"))
+            .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == marker.as_bytes()));
+        if ours && std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == me) && !gone(pid) {
             pids.push(pid);
         }
     }
     pids
 }
+
+/// Marks the processes one test starts, so it counts only its own.
+const TAG_VAR: &str = "KSM_BENCH_TEST_TAG";
 
 #[test]
 fn an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running() {
@@ -183,7 +190,9 @@ fn an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running() {
         Ksm::open(REAL_KSM).expect("open").read().expect("read")
     };
     let out = tempfile::tempdir().expect("tempdir");
+    let tag = format!("interrupted-{}", std::process::id());
     let mut child = Command::new(BENCH)
+        .env(TAG_VAR, &tag)
         .args(["--smoke", "--modes", "flat-out", "--workloads", "staggered", "--window", "60s", "--out"])
         .arg(out.path())
         .stdin(Stdio::null())
@@ -203,7 +212,7 @@ fn an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running() {
     // Interrupt once it is mid-run: flat out written and the first worker up.
     let ksm = Ksm::open(REAL_KSM).expect("open");
     let limit = Instant::now() + Duration::from_secs(120);
-    let mid_run = || ksm.read().expect("read").sleep_millisecs == 0 && !workload_processes().is_empty();
+    let mid_run = || ksm.read().expect("read").sleep_millisecs == 0 && !workload_processes(&tag).is_empty();
     while !mid_run() {
         assert!(Instant::now() < limit, "the benchmark never started flat out");
         std::thread::sleep(Duration::from_millis(20));
@@ -218,5 +227,5 @@ fn an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running() {
     assert!(text.contains("real KSM restored exactly as found"), "{text}");
     assert_eq!(ksm.read().expect("read"), found, "the real KSM is as found");
     assert_eq!(ksm.read_counter("pages_sharing").expect("read"), Some(0), "nothing left merged");
-    assert_eq!(workload_processes(), Vec::<u32>::new(), "no workload process left");
+    assert_eq!(workload_processes(&tag), Vec::<u32>::new(), "no workload process left");
 }
