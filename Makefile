@@ -30,6 +30,7 @@ TRIGGER_BINARY ?= $(dir $(BINARY))kata-vc-throttler
 CTL_BINARY ?= $(dir $(BINARY))ksmtctl
 # Man pages and shell completions, generated from the clap definitions by `cargo run -p xtask`.
 DOCS ?= $(CARGO_TARGET_DIR)/docs
+COMPLETED = $(NAME) ksmtctl $(KATA_BINARIES)
 INSTALL ?= install
 
 NAME := kata-ksm-throttler
@@ -74,9 +75,13 @@ install:
 		$(INSTALL) -D -m 0644 config/config.toml "$(DESTDIR)$(SYSCONFDIR)/$(NAME)/config.toml"
 	$(INSTALL) -D -m 0644 -t "$(DESTDIR)$(MANDIR)/man8" "$(DOCS)"/man/*.8
 	$(INSTALL) -D -m 0644 -t "$(DESTDIR)$(MANDIR)/man1" "$(DOCS)"/man/*.1
-	$(INSTALL) -D -m 0644 "$(DOCS)/completions/ksmtctl.bash" "$(DESTDIR)$(DATADIR)/bash-completion/completions/ksmtctl"
-	$(INSTALL) -D -m 0644 "$(DOCS)/completions/_ksmtctl" "$(DESTDIR)$(DATADIR)/zsh/vendor-completions/_ksmtctl"
-	$(INSTALL) -D -m 0644 "$(DOCS)/completions/ksmtctl.fish" "$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/ksmtctl.fish"
+	# Completions for every binary: bash-completion looks them up by the command's base name, so
+	# the libexec daemons complete too when run by path.
+	for b in $(COMPLETED); do \
+		$(INSTALL) -D -m 0644 "$(DOCS)/completions/$$b.bash" "$(DESTDIR)$(DATADIR)/bash-completion/completions/$$b" && \
+		$(INSTALL) -D -m 0644 "$(DOCS)/completions/_$$b" "$(DESTDIR)$(DATADIR)/zsh/vendor-completions/_$$b" && \
+		$(INSTALL) -D -m 0644 "$(DOCS)/completions/$$b.fish" "$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/$$b.fish" || exit 1; \
+	done
 
 uninstall:
 	rm -f "$(DESTDIR)$(LIBEXECDIR)/$(NAME)" \
@@ -87,8 +92,8 @@ uninstall:
 		$(foreach b,$(KATA_BINARIES),"$(DESTDIR)$(LIBEXECDIR)/$(b)") \
 		$(foreach u,$(KATA_UNITS),"$(DESTDIR)$(UNITDIR)/$(u)") \
 		"$(DESTDIR)$(BINDIR)/ksmtctl" \
-		"$(DESTDIR)$(DATADIR)/bash-completion/completions/ksmtctl" \
-		"$(DESTDIR)$(DATADIR)/zsh/vendor-completions/_ksmtctl" \
-		"$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/ksmtctl.fish"
-	rm -f "$(DESTDIR)$(MANDIR)"/man8/kata-ksm-throttler.8 "$(DESTDIR)$(MANDIR)"/man1/ksmtctl*.1
+		$(foreach b,$(COMPLETED),"$(DESTDIR)$(DATADIR)/bash-completion/completions/$(b)") \
+		$(foreach b,$(COMPLETED),"$(DESTDIR)$(DATADIR)/zsh/vendor-completions/_$(b)") \
+		$(foreach b,$(COMPLETED),"$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/$(b).fish")
+	rm -f $(foreach b,$(NAME) $(KATA_BINARIES),"$(DESTDIR)$(MANDIR)/man8/$(b).8") "$(DESTDIR)$(MANDIR)"/man1/ksmtctl*.1
 	# $(SYSCONFDIR)/$(NAME)/config.toml is the administrator's: left in place.

@@ -3,6 +3,7 @@
 //! on D-Bus, so existing Kata deployments keep working.
 
 pub mod authority;
+pub mod cli;
 pub mod conn;
 pub mod server;
 pub mod socket;

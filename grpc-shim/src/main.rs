@@ -1,49 +1,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing_subscriber::filter::LevelFilter;
 
-use kata_ksm_throttler::cli::BusArg;
 use kata_ksm_throttler::kicker::Kicker;
+use kata_ksm_throttler_grpc::cli::Args;
 use kata_ksm_throttler_grpc::server::{self, Limits};
 use kata_ksm_throttler_grpc::socket;
-
-/// Serves the Kata Containers KSM throttler's gRPC API (ksm.KSMThrottler/Kick) on a Unix socket and
-/// forwards every call to org.kata.KsmThrottler on D-Bus.
-#[derive(Debug, Parser)]
-#[command(name = "kata-ksm-throttler-grpc", version, about)]
-struct Args {
-    /// The Unix socket to serve on (a path, or unix://PATH). Ignored when systemd passes the
-    /// socket (LISTEN_FDS).
-    #[arg(long, default_value = "/var/run/kata-ksm-throttler/ksm.sock", value_name = "PATH")]
-    uri: String,
-
-    /// The bus org.kata.KsmThrottler is on: system, session, or a D-Bus address.
-    #[arg(long, default_value = "system", value_parser = BusArg::from_str)]
-    bus: BusArg,
-
-    /// How long a Kick may take on the bus before the gRPC call fails with UNAVAILABLE.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    kick_timeout: Duration,
-
-    /// Connections served at once; more wait until one closes.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..), value_name = "N")]
-    max_connections: u16,
-
-    /// A client must have sent the HTTP/2 preface this soon after connecting, or is dropped.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    handshake_timeout: Duration,
-
-    /// error, warn, info, debug or trace.
-    #[arg(long, default_value = "info", value_name = "LEVEL")]
-    log_level: LevelFilter,
-}
 
 /// How long calls in flight may go on after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(2);

@@ -1,51 +1,13 @@
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing_subscriber::filter::LevelFilter;
 
-use kata_ksm_throttler::cli::BusArg;
 use kata_ksm_throttler::kicker::Kicker;
+use kata_vc_throttler::cli::Args;
 use kata_vc_throttler::kicks;
 use kata_vc_throttler::watcher::{Found, Watcher};
-
-/// Kicks the KSM throttler (org.kata.KsmThrottler on D-Bus) whenever a Kata Containers sandbox
-/// starts, watching the sandbox folders of both Kata runtimes with inotify.
-#[derive(Debug, Parser)]
-#[command(name = "kata-vc-throttler", version)]
-struct Args {
-    /// The Go runtime's (Kata 1.x-3.x) folder: sandboxes are DIR/sbs/<id>.
-    #[arg(long, default_value = "/run/vc", value_name = "DIR")]
-    root: PathBuf,
-
-    /// Do not watch --root.
-    #[arg(long)]
-    no_root: bool,
-
-    /// The Rust runtime-rs (Kata 3.x) folder: sandboxes are DIR/<id>.
-    #[arg(long, default_value = "/run/kata", value_name = "DIR")]
-    kata_root: PathBuf,
-
-    /// Do not watch --kata-root.
-    #[arg(long)]
-    no_kata_root: bool,
-
-    /// The bus org.kata.KsmThrottler is on: system, session, or a D-Bus address.
-    #[arg(long, default_value = "system", value_parser = BusArg::from_str)]
-    bus: BusArg,
-
-    /// How long a Kick may take before it counts as failed.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    kick_timeout: Duration,
-
-    /// error, warn, info, debug or trace.
-    #[arg(long, default_value = "info", value_name = "LEVEL")]
-    log_level: LevelFilter,
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();

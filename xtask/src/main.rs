@@ -13,6 +13,8 @@ fn binaries() -> Vec<(&'static str, &'static str, Command)> {
     vec![
         ("kata-ksm-throttler", "8", kata_ksm_throttler::cli::Args::command()),
         ("ksmtctl", "1", kata_ksm_throttler::ctl::Cli::command()),
+        ("kata-ksm-throttler-grpc", "8", kata_ksm_throttler_grpc::cli::Args::command()),
+        ("kata-vc-throttler", "8", kata_vc_throttler::cli::Args::command()),
     ]
 }
 
@@ -67,11 +69,17 @@ mod tests {
     fn every_binary_gets_a_man_page_and_three_completions_naming_its_flags() {
         let dir = tempfile_dir();
         let written = docs(&dir).expect("docs");
-        // 2 binaries x 3 completions, 2 main pages, 4 ksmtctl subcommand pages.
-        assert_eq!(written.len(), 2 * 3 + 2 + 4, "{written:?}");
+        // 4 binaries x 3 completions, 4 main pages, 4 ksmtctl subcommand pages.
+        assert_eq!(written.len(), 4 * 3 + 4 + 4, "{written:?}");
         assert!(dir.join("man/ksmtctl-set-mode.1").exists());
         let man = std::fs::read_to_string(dir.join("man/kata-ksm-throttler.8")).expect("man page");
         assert!(man.contains("exit\\-idle\\-after") && man.contains("check\\-config"), "flags documented");
+        let shim = std::fs::read_to_string(dir.join("man/kata-ksm-throttler-grpc.8")).expect("shim page");
+        assert!(shim.contains("max\\-connections") && shim.contains("ksm.KSMThrottler"), "shim flags documented");
+        let trigger = std::fs::read_to_string(dir.join("man/kata-vc-throttler.8")).expect("trigger page");
+        assert!(trigger.contains("kata\\-root") && trigger.contains("inotify"), "trigger flags documented");
+        let fish = std::fs::read_to_string(dir.join("completions/kata-vc-throttler.fish")).expect("fish");
+        assert!(fish.contains("no-kata-root"), "trigger flags completed");
         let bash = std::fs::read_to_string(dir.join("completions/ksmtctl.bash")).expect("bash");
         assert!(bash.contains("set-mode") && bash.contains("watch"), "subcommands completed");
         let _ = std::fs::remove_dir_all(&dir);
