@@ -16,6 +16,7 @@ use zbus::message::{Flags, Header, Message, Sequence, Type};
 use zbus::{Connection, MessageStream};
 
 use crate::engine::{Drain, EngineError, Handle, Verdict};
+use crate::heap;
 use crate::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
 
 /// How long the calls routed before the release may take to finish (a polkit check is
@@ -37,6 +38,8 @@ struct Calls {
     finished_early: HashSet<CallId>,
     /// The position of the last message the reader task has seen.
     seen: Sequence,
+    /// The most calls in flight at once since they last all finished.
+    peak: usize,
 }
 
 /// Keeps count of the `Kick` and `SetMode` calls that have reached the connection and whose
@@ -73,6 +76,7 @@ impl CallTracker {
                 if let Some(id) = id {
                     if !c.finished_early.remove(&id) {
                         c.routed.insert(id);
+                        c.peak = c.peak.max(c.routed.len());
                     }
                 }
                 c.seen = msg.recv_position();
@@ -115,6 +119,7 @@ impl CallTracker {
     }
 
     fn finished(&self, id: CallId) {
+        let mut burst_over = false;
         self.calls.send_modify(|c| {
             if !c.routed.remove(&id) {
                 if c.finished_early.len() >= FINISHED_EARLY_MAX {
@@ -122,7 +127,19 @@ impl CallTracker {
                 }
                 c.finished_early.insert(id);
             }
+            if c.routed.is_empty() {
+                burst_over = c.peak >= heap::BURST;
+                c.peak = 0;
+                if burst_over {
+                    c.routed.shrink_to_fit();
+                    c.finished_early.shrink_to_fit();
+                }
+            }
         });
+        // At the end of the burst, not on a timer: no wake-up of its own.
+        if burst_over {
+            heap::release_free_memory();
+        }
     }
 }
 

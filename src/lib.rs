@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod ctl;
 pub mod engine;
+pub mod heap;
 pub mod idle_exit;
 pub mod kicker;
 pub mod logging;
