@@ -203,7 +203,8 @@ impl Ksm {
         Ok(writes)
     }
 
-    fn write(&self, name: &str, value: impl fmt::Display) -> Result<(), SysfsError> {
+    /// Writes one attribute under the root (a knob `apply` does not manage, such as `smart_scan`).
+    pub fn write(&self, name: &str, value: impl fmt::Display) -> Result<(), SysfsError> {
         let path = self.path(name);
         let value = value.to_string();
         // One write(2) of the whole line, as `echo` does; no O_CREAT, so a missing knob is an

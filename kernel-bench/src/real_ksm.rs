@@ -26,10 +26,8 @@ pub enum RealKsmError {
     Unmerge { limit: Duration, shared: i64, sharing: i64 },
     #[error("restored KSM reads {now:?}, not {found:?} as found")]
     NotAsFound { found: Knobs, now: Knobs },
-    #[error("{path}: {source}")]
-    SmartScan { path: String, source: std::io::Error },
-    #[error("restored smart_scan reads {now:?}, not {found:?} as found")]
-    SmartScanNotAsFound { found: String, now: String },
+    #[error("restored smart_scan reads {now:?}, not {found} as found")]
+    SmartScanNotAsFound { found: i64, now: Option<i64> },
 }
 
 /// `smart_scan` (kernel 6.7+): ksmd visits a page that has not merged for a while only every
@@ -43,7 +41,7 @@ pub struct RealKsm {
     ksm: Ksm,
     found: Knobs,
     /// `None` on kernels without it.
-    found_smart_scan: Option<String>,
+    found_smart_scan: Option<i64>,
     restored: bool,
     _lock: File,
 }
@@ -66,19 +64,19 @@ impl RealKsm {
             flock(&lock, FlockOperation::LockExclusive).map_err(|e| RealKsmError::Lock(e.into()))?;
         }
         let found = ksm.read()?;
-        let found_smart_scan = read_smart_scan()?;
+        let found_smart_scan = ksm.read_counter(SMART_SCAN)?;
         Ok(RealKsm { ksm, found, found_smart_scan, restored: false, _lock: lock })
     }
 
     /// `smart_scan` as found (`None` where the kernel has none).
-    pub fn found_smart_scan(&self) -> Option<&str> {
-        self.found_smart_scan.as_deref()
+    pub fn found_smart_scan(&self) -> Option<i64> {
+        self.found_smart_scan
     }
 
     /// Turns `smart_scan` off until [`RealKsm::restore`]; a no-op where the kernel has none.
     pub fn smart_scan_off(&self) -> Result<(), RealKsmError> {
         if self.found_smart_scan.is_some() {
-            write_smart_scan("0")?;
+            self.ksm.write(SMART_SCAN, 0)?;
         }
         Ok(())
     }
@@ -122,11 +120,11 @@ impl RealKsm {
     }
 
     fn put_back_smart_scan(&self) -> Result<(), RealKsmError> {
-        let Some(found) = &self.found_smart_scan else { return Ok(()) };
-        write_smart_scan(found)?;
-        let now = read_smart_scan()?.unwrap_or_default();
-        if &now != found {
-            return Err(RealKsmError::SmartScanNotAsFound { found: found.clone(), now });
+        let Some(found) = self.found_smart_scan else { return Ok(()) };
+        self.ksm.write(SMART_SCAN, found)?;
+        let now = self.ksm.read_counter(SMART_SCAN)?;
+        if now != Some(found) {
+            return Err(RealKsmError::SmartScanNotAsFound { found, now });
         }
         Ok(())
     }
@@ -154,22 +152,4 @@ impl Drop for RealKsm {
             }
         }
     }
-}
-
-fn smart_scan_path() -> String {
-    format!("{REAL_KSM}/{SMART_SCAN}")
-}
-
-fn read_smart_scan() -> Result<Option<String>, RealKsmError> {
-    let path = smart_scan_path();
-    match std::fs::read_to_string(&path) {
-        Ok(s) => Ok(Some(s.trim().to_owned())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(RealKsmError::SmartScan { path, source }),
-    }
-}
-
-fn write_smart_scan(value: &str) -> Result<(), RealKsmError> {
-    let path = smart_scan_path();
-    std::fs::write(&path, value).map_err(|source| RealKsmError::SmartScan { path, source })
 }
