@@ -410,7 +410,15 @@ impl Engine {
                 let _ = reply.send(result);
             }
             Command::SetMode(mode, reply) => {
-                let result = self.step(|p, now| p.set_mode(mode, now));
+                let setting = self.policy.setting();
+                let result = self.step(|p, now| p.set_mode(mode, now)).and_then(|()| {
+                    // The same setting under another mode: only what the mode adds may differ.
+                    if self.policy.setting() == setting && self.saved.is_some() {
+                        let smart_scan = self.target_for(setting)?.smart_scan;
+                        self.config.ksm.apply(&Target { smart_scan, ..Target::default() })?;
+                    }
+                    Ok(())
+                });
                 let _ = reply.send(result);
             }
             Command::Reload(durations, profiles, reply) => {
@@ -520,6 +528,7 @@ impl Engine {
             run = written.run,
             pages_to_scan = written.pages_to_scan,
             sleep_millisecs = written.sleep_millisecs,
+            smart_scan = written.smart_scan,
             "KSM setting {} -> {} ({})",
             t.from,
             t.to,
@@ -531,6 +540,15 @@ impl Engine {
     fn target_for(&self, setting: Setting) -> Result<Target, EngineError> {
         // The advisor would fight (and refuse) our pages_to_scan: off while we drive.
         let advisor_off = self.saved.as_ref().and_then(|k| k.advisor_mode.as_ref()).map(|_| ADVISOR_NONE.to_string());
+        // smart_scan visits a page that has not merged for a while only every few scans (up to
+        // every 9th), so a new VM whose twin has aged alone merges only when both happen to be
+        // visited in one scan: adaptive turns it off for its short aggressive burst and puts the
+        // administrator's value back for every other setting.
+        let found_smart_scan = self.saved.as_ref().and_then(|k| k.smart_scan);
+        let smart_scan = match (self.policy.mode(), setting) {
+            (Mode::Adaptive, Setting::Aggressive) => found_smart_scan.map(|_| 0),
+            _ => found_smart_scan,
+        };
         Ok(match self.config.profiles.get(setting) {
             Some(profile) => {
                 let anon = meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?;
@@ -539,9 +557,10 @@ impl Engine {
                     pages_to_scan: Some(profile.pages_to_scan(anon)),
                     sleep_millisecs: Some(profile.sleep_millisecs.into()),
                     advisor_mode: advisor_off,
+                    smart_scan,
                 }
             }
-            None => Target { run: Some(0), ..Target::default() },
+            None => Target { run: Some(0), smart_scan, ..Target::default() },
         })
     }
 

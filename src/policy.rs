@@ -69,28 +69,34 @@ pub struct Counters {
 }
 
 /// Adaptive mode's rule, chosen from measurements on the real kernel (see README, "Adaptive mode"):
-/// - after a kick, the first full scan may be one begun before it (and KSM queues a newly
-///   mergeable process behind its cursor), the next may only record the new pages' checksums
-///   (KSM merges a page once it is unchanged over two scans), and the first pair of processes
-///   merges through the unstable tree one scan later still: on kernel 6.18 a second process was
-///   merged only by the 4th full scan after its kick, the 3rd adding nothing. So nothing is
-///   judged before [`SETTLE_AFTER_SCANS`] full scans;
+/// - after a kick, the first full scan may be one begun before it (KSM queues a newly mergeable
+///   process behind its cursor), the next visits the new pages once: those with a twin already
+///   merged (the stable tree) merge there, the others only record their checksums, and pages
+///   whose only twins are other unmerged pages merge through the unstable tree on their second
+///   visit, one scan later still. On kernel 6.18 a second process was merged by the 4th full
+///   scan after its kick, the 3rd adding nothing. So nothing is judged before
+///   [`SETTLE_AFTER_SCANS`] full scans, or [`SETTLE_AFTER_MERGING_SCANS`] once merging has been
+///   seen since the kick (the scan after the one that merged is then the new pages' second visit);
+/// - while aggressive, adaptive mode turns the kernel's `smart_scan` off (the engine does, and
+///   puts it back for every other setting): it would visit pages that have not merged for a while
+///   only every few scans, up to every 9th, which breaks the count above;
 /// - a full scan is *quiet* when pages_sharing grew by at most [`QUIET_MIN_PAGES`] or
 ///   1/[`QUIET_FRACTION`] of what is shared, whichever is more;
-/// - aggressive steps down to standard after a quiet scan, standard to initial after
-///   [`CONFIRM_SCANS`] more quiet scans, and a scan that is not quiet while stepped down goes
+/// - aggressive steps down to standard after a quiet judged scan, standard to initial after
+///   [`CONFIRM_SCANS`] more quiet scan, and a scan that is not quiet while stepped down goes
 ///   back to aggressive;
 /// - the throttle timeline's durations stay as upper bounds, so it is never slower to settle.
 pub const SETTLE_AFTER_SCANS: u64 = 4;
+pub const SETTLE_AFTER_MERGING_SCANS: u64 = 3;
 pub const QUIET_MIN_PAGES: u64 = 256;
 pub const QUIET_FRACTION: u64 = 200;
-pub const CONFIRM_SCANS: u32 = 2;
+pub const CONFIRM_SCANS: u32 = 1;
 
 /// How often adaptive mode reads the counters in each setting: a few times per full scan at
 /// that setting's speed, and never while nothing is being driven (no wake-ups when idle).
 pub fn sample_interval(setting: Setting) -> Option<Duration> {
     match setting {
-        Setting::Aggressive => Some(Duration::from_millis(100)),
+        Setting::Aggressive => Some(Duration::from_millis(50)),
         Setting::Standard => Some(Duration::from_millis(250)),
         Setting::Slow => Some(Duration::from_secs(1)),
         Setting::Initial | Setting::Off => None,
@@ -105,6 +111,8 @@ struct Watch {
     first: Option<Counters>,
     last: Option<Counters>,
     quiet_scans: u32,
+    /// Whether a scan since the kick was not quiet.
+    merged_since_kick: bool,
     /// Whether the counters (not a timer) made the last step down: only then does renewed
     /// merging go back up, so the timeline stays an upper bound when counters never settle.
     stepped_on_counters: bool,
@@ -274,9 +282,11 @@ impl Policy {
         let quiet = grown <= QUIET_MIN_PAGES.max(c.pages_sharing / QUIET_FRACTION);
         w.last = Some(c);
         w.quiet_scans = if quiet { w.quiet_scans + 1 } else { 0 };
+        w.merged_since_kick |= !quiet;
         self.watch = Some(w);
 
-        let judged = c.full_scans - first.full_scans >= SETTLE_AFTER_SCANS;
+        let scans = c.full_scans - first.full_scans;
+        let judged = scans >= SETTLE_AFTER_SCANS || (w.merged_since_kick && scans >= SETTLE_AFTER_MERGING_SCANS);
         match self.setting {
             Setting::Aggressive if quiet && judged => {
                 let deadline = Some(now + self.durations.standard);
@@ -302,9 +312,14 @@ impl Policy {
     /// Starts (or stops) reading the counters, as mode and setting require.
     fn watch_from(&mut self, now: Instant) {
         self.watch = match (self.mode, sample_interval(self.setting)) {
-            (Mode::Adaptive, Some(_)) => {
-                Some(Watch { next_sample: now, first: None, last: None, quiet_scans: 0, stepped_on_counters: false })
-            }
+            (Mode::Adaptive, Some(_)) => Some(Watch {
+                next_sample: now,
+                first: None,
+                last: None,
+                quiet_scans: 0,
+                merged_since_kick: false,
+                stepped_on_counters: false,
+            }),
             _ => None,
         };
     }
@@ -520,7 +535,7 @@ mod tests {
         assert_eq!(to(p.kick(t0)), Some(Setting::Aggressive));
         assert_eq!(p.sample_at(), Some(t0), "first sample at once, for the baseline");
         assert_eq!(p.counters(t0, c(10, 0)), None);
-        assert_eq!(p.sample_at(), Some(t0 + Duration::from_millis(100)));
+        assert_eq!(p.sample_at(), Some(t0 + Duration::from_millis(50)));
         let ms = |n: u64| t0 + Duration::from_millis(n);
         // scan 1 (maybe begun before the kick) and scan 2 (checksums): quiet but not judged.
         assert_eq!(p.counters(ms(100), c(11, 0)), None);
@@ -534,8 +549,8 @@ mod tests {
         assert_eq!((t.from, t.to, t.cause), (Setting::Aggressive, Setting::Standard, Cause::Settled));
         assert_eq!(p.deadline(), Some(ms(500) + 120 * S), "the timeline stays the upper bound");
         assert_eq!(p.sample_at(), Some(ms(750)), "sampled at the standard pace");
-        assert_eq!(p.counters(ms(750), c(15, 401_700)), None, "one quiet scan is not yet confirmation");
-        let t = p.counters(ms(1000), c(16, 401_700)).expect("confirmed");
+        assert_eq!(p.counters(ms(750), c(14, 401_700)), None, "no scan finished: nothing confirmed");
+        let t = p.counters(ms(1000), c(15, 401_700)).expect("confirmed");
         assert_eq!((t.to, t.cause), (Setting::Initial, Cause::Settled));
         assert_eq!((p.deadline(), p.wake_at()), (None, None), "idle again: no wake-ups");
     }
@@ -556,6 +571,31 @@ mod tests {
         assert_eq!(p.counters(s(4), c(9, 65_536)), None, "merging: still aggressive");
         let t = p.counters(s(5), c(10, 65_536)).expect("the first quiet judged scan steps down");
         assert_eq!((t.to, t.cause), (Setting::Standard, Cause::Settled));
+    }
+
+    #[test]
+    fn adaptive_judges_the_third_scan_once_new_pages_merged_on_their_first_visit() {
+        // A new process whose pages have twins already merged (the stable tree) merges on the
+        // first visit, scan 2; scan 3 is their second visit, so a quiet one leaves nothing for
+        // the unstable tree.
+        let (mut p, t0) = adaptive();
+        p.kick(t0);
+        let s = |n: u32| t0 + n * S / 10;
+        assert_eq!(p.counters(s(0), c(20, 400_000)), None);
+        assert_eq!(p.counters(s(1), c(21, 400_000)), None, "the scan begun before the kick");
+        assert_eq!(p.counters(s(2), c(22, 460_000)), None, "merging on the first visit");
+        let t = p.counters(s(3), c(23, 460_100)).expect("quiet second visit: settled");
+        assert_eq!((t.to, t.cause), (Setting::Standard, Cause::Settled));
+
+        // Without merging seen, a quiet third scan is not judged (the first pair may merge in
+        // the fourth).
+        p.kick(s(4));
+        assert_eq!(p.counters(s(4), c(23, 460_100)), None);
+        for scans in 24..=26 {
+            assert_eq!(p.counters(s(scans as u32 - 19), c(scans, 460_100)), None, "scan {scans}");
+        }
+        assert_eq!(p.setting(), Setting::Aggressive);
+        assert_eq!(to(p.counters(s(8), c(27, 460_100))), Some(Setting::Standard), "the 4th quiet scan settles");
     }
 
     #[test]

@@ -162,7 +162,23 @@ mod tests {
     use super::*;
 
     fn knobs() -> Knobs {
-        Knobs { run: 0, pages_to_scan: 100, sleep_millisecs: 20, advisor_mode: Some("none".into()) }
+        Knobs {
+            run: 0,
+            pages_to_scan: 100,
+            sleep_millisecs: 20,
+            advisor_mode: Some("none".into()),
+            smart_scan: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_record_from_before_smart_scan_was_managed_loads_and_leaves_it_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateFile::new(dir.path());
+        let old = br#"{"version":1,"knobs":{"run":1,"pages_to_scan":100,"sleep_millisecs":20,"advisor_mode":null}}"#;
+        fs::write(state.path(), old).expect("write");
+        let knobs = state.load().expect("load").expect("a record");
+        assert_eq!((knobs.run, knobs.smart_scan), (1, None));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub const RUN: &str = "run";
 pub const PAGES_TO_SCAN: &str = "pages_to_scan";
 pub const SLEEP_MILLISECS: &str = "sleep_millisecs";
 pub const ADVISOR_MODE: &str = "advisor_mode";
+pub const SMART_SCAN: &str = "smart_scan";
 
 /// The advisor value that leaves pages_to_scan to us (Linux 6.8+; absent before).
 pub const ADVISOR_NONE: &str = "none";
@@ -24,6 +25,9 @@ pub struct Knobs {
     pub sleep_millisecs: u64,
     /// `None` on kernels without the advisor.
     pub advisor_mode: Option<String>,
+    /// `None` on kernels without it (before 6.7), and in records written before it was managed.
+    #[serde(default)]
+    pub smart_scan: Option<u8>,
 }
 
 impl Knobs {
@@ -35,6 +39,9 @@ impl Knobs {
         }
         if self.pages_to_scan > u64::from(u32::MAX) || self.sleep_millisecs > u64::from(u32::MAX) {
             return Err("pages_to_scan and sleep_millisecs must fit in 32 bits".into());
+        }
+        if let Some(smart) = self.smart_scan.filter(|&v| v > 1) {
+            return Err(format!("smart_scan must be 0 or 1, not {smart}"));
         }
         if let Some(mode) = &self.advisor_mode {
             if mode.is_empty() || mode.len() > 32 || !mode.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
@@ -52,6 +59,7 @@ pub struct Target {
     pub pages_to_scan: Option<u64>,
     pub sleep_millisecs: Option<u64>,
     pub advisor_mode: Option<String>,
+    pub smart_scan: Option<u8>,
 }
 
 impl From<&Knobs> for Target {
@@ -61,6 +69,7 @@ impl From<&Knobs> for Target {
             pages_to_scan: Some(k.pages_to_scan),
             sleep_millisecs: Some(k.sleep_millisecs),
             advisor_mode: k.advisor_mode.clone(),
+            smart_scan: k.smart_scan,
         }
     }
 }
@@ -122,7 +131,16 @@ impl Ksm {
             pages_to_scan: self.read_number(PAGES_TO_SCAN)?,
             sleep_millisecs: self.read_number(SLEEP_MILLISECS)?,
             advisor_mode: self.read_advisor()?,
+            smart_scan: self.read_smart_scan()?,
         })
+    }
+
+    fn read_smart_scan(&self) -> Result<Option<u8>, SysfsError> {
+        match self.read_counter(SMART_SCAN)? {
+            None => Ok(None),
+            Some(v @ 0..=1) => Ok(Some(v as u8)),
+            Some(v) => Err(SysfsError::Parse { path: self.path(SMART_SCAN), content: v.to_string() }),
+        }
     }
 
     /// A counter such as `pages_sharing`; `Ok(None)` where this kernel does not have it.
@@ -156,7 +174,8 @@ impl Ksm {
     /// - the advisor is turned off first (while it scans by time, pages_to_scan refuses writes, and
     ///   turning it off resets pages_to_scan), and is put back last;
     /// - a running ksmd is paused (`run` = 0, merged pages kept) while its two scan knobs change,
-    ///   and `run` is written after them, so it never runs on half a setting.
+    ///   and `run` is written after them, so it never runs on half a setting;
+    /// - `smart_scan` is written before `run`, so a scan started by it already skips (or not).
     pub fn apply(&self, target: &Target) -> Result<u32, SysfsError> {
         let mut writes = 0;
         let mut cur = self.read()?;
@@ -191,6 +210,10 @@ impl Ksm {
             self.write(SLEEP_MILLISECS, v)?;
             writes += 1;
         }
+        if let Some(v) = target.smart_scan.filter(|&v| cur.smart_scan.is_some_and(|have| have != v)) {
+            self.write(SMART_SCAN, v)?;
+            writes += 1;
+        }
         let run = target.run.unwrap_or(cur.run);
         if run != run_now {
             self.write(RUN, run)?;
@@ -203,7 +226,7 @@ impl Ksm {
         Ok(writes)
     }
 
-    /// Writes one attribute under the root (a knob `apply` does not manage, such as `smart_scan`).
+    /// Writes one attribute under the root.
     pub fn write(&self, name: &str, value: impl fmt::Display) -> Result<(), SysfsError> {
         let path = self.path(name);
         let value = value.to_string();
@@ -252,11 +275,41 @@ mod tests {
     fn reads_the_kernel_formats() {
         let (_d, ksm) = scratch("0\n", "100\n", "20\n", Some("[none] scan-time\n"));
         let k = ksm.read().expect("read");
-        assert_eq!(k, Knobs { run: 0, pages_to_scan: 100, sleep_millisecs: 20, advisor_mode: Some("none".into()) });
+        assert_eq!(
+            k,
+            Knobs {
+                run: 0,
+                pages_to_scan: 100,
+                sleep_millisecs: 20,
+                advisor_mode: Some("none".into()),
+                smart_scan: None
+            }
+        );
         assert_eq!(parse_advisor("none [scan-time]\n").as_deref(), Some("scan-time"));
         assert_eq!(parse_advisor("none scan-time"), None);
         assert_eq!(parse_advisor("scan-time\n").as_deref(), Some("scan-time"));
         assert_eq!(parse_advisor("[]"), None);
+    }
+
+    #[test]
+    fn smart_scan_is_read_where_present_written_only_when_it_differs_and_restored() {
+        let (d, ksm) = scratch("0\n", "100\n", "20\n", None);
+        assert_eq!(ksm.read().expect("read").smart_scan, None, "absent before 6.7");
+        let t = Target { smart_scan: Some(0), ..Target::default() };
+        assert_eq!(ksm.apply(&t).expect("apply"), 0, "a knob this kernel lacks is left alone");
+        assert!(!d.path().join(SMART_SCAN).exists(), "and never created");
+
+        std::fs::write(d.path().join(SMART_SCAN), "1\n").expect("write");
+        let initial = ksm.read().expect("read");
+        assert_eq!(initial.smart_scan, Some(1));
+        assert_eq!(ksm.apply(&t).expect("apply"), 1);
+        assert_eq!(ksm.read().expect("read").smart_scan, Some(0));
+        assert_eq!(ksm.apply(&t).expect("apply"), 0, "already off");
+        assert_eq!(ksm.apply(&Target::from(&initial)).expect("restore"), 1);
+        assert_eq!(ksm.read().expect("read"), initial);
+
+        std::fs::write(d.path().join(SMART_SCAN), "2\n").expect("write");
+        assert!(matches!(ksm.read(), Err(SysfsError::Parse { .. })), "only 0 and 1 are kernel values");
     }
 
     #[test]
@@ -277,14 +330,14 @@ mod tests {
     #[test]
     fn apply_skips_knobs_that_hold_their_value() {
         let (_d, ksm) = scratch("1\n", "100\n", "20\n", None);
-        let t = Target { run: Some(1), pages_to_scan: Some(100), sleep_millisecs: Some(20), advisor_mode: None };
+        let t = Target { run: Some(1), pages_to_scan: Some(100), sleep_millisecs: Some(20), ..Target::default() };
         assert_eq!(ksm.apply(&t).expect("apply"), 0);
     }
 
     #[test]
     fn apply_pauses_a_running_ksmd_and_writes_run_last() {
         let (d, ksm) = scratch("1\n", "100\n", "20\n", None);
-        let t = Target { run: Some(1), pages_to_scan: Some(5000), sleep_millisecs: Some(1), advisor_mode: None };
+        let t = Target { run: Some(1), pages_to_scan: Some(5000), sleep_millisecs: Some(1), ..Target::default() };
         // run=0, pages, sleep, run=1
         assert_eq!(ksm.apply(&t).expect("apply"), 4);
         let read = |n: &str| std::fs::read_to_string(d.path().join(n)).expect("read");
@@ -304,6 +357,7 @@ mod tests {
             pages_to_scan: Some(7),
             sleep_millisecs: Some(1),
             advisor_mode: Some("none".into()),
+            smart_scan: None,
         };
         // advisor, pages, sleep, run. (The order itself is proven on the real kernel, which
         // refuses pages_to_scan while the advisor scans by time: see tests/real_ksm.rs.)
@@ -325,10 +379,17 @@ mod tests {
 
     #[test]
     fn validate_refuses_values_the_kernel_never_reports() {
-        let ok = Knobs { run: 1, pages_to_scan: 100, sleep_millisecs: 20, advisor_mode: Some("scan-time".into()) };
+        let ok = Knobs {
+            run: 1,
+            pages_to_scan: 100,
+            sleep_millisecs: 20,
+            advisor_mode: Some("scan-time".into()),
+            smart_scan: Some(1),
+        };
         assert_eq!(ok.validate(), Ok(()));
         assert!(Knobs { run: 3, ..ok.clone() }.validate().is_err());
         assert!(Knobs { pages_to_scan: 1 << 40, ..ok.clone() }.validate().is_err());
+        assert!(Knobs { smart_scan: Some(2), ..ok.clone() }.validate().is_err());
         assert!(Knobs { advisor_mode: Some("none\n1".into()), ..ok }.validate().is_err());
     }
 }

@@ -187,7 +187,13 @@ async fn a_mode_set_at_run_time_keeps_the_started_throttler_running() {
 fn write_handover(state_dir: &Path, setting: &str, next_step_in: Duration) {
     let state = StateFile::new(state_dir);
     state
-        .save(&Knobs { run: 0, pages_to_scan: 100, sleep_millisecs: 20, advisor_mode: Some("none".into()) })
+        .save(&Knobs {
+            run: 0,
+            pages_to_scan: 100,
+            sleep_millisecs: 20,
+            advisor_mode: Some("none".into()),
+            smart_scan: Some(1),
+        })
         .expect("record");
     let due = SystemTime::now() + next_step_in;
     let us = due.duration_since(UNIX_EPOCH).expect("clock").as_micros() as u64;

@@ -180,6 +180,7 @@ async fn adaptive_follows_the_counters_in_the_files() {
     let r = start(&scratch, Mode::Adaptive);
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knobs(), expected(10, 1));
+    assert_eq!(scratch.knob("smart_scan"), "0\n", "every page visited every scan while aggressive");
     // Scans 1 to 3 (the third merges), then a quiet fourth: standard within one sample.
     for (scans, sharing) in [(1, 0), (2, 0), (3, 500_000), (4, 500_100)] {
         counters(scans, sharing);
@@ -187,18 +188,39 @@ async fn adaptive_follows_the_counters_in_the_files() {
     }
     sleep(MS).await;
     assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, expected(100, 10)));
-    // Two quiet scans at the standard pace confirm: back to the initial settings.
-    for scans in [5, 6] {
-        counters(scans, 500_100);
-        sleep(250 * MS).await;
-    }
-    sleep(MS).await;
+    assert_eq!(scratch.knob("smart_scan"), "1\n", "the administrator's smart_scan back once stepped down");
+    sleep(2 * S).await;
+    assert_eq!(setting(&r), Setting::Standard, "no scan finished: nothing confirmed");
+    // A quiet scan at the standard pace confirms: back to the initial settings.
+    counters(5, 500_100);
+    sleep(251 * MS).await;
     assert_eq!(setting(&r), Setting::Initial);
     // The counter files are our own scratch ones: restore them to compare the knobs.
     counters(0, 0);
     assert_eq!(scratch.snapshot(), before);
     r.stop.send(()).expect("stop");
     r.task.await.expect("join").expect("clean exit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn smart_scan_is_off_only_while_adaptive_is_aggressive() {
+    let scratch = Scratch::new();
+    let r = start(&scratch, Mode::Throttle);
+    r.handle.kick().await.expect("kick");
+    assert_eq!(scratch.knob("smart_scan"), "1\n", "the throttle timeline leaves it alone");
+    r.handle.set_mode(Mode::Adaptive).await.expect("adaptive");
+    assert_eq!((setting(&r), scratch.knob("smart_scan")), (Setting::Aggressive, "0\n".into()));
+    r.handle.set_mode(Mode::Throttle).await.expect("throttle");
+    assert_eq!((setting(&r), scratch.knob("smart_scan")), (Setting::Aggressive, "1\n".into()));
+    r.handle.set_mode(Mode::Adaptive).await.expect("adaptive");
+    r.handle.set_mode(Mode::Off).await.expect("off");
+    assert_eq!((scratch.knobs().0, scratch.knob("smart_scan")), (0, "1\n".into()));
+    r.handle.set_mode(Mode::Adaptive).await.expect("adaptive");
+    r.handle.kick().await.expect("kick");
+    assert_eq!(scratch.knob("smart_scan"), "0\n");
+    r.stop.send(()).expect("stop");
+    r.task.await.expect("join").expect("clean exit");
+    assert_eq!((scratch.knobs(), scratch.knob("smart_scan")), ((0, 100, 20), "1\n".into()), "restored on exit");
 }
 
 #[tokio::test(start_paused = true)]

@@ -27,14 +27,20 @@ fn other_line() -> impl Strategy<Value = String> {
 }
 
 fn knobs() -> impl Strategy<Value = Knobs> {
-    (0u8..=2, 0..=u64::from(u32::MAX), 0..=u64::from(u32::MAX), prop::option::of("[a-z-]{1,32}")).prop_map(
-        |(run, pages_to_scan, sleep_millisecs, advisor_mode)| Knobs {
+    (
+        0u8..=2,
+        0..=u64::from(u32::MAX),
+        0..=u64::from(u32::MAX),
+        prop::option::of("[a-z-]{1,32}"),
+        prop::option::of(0u8..=1),
+    )
+        .prop_map(|(run, pages_to_scan, sleep_millisecs, advisor_mode, smart_scan)| Knobs {
             run,
             pages_to_scan,
             sleep_millisecs,
             advisor_mode,
-        },
-    )
+            smart_scan,
+        })
 }
 
 proptest! {

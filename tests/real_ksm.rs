@@ -130,6 +130,15 @@ async fn drives_the_real_ksm_through_a_cycle_and_leaves_it_as_found() {
     assert_eq!(order, ["aggressive", "standard", "slow", "initial"], "steps seen");
     assert_eq!(real.read().expect("read"), before, "the real KSM is back as it was before the kick");
 
+    // Adaptive mode turns the kernel's smart_scan (6.7+) off while aggressive, and back.
+    proxy.set_mode("adaptive").await.expect("adaptive");
+    proxy.kick().await.expect("kick");
+    let now = real.read().expect("read");
+    assert_eq!((now.run, now.sleep_millisecs), (1, 1), "aggressive: {now:?}");
+    assert_eq!(now.smart_scan, before.smart_scan.map(|_| 0), "smart_scan off while adaptive is aggressive");
+    proxy.set_mode("initial").await.expect("initial");
+    assert_eq!(real.read().expect("read"), before, "back as before, smart_scan included");
+
     let status = daemon.terminate();
     assert!(status.success(), "{}", daemon.log_text());
     assert_eq!(real.read().expect("read"), before, "and stays so after the daemon exits");

@@ -24,10 +24,8 @@ pub enum RealKsmError {
     Sysfs(#[from] SysfsError),
     #[error("KSM did not unmerge within {limit:?}: pages_shared {shared}, pages_sharing {sharing}")]
     Unmerge { limit: Duration, shared: i64, sharing: i64 },
-    #[error("restored KSM reads {now:?}, not {found:?} as found")]
-    NotAsFound { found: Knobs, now: Knobs },
-    #[error("restored smart_scan reads {now:?}, not {found} as found")]
-    SmartScanNotAsFound { found: i64, now: Option<i64> },
+    #[error("KSM reads {now:?}, not {want:?}")]
+    NotAsWanted { want: Knobs, now: Knobs },
 }
 
 /// `smart_scan` (kernel 6.7+): ksmd visits a page that has not merged for a while only every
@@ -35,13 +33,11 @@ pub enum RealKsmError {
 /// visited in the same scan, so when the first process has aged alone, whether the second ever
 /// merges with it depends on the scans' phase: seen in CI, 0 % merged after 1,496 flat-out full
 /// scans of 2 x 16 MiB. The smoke turns it off so its check is not a lottery.
-const SMART_SCAN: &str = "smart_scan";
-
 pub struct RealKsm {
     ksm: Ksm,
     found: Knobs,
-    /// `None` on kernels without it.
-    found_smart_scan: Option<i64>,
+    /// What each run starts from: as found, except `smart_scan` if the smoke turned it off.
+    run_with: Knobs,
     restored: bool,
     _lock: File,
 }
@@ -64,21 +60,13 @@ impl RealKsm {
             flock(&lock, FlockOperation::LockExclusive).map_err(|e| RealKsmError::Lock(e.into()))?;
         }
         let found = ksm.read()?;
-        let found_smart_scan = ksm.read_counter(SMART_SCAN)?;
-        Ok(RealKsm { ksm, found, found_smart_scan, restored: false, _lock: lock })
-    }
-
-    /// `smart_scan` as found (`None` where the kernel has none).
-    pub fn found_smart_scan(&self) -> Option<i64> {
-        self.found_smart_scan
+        Ok(RealKsm { ksm, run_with: found.clone(), found, restored: false, _lock: lock })
     }
 
     /// Turns `smart_scan` off until [`RealKsm::restore`]; a no-op where the kernel has none.
-    pub fn smart_scan_off(&self) -> Result<(), RealKsmError> {
-        if self.found_smart_scan.is_some() {
-            self.ksm.write(SMART_SCAN, 0)?;
-        }
-        Ok(())
+    pub fn smart_scan_off(&mut self) -> Result<(), RealKsmError> {
+        self.run_with.smart_scan = self.found.smart_scan.map(|_| 0);
+        self.put(&self.run_with)
     }
 
     pub fn ksm(&self) -> &Ksm {
@@ -106,25 +94,16 @@ impl RealKsm {
             std::thread::sleep(Duration::from_millis(50));
         }
         let took = start.elapsed();
-        self.put_back()?;
+        self.put(&self.run_with)?;
         Ok(took)
     }
 
-    fn put_back(&self) -> Result<(), RealKsmError> {
-        self.ksm.apply(&Target::from(&self.found))?;
+    /// Writes `want` and checks that the kernel reads it back.
+    fn put(&self, want: &Knobs) -> Result<(), RealKsmError> {
+        self.ksm.apply(&Target::from(want))?;
         let now = self.ksm.read()?;
-        if now != self.found {
-            return Err(RealKsmError::NotAsFound { found: self.found.clone(), now });
-        }
-        Ok(())
-    }
-
-    fn put_back_smart_scan(&self) -> Result<(), RealKsmError> {
-        let Some(found) = self.found_smart_scan else { return Ok(()) };
-        self.ksm.write(SMART_SCAN, found)?;
-        let now = self.ksm.read_counter(SMART_SCAN)?;
-        if now != Some(found) {
-            return Err(RealKsmError::SmartScanNotAsFound { found, now });
+        if now != *want {
+            return Err(RealKsmError::NotAsWanted { want: want.clone(), now });
         }
         Ok(())
     }
@@ -133,11 +112,9 @@ impl RealKsm {
     pub fn restore(&mut self) -> Result<(), RealKsmError> {
         let cleaned = self.clean(Duration::from_secs(120));
         // Even if unmerging failed, the knobs go back.
-        let put = self.put_back();
-        let smart = self.put_back_smart_scan();
+        let put = self.put(&self.found);
         cleaned?;
         put?;
-        smart?;
         self.restored = true;
         Ok(())
     }

@@ -81,8 +81,13 @@ pub struct Scratch {
     pub dir: TempDir,
 }
 
-pub const INITIAL: [(&str, &str); 4] =
-    [("run", "0\n"), ("pages_to_scan", "100\n"), ("sleep_millisecs", "20\n"), ("advisor_mode", "[none] scan-time\n")];
+pub const INITIAL: [(&str, &str); 5] = [
+    ("run", "0\n"),
+    ("pages_to_scan", "100\n"),
+    ("sleep_millisecs", "20\n"),
+    ("advisor_mode", "[none] scan-time\n"),
+    ("smart_scan", "1\n"),
+];
 
 /// 4 GiB of anonymous memory: aggressive scans 104857 pages, standard 10485, slow 2097.
 pub const ANON_KB: u64 = 4 * 1024 * 1024;

@@ -266,7 +266,7 @@ async fn main_async(plan: Plan) -> Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    eprintln!("real KSM as found: {:?}, smart_scan {:?} (restored at the end)", real.found(), real.found_smart_scan());
+    eprintln!("real KSM as found: {:?} (restored at the end)", real.found());
     if plan.smoke {
         // A smoke run checks the machinery; with smart_scan on, whether its two processes merge
         // at all is a lottery of scan phases (see kernel_bench::real_ksm).
@@ -670,6 +670,7 @@ async fn run_one(plan: &Plan, real: &RealKsm, mode: BenchMode, kind: WorkloadKin
                 pages_to_scan: Some(pages),
                 sleep_millisecs: Some(sleep),
                 advisor_mode,
+                smart_scan: None,
             })?;
         }
         (None, None) => bail!("{} has neither a daemon nor fixed knobs", mode.name()),
