@@ -602,8 +602,9 @@ async fn run() -> Result<()> {
             "cpu_per_call": cpu.per_call(many_calls)?,
         }),
     );
-    // Let the bus tell the daemon about a thousand departures before looking at its memory.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the bus tell the daemon about a thousand departures, and the daemon trim its heap
+    // (1 s after a burst, src/heap.rs), before looking at its memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let total_kicks = kick_count(&conn_a).await?;
     let after_many = procfs::footprint(a.pid())?;
     out.insert("after_many_clients".into(), footprint_json(after_many));

@@ -6,6 +6,10 @@
 /// Concurrent calls that count as a burst worth trimming after (an ordinary Kick is one).
 pub const BURST: usize = 64;
 
+/// How long after a burst's last call the heap is trimmed: long enough for the tasks that
+/// served it to end and the replies queued for the bus to be written and freed.
+pub const TRIM_AFTER_BURST: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Returns free heap pages to the kernel (`malloc_trim(3)`); a no-op off glibc.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
