@@ -411,14 +411,18 @@ impl Engine {
             }
             Command::SetMode(mode, reply) => {
                 let setting = self.policy.setting();
-                let result = self.step(|p, now| p.set_mode(mode, now)).and_then(|()| {
-                    // The same setting under another mode: only what the mode adds may differ.
-                    if self.policy.setting() == setting && self.saved.is_some() {
-                        let smart_scan = self.target_for(setting)?.smart_scan;
-                        self.config.ksm.apply(&Target { smart_scan, ..Target::default() })?;
+                let result = self.step(|p, now| p.set_mode(mode, now));
+                // The same setting under another mode: only what the mode adds may differ. The
+                // mode has changed by now, so a failure here is logged, not returned.
+                if result.is_ok() && self.policy.setting() == setting && self.saved.is_some() {
+                    let smart_scan = self.target_for(setting).map(|t| t.smart_scan);
+                    let applied = smart_scan.and_then(|smart_scan| {
+                        Ok(self.config.ksm.apply(&Target { smart_scan, ..Target::default() })?)
+                    });
+                    if let Err(e) = applied {
+                        tracing::error!(mode = %mode, "smart_scan for the new mode: {e}");
                     }
-                    Ok(())
-                });
+                }
                 let _ = reply.send(result);
             }
             Command::Reload(durations, profiles, reply) => {
