@@ -603,8 +603,8 @@ async fn run() -> Result<()> {
         }),
     );
     // Let the bus tell the daemon about a thousand departures, and the daemon trim its heap
-    // (1 s after a burst, src/heap.rs), before looking at its memory.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // (src/heap.rs), before looking at its memory.
+    tokio::time::sleep(kata_ksm_throttler::heap::TRIM_AFTER_BURST + Duration::from_secs(1)).await;
     let total_kicks = kick_count(&conn_a).await?;
     let after_many = procfs::footprint(a.pid())?;
     out.insert("after_many_clients".into(), footprint_json(after_many));

@@ -415,11 +415,8 @@ impl Engine {
                 // The same setting under another mode: only what the mode adds may differ. The
                 // mode has changed by now, so a failure here is logged, not returned.
                 if result.is_ok() && self.policy.setting() == setting && self.saved.is_some() {
-                    let smart_scan = self.target_for(setting).map(|t| t.smart_scan);
-                    let applied = smart_scan.and_then(|smart_scan| {
-                        Ok(self.config.ksm.apply(&Target { smart_scan, ..Target::default() })?)
-                    });
-                    if let Err(e) = applied {
+                    let smart_scan = self.smart_scan_for(setting);
+                    if let Err(e) = self.config.ksm.apply(&Target { smart_scan, ..Target::default() }) {
                         tracing::error!(mode = %mode, "smart_scan for the new mode: {e}");
                     }
                 }
@@ -544,15 +541,7 @@ impl Engine {
     fn target_for(&self, setting: Setting) -> Result<Target, EngineError> {
         // The advisor would fight (and refuse) our pages_to_scan: off while we drive.
         let advisor_off = self.saved.as_ref().and_then(|k| k.advisor_mode.as_ref()).map(|_| ADVISOR_NONE.to_string());
-        // smart_scan visits a page that has not merged for a while only every few scans (up to
-        // every 9th), so a new VM whose twin has aged alone merges only when both happen to be
-        // visited in one scan: adaptive turns it off for its short aggressive burst and puts the
-        // administrator's value back for every other setting.
-        let found_smart_scan = self.saved.as_ref().and_then(|k| k.smart_scan);
-        let smart_scan = match (self.policy.mode(), setting) {
-            (Mode::Adaptive, Setting::Aggressive) => found_smart_scan.map(|_| 0),
-            _ => found_smart_scan,
-        };
+        let smart_scan = self.smart_scan_for(setting);
         Ok(match self.config.profiles.get(setting) {
             Some(profile) => {
                 let anon = meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?;
@@ -566,6 +555,18 @@ impl Engine {
             }
             None => Target { run: Some(0), smart_scan, ..Target::default() },
         })
+    }
+
+    /// smart_scan visits a page that has not merged for a while only every few scans (up to
+    /// every 9th), so a new VM whose twin has aged alone merges only when both happen to be
+    /// visited in one scan: adaptive turns it off for its short aggressive burst; every other
+    /// setting and mode gets the administrator's value. `None` leaves it alone.
+    fn smart_scan_for(&self, setting: Setting) -> Option<u8> {
+        let found = self.saved.as_ref().and_then(|k| k.smart_scan);
+        match (self.policy.mode(), setting) {
+            (Mode::Adaptive, Setting::Aggressive) => found.map(|_| 0),
+            _ => found,
+        }
     }
 
     /// Puts the administrator's settings back if they were changed; they stay recorded (in
