@@ -36,6 +36,16 @@ impl FromStr for BusArg {
 }
 
 impl BusArg {
+    /// The address of an existing bus (`Private` has none until the caller starts it).
+    pub fn address(&self) -> zbus::Result<zbus::Address> {
+        match self {
+            BusArg::System => zbus::Address::system(),
+            BusArg::Session => zbus::Address::session(),
+            BusArg::Address(a) => a.parse(),
+            BusArg::Private => Err(zbus::Error::Address("a private bus has no address until it is started".into())),
+        }
+    }
+
     /// A connection builder for an existing bus (`Private` has none: the caller starts it).
     pub fn builder(&self) -> zbus::Result<zbus::connection::Builder<'static>> {
         Ok(match self {

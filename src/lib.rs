@@ -6,6 +6,7 @@
 
 pub mod authorize;
 pub mod bus_error;
+pub mod bus_socket;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -7,6 +7,7 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
 use kata_ksm_throttler::authorize::Authority;
+use kata_ksm_throttler::bus_socket::BusSocket;
 use kata_ksm_throttler::cli::{Args, BusArg};
 use kata_ksm_throttler::config::{ConfigError, Settings};
 use kata_ksm_throttler::engine::{Config, Ended, Engine};
@@ -16,6 +17,16 @@ use kata_ksm_throttler::service::{self, Throttler, BUS_NAME, INTERFACE, OBJECT_P
 use kata_ksm_throttler::state_file::{StateError, StateFile};
 use kata_ksm_throttler::sysfs::Ksm;
 use kata_ksm_throttler::{logging, meminfo};
+
+/// A unix socket bus on a [`BusSocket`] (no wake-up after each message sent), any other
+/// transport as zbus connects it.
+async fn connect(address: zbus::Address) -> zbus::Result<zbus::Connection> {
+    let builder = match BusSocket::connect(&address).await {
+        Some(socket) => zbus::connection::Builder::socket(socket?),
+        None => zbus::connection::Builder::address(address),
+    };
+    builder.build().await
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -65,21 +76,21 @@ async fn run(args: Args) -> Result<()> {
     })?;
 
     let private_bus;
-    let builder = match &args.bus {
+    let address = match &args.bus {
         BusArg::Private => {
             let bus =
                 PrivateBus::start(&BusConfig { policy_texts: vec![PROJECT_POLICY.into()], ..BusConfig::default() })
                     .context("starting a private dbus-daemon")?;
-            let builder = zbus::connection::Builder::address(bus.address());
+            let address = bus.address().parse().context("the private bus's address")?;
             private_bus = Some(bus);
-            builder
+            address
         }
         other => {
             private_bus = None;
-            other.builder().context("--bus")?
+            other.address().context("--bus")?
         }
     };
-    let conn = builder.build().await.map_err(|e| match args.bus {
+    let conn = connect(address).await.map_err(|e| match args.bus {
         BusArg::System => {
             anyhow!("cannot connect to the system bus ({e}); on a host without one, run with --bus private")
         }

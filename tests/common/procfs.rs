@@ -22,10 +22,27 @@ pub fn footprint(pid: u32) -> io::Result<Footprint> {
     Ok(Footprint { vm_rss_kib: field("VmRSS")?, vm_hwm_kib: field("VmHWM")?, threads: field("Threads")? })
 }
 
-/// Voluntary plus involuntary context switches of every thread of `pid`: each time one of its
-/// threads went off the CPU, i.e. (for an idle daemon) each wake-up.
-pub fn context_switches(pid: u32) -> io::Result<u64> {
-    let mut sum = 0;
+/// Context switches of every thread of `pid`, summed: each time one of its threads went off the
+/// CPU. Voluntary ones are the thread blocking (for an idle daemon, each is a wake-up to come);
+/// involuntary ones are the scheduler preempting it while it ran.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Switches {
+    pub voluntary: u64,
+    pub involuntary: u64,
+}
+
+impl Switches {
+    pub fn total(self) -> u64 {
+        self.voluntary + self.involuntary
+    }
+
+    pub fn since(self, before: Switches) -> Switches {
+        Switches { voluntary: self.voluntary - before.voluntary, involuntary: self.involuntary - before.involuntary }
+    }
+}
+
+pub fn context_switches(pid: u32) -> io::Result<Switches> {
+    let mut sum = Switches::default();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let status = match std::fs::read_to_string(task?.path().join("status")) {
             Ok(s) => s,
@@ -34,12 +51,14 @@ pub fn context_switches(pid: u32) -> io::Result<u64> {
             Err(e) => return Err(e),
         };
         for line in status.lines() {
-            let value = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"));
-            if let Some(v) = value {
-                sum += v.trim().parse::<u64>().map_err(|e| io::Error::other(format!("{line:?}: {e}")))?;
-            }
+            let (field, value) = if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                (&mut sum.voluntary, v)
+            } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                (&mut sum.involuntary, v)
+            } else {
+                continue;
+            };
+            *field += value.trim().parse::<u64>().map_err(|e| io::Error::other(format!("{line:?}: {e}")))?;
         }
     }
     Ok(sum)
