@@ -30,6 +30,25 @@ fn watch(stream: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixStrea
     Ok(unsafe { AsyncFd::register_with_interest(stream, interest) }?)
 }
 
+/// How long a bus whose listen backlog stays full is tried again for (the D-Bus default call
+/// timeout): at boot, many clients connect to the system bus at once.
+const BACKLOG_FULL_FOR: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// Tokio's connect never blocks: on Linux a listener whose backlog is full turns it away at once
+/// (`EAGAIN`) where a blocking connect would wait for room. So it is tried again every 20 ms, as
+/// zbus does with its own sockets.
+async fn connect_unix(path: &std::path::Path) -> io::Result<tokio::net::UnixStream> {
+    let start = tokio::time::Instant::now();
+    loop {
+        match tokio::net::UnixStream::connect(path).await {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed() < BACKLOG_FULL_FOR => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct BusSocket {
     fd: Arc<AsyncFd<UnixStream>>,
@@ -41,8 +60,7 @@ impl BusSocket {
     pub async fn connect(address: &zbus::Address) -> Option<io::Result<Self>> {
         let Transport::Unix(unix) = address.transport() else { return None };
         let UnixSocket::File(path) = unix.path() else { return None };
-        // Tokio's connect does not block on a listener whose backlog is full.
-        Some(async { Self::new(tokio::net::UnixStream::connect(path).await?.into_std()?) }.await)
+        Some(async { Self::new(connect_unix(path).await?.into_std()?) }.await)
     }
 
     /// Takes over a connected stream.
@@ -243,6 +261,32 @@ mod tests {
         let mut got = vec![0; msg.data().len()];
         theirs.read_exact(&mut got).expect("read");
         assert_eq!(&got[..], &msg.data()[..]);
+    }
+
+    #[tokio::test]
+    async fn a_bus_whose_backlog_is_full_is_tried_again_until_it_has_room() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bus");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        // Fill the listen backlog: connects that nobody accepts, until one is turned away.
+        let mut pending = Vec::new();
+        loop {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(s) => pending.push(s),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("connect: {e}"),
+            }
+            assert!(pending.len() < 10_000, "the backlog never filled");
+        }
+        let connecting = tokio::spawn(async move { connect_unix(&path).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!connecting.is_finished(), "a full backlog is waited out, not an error");
+        let _accepted = listener.accept().expect("accept");
+        let stream = tokio::time::timeout(std::time::Duration::from_secs(5), connecting)
+            .await
+            .expect("connected once there was room")
+            .expect("task");
+        assert!(stream.is_ok(), "{stream:?}");
     }
 
     #[tokio::test]
