@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use zbus::fdo::DBusProxy;
 use zbus::message::{Flags, Header};
-use zbus::names::{BusName, OwnedUniqueName};
+use zbus::names::{BusName, UniqueName};
 use zbus::Connection;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
@@ -70,7 +70,7 @@ impl Authority {
     pub async fn check(&self, header: &Header<'_>, action: Action) -> Result<(), BusError> {
         let sender =
             header.sender().ok_or_else(|| BusError::AccessDenied("the call has no sender to authorize".into()))?;
-        if self.uid_of(sender.to_owned().into()).await? == 0 {
+        if self.uid_of(sender).await? == 0 {
             return Ok(());
         }
         let interactive = header.primary().flags().contains(Flags::ALLOW_INTERACTIVE_AUTH);
@@ -101,7 +101,7 @@ impl Authority {
         }
     }
 
-    async fn uid_of(&self, sender: OwnedUniqueName) -> Result<u32, BusError> {
+    async fn uid_of(&self, sender: &UniqueName<'_>) -> Result<u32, BusError> {
         let id = CallerId::parse(sender.as_str());
         if let Some(uid) = id.and_then(|id| self.cache().get(&id).copied()) {
             return Ok(uid);

@@ -156,8 +156,8 @@ impl Writer {
     /// Waits for room in the socket buffer, watching a duplicate of the socket for writing for
     /// as long as the wait lasts (one descriptor cannot be registered twice).
     async fn room(&self) -> io::Result<()> {
-        let watch = watch(self.fd.get_ref().try_clone()?, Interest::WRITABLE)?;
-        let _ready = watch.writable().await?;
+        let writable = watch(self.fd.get_ref().try_clone()?, Interest::WRITABLE)?;
+        let _ready = writable.writable().await?;
         Ok(())
     }
 
