@@ -456,7 +456,10 @@ impl Drop for Immutable {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_knob_that_turns_read_only_fails_the_timer_step_which_is_logged_and_retried() {
-    let s = setup(&["--aggressive-duration", "300ms"]).await;
+    // Aggressive lasts long enough for the knobs to be read and the file made immutable after
+    // the kick's reply while the other tests here load both cores (at 300 ms, a CI run once saw
+    // the step down to standard first).
+    let s = setup(&["--aggressive-duration", "2s"]).await;
     s.proxy.kick().await.expect("kick");
     assert_eq!(s.scratch.knobs(), expected(10, 1));
 
