@@ -3,7 +3,7 @@
 //! zbus registers the sockets it opens for reading and for writing, edge-triggered. The kernel
 //! then reports write space each time the bus reads what the daemon sent, so every signal the
 //! daemon sends on its own (a step's `PropertiesChanged`) woke its thread a second time, for
-//! nothing (README, "Performance"). Here a write goes straight to the socket, and only a full
+//! nothing (docs/performance.md). Here a write goes straight to the socket, and only a full
 //! socket buffer is waited for, on a registration made for that wait alone. Reads are buffered
 //! as zbus's own are: one `read` brings in as many messages as have arrived.
 //!

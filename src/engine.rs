@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::config::Profiles;
 use crate::meminfo::{self, MeminfoError};
-use crate::policy::{Counters, Durations, Policy, Transition};
+use crate::policy::{resize_needed, Counters, Durations, Policy, Transition};
 use crate::setting::{Mode, Setting};
 use crate::state_file::{Handover, StateError, StateFile};
 use crate::sysfs::{Knobs, Ksm, SysfsError, Target, ADVISOR_NONE};
@@ -151,6 +151,8 @@ pub struct Engine {
     policy: Policy,
     /// The administrator's settings while the throttler has changed anything; also on disk.
     saved: Option<Knobs>,
+    /// The AnonPages (in pages) the setting in force was sized on, if it has a profile.
+    sized_on: Option<u64>,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
     /// `None`: tokio's timer (which tests can pause).
@@ -185,6 +187,7 @@ impl Engine {
             config,
             policy,
             saved: None,
+            sized_on: None,
             status: status_tx,
             commands: rx,
             idle: None,
@@ -288,8 +291,7 @@ impl Engine {
         } else {
             // In force already; applied again so that what the bus shows is what is in force
             // even if something touched KSM in between.
-            let target = self.target_for(self.policy.setting())?;
-            self.config.ksm.apply(&target)?;
+            self.put_in_force(self.policy.setting())?;
         }
         Ok(true)
     }
@@ -406,7 +408,14 @@ impl Engine {
                     s.kick_count += 1;
                     false
                 });
+                let before = self.policy.setting();
                 let result = self.step(|p, now| p.kick(now));
+                // A kick that moved nothing (a storm, a pinned setting) still means new memory.
+                if result.is_ok() && self.policy.setting() == before {
+                    if let Err(e) = self.resize_if_moved() {
+                        tracing::error!("sizing {before} again for the kick: {e}");
+                    }
+                }
                 let _ = reply.send(result);
             }
             Command::SetMode(mode, reply) => {
@@ -453,16 +462,27 @@ impl Engine {
             tracing::error!("step down failed, retrying in {}s: {e}", RETRY_AFTER.as_secs());
             self.policy.postpone(now + RETRY_AFTER);
         }
+        if self.policy.resize_at().is_some_and(|at| at <= now) {
+            let resized = self.resize_if_moved().unwrap_or_else(|e| {
+                tracing::error!("sizing {} again: {e}", self.policy.setting());
+                false
+            });
+            self.policy.resize_checked(now, resized);
+        }
         self.note_activity();
         self.publish();
     }
 
     fn read_counters(&self) -> Result<Counters, SysfsError> {
         let ksm = &self.config.ksm;
-        Ok(Counters {
-            full_scans: ksm.read_counter("full_scans")?.unwrap_or(0).max(0) as u64,
-            pages_sharing: ksm.read_counter("pages_sharing")?.unwrap_or(0).max(0) as u64,
-        })
+        let read = |name| -> Result<u64, SysfsError> { Ok(ksm.read_counter(name)?.unwrap_or(0).max(0) as u64) };
+        Ok(Counters::new(
+            read("full_scans")?,
+            read("pages_shared")?,
+            read("pages_sharing")?,
+            read("pages_unshared")?,
+            read("pages_volatile")?,
+        ))
     }
 
     /// Runs one policy event and applies its transition; on failure the policy is left as it was,
@@ -483,8 +503,7 @@ impl Engine {
                 // A step that failed half-way may have paused ksmd (run=0) or changed one scan
                 // knob of two: put the setting in force back, so what is shown is what runs.
                 let setting = self.policy.setting();
-                let target = self.target_for(setting);
-                if let Err(e) = target.and_then(|t| Ok(self.config.ksm.apply(&t)?)) {
+                if let Err(e) = self.put_in_force(setting) {
                     tracing::error!(setting = %setting, "putting the setting in force back: {e}");
                 }
             }
@@ -501,7 +520,7 @@ impl Engine {
         self.config.durations = durations;
         tracing::info!("configuration reloaded");
         if changed {
-            self.config.ksm.apply(&self.target_for(setting)?)?;
+            self.put_in_force(setting)?;
             tracing::info!(setting = %setting, "new profile applied to the setting in force");
         }
         Ok(())
@@ -512,15 +531,13 @@ impl Engine {
             self.restore(&format!("{} -> initial", t.from))?;
             self.config.ksm.read()?
         } else {
-            let ksm = &self.config.ksm;
             if self.saved.is_none() {
-                let knobs = ksm.read()?;
+                let knobs = self.config.ksm.read()?;
                 self.config.state.save(&knobs)?;
                 self.saved = Some(knobs);
             }
-            let target = self.target_for(t.to)?;
-            ksm.apply(&target)?;
-            ksm.read()?
+            self.put_in_force(t.to)?;
+            self.config.ksm.read()?
         };
         tracing::info!(
             from = %t.from,
@@ -538,29 +555,62 @@ impl Engine {
         Ok(())
     }
 
-    fn target_for(&self, setting: Setting) -> Result<Target, EngineError> {
+    /// Writes `setting` (a throttling one, or `off`), sized on AnonPages as it is now.
+    fn put_in_force(&mut self, setting: Setting) -> Result<(), EngineError> {
+        let anon = match self.config.profiles.get(setting) {
+            Some(_) => Some(meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?),
+            None => None,
+        };
+        self.config.ksm.apply(&self.target_for(setting, anon))?;
+        self.sized_on = anon;
+        Ok(())
+    }
+
+    /// Sizes the setting in force again if AnonPages moved by more than a fair share since it
+    /// was sized (see [`crate::policy::resize_needed`]); `Ok(true)` if it did.
+    fn resize_if_moved(&mut self) -> Result<bool, EngineError> {
+        let setting = self.policy.setting();
+        let Some(sized_on) = self.sized_on.filter(|_| self.saved.is_some()) else { return Ok(false) };
+        if self.config.profiles.get(setting).is_none() {
+            return Ok(false);
+        }
+        let anon = meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?;
+        if !resize_needed(sized_on, anon) {
+            return Ok(false);
+        }
+        self.put_in_force(setting)?;
+        tracing::info!(
+            setting = %setting,
+            anon_pages_before = sized_on,
+            anon_pages = anon,
+            "AnonPages moved: {setting} sized again"
+        );
+        Ok(true)
+    }
+
+    /// What `setting` writes; `anon`: AnonPages, for a setting with a profile.
+    fn target_for(&self, setting: Setting, anon: Option<u64>) -> Target {
         // The advisor would fight (and refuse) our pages_to_scan: off while we drive.
         let advisor_off = self.saved.as_ref().and_then(|k| k.advisor_mode.as_ref()).map(|_| ADVISOR_NONE.to_string());
         let smart_scan = self.smart_scan_for(setting);
-        Ok(match self.config.profiles.get(setting) {
-            Some(profile) => {
-                let anon = meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?;
-                Target {
-                    run: Some(1),
-                    pages_to_scan: Some(profile.pages_to_scan(anon)),
-                    sleep_millisecs: Some(profile.sleep_millisecs.into()),
-                    advisor_mode: advisor_off,
-                    smart_scan,
-                }
-            }
-            None => Target { run: Some(0), smart_scan, ..Target::default() },
-        })
+        match (self.config.profiles.get(setting), anon) {
+            (Some(profile), Some(anon)) => Target {
+                run: Some(1),
+                pages_to_scan: Some(profile.pages_to_scan(anon)),
+                sleep_millisecs: Some(profile.sleep_millisecs.into()),
+                advisor_mode: advisor_off,
+                smart_scan,
+            },
+            _ => Target { run: Some(0), smart_scan, ..Target::default() },
+        }
     }
 
     /// smart_scan visits a page that has not merged for a while only every few scans (up to
     /// every 9th), so a new VM whose twin has aged alone merges only when both happen to be
-    /// visited in one scan: adaptive turns it off for its short aggressive burst; every other
-    /// setting and mode gets the administrator's value. `None` leaves it alone.
+    /// visited in one scan: adaptive turns it off while aggressive. Every other setting and
+    /// mode gets the administrator's value: with it off at the standard pace, confirming that
+    /// 8 settled guests had settled cost twice the CPU (measured, docs/performance.md).
+    /// `None` leaves it alone.
     fn smart_scan_for(&self, setting: Setting) -> Option<u8> {
         let found = self.saved.as_ref().and_then(|k| k.smart_scan);
         match (self.policy.mode(), setting) {
@@ -582,6 +632,7 @@ impl Engine {
                 "initial KSM settings restored ({why})"
             );
             self.saved = None;
+            self.sized_on = None;
         }
         Ok(())
     }

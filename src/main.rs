@@ -106,8 +106,7 @@ async fn run(args: Args) -> Result<()> {
         durations: settings.durations,
         profiles: settings.profiles,
     };
-    let (engine, handle, status) = Engine::new(config);
-    let mut engine = engine.with_timerfd().context("creating the step timer (timerfd)")?;
+    let (mut engine, handle, status) = Engine::new(config);
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
     let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size());
     let calls = throttler.calls();
@@ -170,10 +169,17 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut done = run_engine(engine, stopped)?;
     let ended = tokio::select! {
-        ended = engine.run(shutdown) => ended.context("KSM settings")?,
+        ended = &mut done => ended,
+        () = shutdown => {
+            let _ = stop.send(());
+            (&mut done).await
+        }
         () = edge => unreachable!("the edge task never completes"),
     };
+    let ended = ended.map_err(|_| anyhow!("the engine's thread ended without a word"))??;
     match ended {
         Ended::Shutdown => {}
         Ended::Idle => tracing::info!("exiting on idle; the next call starts the throttler again"),
@@ -187,6 +193,33 @@ async fn run(args: Args) -> Result<()> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Runs the engine on a thread of its own until `stopped` (or until it ends by itself), and
+/// returns its outcome. sysfs writes block: writing `run` waits for ksmd's batch under way
+/// (the kernel's `ksm_thread_mutex`), seconds when ksmd is starved of CPU by busy vCPUs, and
+/// the bus must keep answering meanwhile (properties come from the published status).
+fn run_engine(
+    engine: Engine,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+) -> Result<tokio::sync::oneshot::Receiver<Result<Ended>>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the engine's runtime")?;
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            let ended = runtime.block_on(async move {
+                // The timerfd is registered with this runtime's reactor, so made here.
+                let engine = engine.with_timerfd().context("creating the step timer (timerfd)")?;
+                let stop = async {
+                    let _ = stopped.await;
+                };
+                engine.run(stop).await.context("KSM settings")
+            });
+            let _ = tx.send(ended);
+        })
+        .context("starting the engine's thread")?;
+    Ok(rx)
 }
 
 /// How long an instance started by the bus waits for one that is exiting on idle; under the bus's

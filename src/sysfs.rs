@@ -174,7 +174,10 @@ impl Ksm {
     /// - the advisor is turned off first (while it scans by time, pages_to_scan refuses writes, and
     ///   turning it off resets pages_to_scan), and is put back last;
     /// - a running ksmd is paused (`run` = 0, merged pages kept) while its two scan knobs change,
-    ///   and `run` is written after them, so it never runs on half a setting;
+    ///   and `run` is written after them, so it never runs on half a setting. One scan knob
+    ///   alone (a setting sized again for new memory) is written as it runs: one write is never
+    ///   half a setting, and a `run` write waits for ksmd's batch under way (the kernel's
+    ///   `ksm_thread_mutex`), seconds when ksmd is starved of CPU;
     /// - `smart_scan` is written before `run`, so a scan started by it already skips (or not).
     pub fn apply(&self, target: &Target) -> Result<u32, SysfsError> {
         let mut writes = 0;
@@ -197,7 +200,7 @@ impl Ksm {
         let pages = target.pages_to_scan.filter(|&v| v != cur.pages_to_scan);
         let sleep = target.sleep_millisecs.filter(|&v| v != cur.sleep_millisecs);
         let mut run_now = cur.run;
-        if run_now == 1 && (pages.is_some() || sleep.is_some()) {
+        if run_now == 1 && pages.is_some() && sleep.is_some() {
             self.write(RUN, 0)?;
             writes += 1;
             run_now = 0;
@@ -345,6 +348,17 @@ mod tests {
             (read(RUN), read(PAGES_TO_SCAN), read(SLEEP_MILLISECS)),
             ("1\n".into(), "5000\n".into(), "1\n".into())
         );
+    }
+
+    #[test]
+    fn one_scan_knob_alone_is_written_without_pausing_ksmd() {
+        let (d, ksm) = scratch("1\n", "100\n", "20\n", None);
+        let t = Target { run: Some(1), pages_to_scan: Some(5000), sleep_millisecs: Some(20), ..Target::default() };
+        assert_eq!(ksm.apply(&t).expect("apply"), 1, "pages_to_scan only: no run=0, no run=1");
+        let read = |n: &str| std::fs::read_to_string(d.path().join(n)).expect("read");
+        assert_eq!((read(RUN), read(PAGES_TO_SCAN)), ("1\n".into(), "5000\n".into()));
+        let t = Target { sleep_millisecs: Some(1), ..t };
+        assert_eq!(ksm.apply(&t).expect("apply"), 1, "sleep_millisecs only");
     }
 
     #[test]

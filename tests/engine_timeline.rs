@@ -111,6 +111,40 @@ async fn settings_are_computed_from_anon_pages_when_applied() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn pages_to_scan_follows_memory_that_arrives_after_the_kick() {
+    let scratch = Scratch::new();
+    let anon = |kb: u64| std::fs::write(scratch.meminfo(), format!("AnonPages: {kb} kB\n")).expect("write");
+    let pages = |kb: u64, divisor: u64| kb * 1024 / kata_ksm_throttler::meminfo::page_size() / divisor;
+    anon(1 << 20);
+    let r = start(&scratch, Mode::Throttle);
+    r.handle.kick().await.expect("kick");
+    assert_eq!(scratch.knobs(), (1, pages(1 << 20, 10), 1), "sized on the memory at the kick");
+    // A guest boots: 1 GiB more arrives; the next size check (1 s after the kick) follows.
+    anon(2 << 20);
+    sleep(S + MS).await;
+    assert_eq!(scratch.knobs(), (1, pages(2 << 20, 10), 1));
+    // A move of a tenth is not worth a write: the marker stays.
+    std::fs::write(scratch.ksm().join("pages_to_scan"), "3\n").expect("mark");
+    anon((2 << 20) + (2 << 20) / 10);
+    sleep(20 * S).await;
+    assert_eq!(scratch.knob("pages_to_scan"), "3\n");
+    // A kick reads it again at once (here, memory doubled since the last size).
+    anon(4 << 20);
+    r.handle.kick().await.expect("kick");
+    assert_eq!(scratch.knobs(), (1, pages(4 << 20, 10), 1));
+    assert_eq!(setting(&r), Setting::Aggressive);
+    // Every later setting is sized when applied, and followed too.
+    sleep(30 * S + MS).await;
+    assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, (1, pages(4 << 20, 100), 10)));
+    anon(8 << 20);
+    sleep(2 * S).await;
+    assert_eq!(scratch.knobs(), (1, pages(8 << 20, 100), 10));
+    r.stop.send(()).expect("stop");
+    r.task.await.expect("join").expect("clean exit");
+    assert_eq!(scratch.knobs(), (0, 100, 20), "restored on exit");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_step_down_is_retried_and_the_status_stays_true() {
     let scratch = Scratch::new();
     let r = start(&scratch, Mode::Throttle);
@@ -171,19 +205,23 @@ async fn a_storm_of_kicks_costs_no_sysfs_write_after_the_first() {
 #[tokio::test(start_paused = true)]
 async fn adaptive_follows_the_counters_in_the_files() {
     let scratch = Scratch::new();
-    let counters = |scans: u64, sharing: u64| {
+    // Merged pages leave pages_unshared for pages_sharing: what ksmd tracks in all only grows
+    // when new memory arrives.
+    let counters = |scans: u64, sharing: u64, tracked: u64| {
         std::fs::write(scratch.ksm().join("full_scans"), format!("{scans}\n")).expect("write");
         std::fs::write(scratch.ksm().join("pages_sharing"), format!("{sharing}\n")).expect("write");
+        std::fs::write(scratch.ksm().join("pages_unshared"), format!("{}\n", tracked - sharing)).expect("write");
     };
-    counters(0, 0);
+    counters(0, 0, 0);
     let before = scratch.snapshot();
     let r = start(&scratch, Mode::Adaptive);
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knobs(), expected(10, 1));
     assert_eq!(scratch.knob("smart_scan"), "0\n", "every page visited every scan while aggressive");
-    // Scans 1 to 3 (the third merges), then a quiet fourth: standard within one sample.
+    // Scans 1 to 3 (the second sees the new memory, the third merges it), then a quiet fourth:
+    // standard within one sample.
     for (scans, sharing) in [(1, 0), (2, 0), (3, 500_000), (4, 500_100)] {
-        counters(scans, sharing);
+        counters(scans, sharing, if scans == 1 { 0 } else { 1_000_000 });
         sleep(100 * MS).await;
     }
     sleep(MS).await;
@@ -191,12 +229,25 @@ async fn adaptive_follows_the_counters_in_the_files() {
     assert_eq!(scratch.knob("smart_scan"), "1\n", "the administrator's smart_scan back once stepped down");
     sleep(2 * S).await;
     assert_eq!(setting(&r), Setting::Standard, "no scan finished: nothing confirmed");
-    // A quiet scan at the standard pace confirms: back to the initial settings.
-    counters(5, 500_100);
-    sleep(251 * MS).await;
+    // Memory arriving (the pages ksmd tracks grow, 100,000 a second): no confirmation.
+    for (scans, tracked) in [(5, 1_100_000), (6, 1_200_000), (7, 1_300_000)] {
+        counters(scans, 500_100, tracked);
+        sleep(S).await;
+    }
+    assert_eq!(setting(&r), Setting::Standard, "arriving memory keeps the standard pace");
+    // Settled scans at the standard pace for SETTLED_FOR confirm: back to the initial settings.
+    for scans in 8..=9 {
+        counters(scans, 500_100, 1_300_000);
+        sleep(S).await;
+    }
+    assert_eq!(setting(&r), Setting::Standard, "two settled scans, but within SETTLED_FOR");
+    for scans in 10..=11 {
+        counters(scans, 500_100, 1_300_000);
+        sleep(S).await;
+    }
     assert_eq!(setting(&r), Setting::Initial);
     // The counter files are our own scratch ones: restore them to compare the knobs.
-    counters(0, 0);
+    counters(0, 0, 0);
     assert_eq!(scratch.snapshot(), before);
     r.stop.send(()).expect("stop");
     r.task.await.expect("join").expect("clean exit");
@@ -218,6 +269,8 @@ async fn smart_scan_is_off_only_while_adaptive_is_aggressive() {
     r.handle.set_mode(Mode::Adaptive).await.expect("adaptive");
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knob("smart_scan"), "0\n");
+    sleep(30 * S + MS).await;
+    assert_eq!((setting(&r), scratch.knob("smart_scan")), (Setting::Standard, "1\n".into()), "as found");
     r.stop.send(()).expect("stop");
     r.task.await.expect("join").expect("clean exit");
     assert_eq!((scratch.knobs(), scratch.knob("smart_scan")), ((0, 100, 20), "1\n".into()), "restored on exit");

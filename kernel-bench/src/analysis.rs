@@ -10,6 +10,10 @@ pub const PROCESS_MERGED: f64 = 0.95;
 pub const TARGET_T95_RATIO: f64 = 1.2;
 pub const TARGET_CPU_RATIO: f64 = 0.25;
 pub const TARGET_NEW_PROCESS_S: f64 = 3.0;
+/// The real-guest targets (issue 12): adaptive keeps this share of the timeline's saved MiB·s
+/// for at most this share of its ksmd CPU.
+pub const VM_TARGET_SAVED_RATIO: f64 = 0.95;
+pub const VM_TARGET_CPU_RATIO: f64 = 0.5;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -199,6 +203,49 @@ pub fn targets(workload: &str, throttle: &Summary, adaptive: &Summary, staggered
     out
 }
 
+/// Adaptive against throttle (and the kernel's advisor, if run) on real guests.
+pub fn vm_targets(workload: &str, throttle: &Summary, adaptive: &Summary, advisor: Option<&Summary>) -> Vec<Verdict> {
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::INFINITY };
+    let saved = ratio(adaptive.saved_mib_s, throttle.saved_mib_s);
+    let cpu = ratio(adaptive.ksmd_cpu_s, throttle.ksmd_cpu_s);
+    let mut out = vec![
+        Verdict {
+            workload: workload.into(),
+            target: format!("adaptive saved MiB·s >= {:.0} % of throttle's", VM_TARGET_SAVED_RATIO * 100.0),
+            measured: format!(
+                "adaptive {:.0}, throttle {:.0} ({:.1} %)",
+                adaptive.saved_mib_s,
+                throttle.saved_mib_s,
+                saved * 100.0
+            ),
+            met: throttle.saved_mib_s > 0.0 && saved >= VM_TARGET_SAVED_RATIO,
+        },
+        Verdict {
+            workload: workload.into(),
+            target: format!("adaptive ksmd CPU <= {:.0} % of throttle's", VM_TARGET_CPU_RATIO * 100.0),
+            measured: format!(
+                "adaptive {:.2} CPU-s, throttle {:.2} CPU-s ({:.1} %)",
+                adaptive.ksmd_cpu_s,
+                throttle.ksmd_cpu_s,
+                cpu * 100.0
+            ),
+            met: cpu <= VM_TARGET_CPU_RATIO,
+        },
+    ];
+    if let Some(adv) = advisor {
+        out.push(Verdict {
+            workload: workload.into(),
+            target: "adaptive beats the kernel's advisor on saved MiB·s and on ksmd CPU".into(),
+            measured: format!(
+                "saved MiB·s {:.0} vs {:.0}, CPU-s {:.2} vs {:.2}",
+                adaptive.saved_mib_s, adv.saved_mib_s, adaptive.ksmd_cpu_s, adv.ksmd_cpu_s
+            ),
+            met: adaptive.saved_mib_s >= adv.saved_mib_s && adaptive.ksmd_cpu_s <= adv.ksmd_cpu_s,
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +340,18 @@ mod tests {
             process_merged_s: procs.to_vec(),
             steps: vec![],
         }
+    }
+
+    #[test]
+    fn vm_targets_are_judged_on_saved_memory_and_cpu_against_throttle_and_the_advisor() {
+        let with = |saved: f64, cpu: f64| Summary { saved_mib_s: saved, ..summary(None, cpu, &[]) };
+        let throttle = with(1000.0, 20.0);
+        let met = vm_targets("v", &throttle, &with(950.0, 10.0), Some(&with(900.0, 11.0)));
+        assert_eq!(met.iter().map(|v| v.met).collect::<Vec<_>>(), [true, true, true]);
+        let missed = vm_targets("v", &throttle, &with(949.0, 10.1), Some(&with(960.0, 5.0)));
+        assert_eq!(missed.iter().map(|v| v.met).collect::<Vec<_>>(), [false, false, false]);
+        assert_eq!(vm_targets("v", &throttle, &with(1.0, 1.0), None).len(), 2, "no advisor run: no verdict on it");
+        assert!(!vm_targets("v", &with(0.0, 1.0), &with(0.0, 0.0), None)[0].met, "nothing saved proves nothing");
     }
 
     #[test]

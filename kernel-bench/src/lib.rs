@@ -6,9 +6,14 @@
 
 pub mod analysis;
 pub mod child;
+pub mod cpio;
+pub mod daemon;
+pub mod guest;
+pub mod modes;
 pub mod plot;
 pub mod real_ksm;
 pub mod report;
 pub mod sample;
+pub mod vm;
 
 pub mod pattern;

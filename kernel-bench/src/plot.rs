@@ -35,6 +35,7 @@ fn color(mode: &str) -> RGBColor {
         "adaptive" => RGBColor(31, 119, 180),
         "kernel-default" => RGBColor(44, 160, 44),
         "flat-out" => RGBColor(255, 127, 14),
+        "advisor" => RGBColor(148, 103, 189),
         _ => RGBColor(90, 90, 90),
     }
 }

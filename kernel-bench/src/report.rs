@@ -31,6 +31,9 @@ pub struct RunRecord {
     pub starts: Vec<Start>,
     pub summary: Summary,
     pub daemon_log: Option<String>,
+    /// Real guests: each one's seconds from launch to ready (`None`: not within the window).
+    #[serde(default)]
+    pub ready_s: Vec<Option<f64>>,
     pub samples: Vec<Sample>,
 }
 
@@ -146,6 +149,95 @@ pub fn details(records: &[RunRecord]) -> String {
             r.kick_count.map_or(String::new(), |k| format!(" (daemon counted {k})")),
             steps.join(", "),
             procs.join(" "),
+        );
+    }
+    out
+}
+
+/// pages_sharing at the end of the window (the last sample within it).
+pub fn final_pages_sharing(r: &RunRecord) -> u64 {
+    r.samples.iter().rev().find(|s| s.t <= r.window_s).map_or(0, |s| s.pages_sharing)
+}
+
+/// Launch-to-ready times as `median / max` seconds, `-` for none, `>` past the window.
+pub fn ready_range(ready: &[Option<f64>]) -> String {
+    if ready.is_empty() {
+        return "-".into();
+    }
+    if ready.iter().any(Option::is_none) {
+        let n = ready.iter().filter(|r| r.is_some()).count();
+        return format!("{n}/{} ready", ready.len());
+    }
+    let mut t: Vec<f64> = ready.iter().flatten().copied().collect();
+    t.sort_by(f64::total_cmp);
+    format!("{:.1} / {:.1}", t[t.len() / 2], t[t.len() - 1])
+}
+
+const VM_COLUMNS: usize = 10;
+const VM_HEAD: [&str; VM_COLUMNS] = [
+    "workload",
+    "mode",
+    "saved at end (MiB)",
+    "50 % (s)",
+    "90 % (s)",
+    "95 % (s)",
+    "ksmd CPU-s to 95 %",
+    "ksmd CPU-s in window",
+    "saved MiB·s",
+    "launch to ready, median / max (s)",
+];
+
+fn vm_row(r: &RunRecord) -> [String; VM_COLUMNS] {
+    let s = &r.summary;
+    let mib = final_pages_sharing(r) as f64 * r.page_size as f64 / (1024.0 * 1024.0);
+    [
+        r.workload.clone(),
+        r.mode.clone(),
+        format!("{mib:.0}"),
+        secs(s.t50, r.window_s),
+        secs(s.t90, r.window_s),
+        secs(s.t95, r.window_s),
+        s.ksmd_cpu_to_t95_s.map_or("-".into(), |c| format!("{c:.2}")),
+        format!("{:.2}", s.ksmd_cpu_s),
+        format!("{:.0}", s.saved_mib_s),
+        ready_range(&r.ready_s),
+    ]
+}
+
+/// The real-guest table (times are to a share of the best final saving of any mode).
+pub fn vm_markdown_table(records: &[RunRecord]) -> String {
+    let mut out = format!("| {} |\n|{}\n", VM_HEAD.join(" | "), "---|".repeat(VM_COLUMNS));
+    for r in records {
+        let _ = writeln!(out, "| {} |", vm_row(r).join(" | "));
+    }
+    out
+}
+
+/// The real-guest table as aligned text, and each run's steps.
+pub fn vm_table(records: &[RunRecord]) -> String {
+    let rows: Vec<[String; VM_COLUMNS]> = records.iter().map(vm_row).collect();
+    let width =
+        |i: usize| rows.iter().map(|r| r[i].chars().count()).chain([VM_HEAD[i].chars().count()]).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..VM_COLUMNS).map(width).collect();
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[&str]| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(&mut out, &VM_HEAD);
+    for r in &rows {
+        line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    for r in records {
+        let steps: Vec<String> = r.summary.steps.iter().map(|st| format!("{} at {:.1}", st.setting, st.t)).collect();
+        let _ = writeln!(
+            out,
+            "{} / {}: {} full scans, kicks {}, settings: {}",
+            r.workload,
+            r.mode,
+            r.summary.full_scans,
+            r.kick_count.map_or("-".into(), |k| k.to_string()),
+            steps.join(", ")
         );
     }
     out

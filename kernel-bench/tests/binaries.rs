@@ -8,16 +8,18 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kata_ksm_throttler::sysfs::Ksm;
+use kernel_bench::pattern::{fill, Content, Layout};
 use kernel_bench::real_ksm::{REAL_KSM, REAL_KSM_LOCK};
 use rustix::process::{kill_process, Pid, Signal};
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_ksm-workload");
 const BENCH: &str = env!("CARGO_BIN_EXE_ksm-modes-bench");
+const VM_BENCH: &str = env!("CARGO_BIN_EXE_ksm-vm-bench");
 
 /// Ends a child by PID even if the test fails.
 struct Reap(Child);
@@ -70,6 +72,17 @@ fn bad_input_is_refused_with_a_reason_before_anything_is_touched() {
     assert!(err.contains("is not a release build"), "{err}");
     let err = refused(BENCH, &["--daemon", "/nonexistent/kata-ksm-throttler"]);
     assert!(err.contains("no daemon at /nonexistent/kata-ksm-throttler"), "{err}");
+
+    let err = refused(VM_BENCH, &["--guests", "1"]);
+    assert!(err.contains("--guests must be at least 2"), "{err}");
+    let err = refused(VM_BENCH, &["--mem-mib", "128", "--payload-mib", "120"]);
+    assert!(err.contains("--mem-mib 128 is too small"), "{err}");
+    let err = refused(VM_BENCH, &["--modes", "advisor,fast"]);
+    assert!(err.contains("invalid value 'fast'"), "{err}");
+    let err = refused(VM_BENCH, &["--trigger", "/nonexistent/kata-vc-throttler"]);
+    assert!(err.contains("no trigger at /nonexistent/kata-vc-throttler"), "{err}");
+    let err = refused(VM_BENCH, &["--cache-dir", env!("CARGO_MANIFEST_DIR"), "--modes", "kernel-default"]);
+    assert!(err.contains("is inside the repository"), "{err}");
 }
 
 fn ksm_stat(pid: u32) -> String {
@@ -230,4 +243,263 @@ fn an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running() {
     assert_eq!(now.smart_scan, found.smart_scan, "smart_scan (which a smoke run turns off) is as found");
     assert_eq!(ksm.read_counter("pages_sharing").expect("read"), Some(0), "nothing left merged");
     assert_eq!(workload_processes(&tag), Vec::<u32>::new(), "no workload process left");
+}
+
+#[test]
+fn bad_ramp_and_dirt_are_refused_with_a_one_line_reason() {
+    let one_line = |args: &[&str], reason: &str| {
+        let err = refused(WORKLOAD, args);
+        assert!(err.contains(reason), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line: {err}");
+    };
+    one_line(&["--dirty-fraction", "2"], "--dirty-fraction must be between 0 and 1, not 2");
+    one_line(&["--dirty-fraction=-0.5"], "--dirty-fraction must be between 0 and 1, not -0.5");
+    one_line(
+        &["--unique-fraction", "0.6", "--dirty-fraction", "0.5"],
+        "--unique-fraction 0.6 plus --dirty-fraction 0.5 is more than 1",
+    );
+    one_line(&["--dirty-fraction", "0.1", "--dirty-every", "0s"], "--dirty-every must be more than 0s");
+    // Durations are parsed by clap, which adds a hint below: the reason is on its first line.
+    for flag in ["--ramp", "--dirty-every"] {
+        let err = refused(WORKLOAD, &[flag, "soon"]);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.contains(flag) && first.contains("examples"), "{flag}: {err}");
+    }
+}
+
+/// A running ksm-workload whose lines arrive on a channel, so a missing line fails the test
+/// rather than hanging it. Dropping it ends the parent and then every worker, by PID.
+struct Workload {
+    child: Child,
+    input: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    workers: Vec<u32>,
+}
+
+impl Workload {
+    fn spawn(args: &[&str]) -> Workload {
+        let mut child = Command::new(WORKLOAD)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn ksm-workload");
+        let input = child.stdin.take();
+        let stdout = child.stdout.take();
+        let (tx, lines) = mpsc::channel();
+        let workload = Workload { child, input, lines, workers: vec![] };
+        let stdout = stdout.expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        workload
+    }
+
+    /// The next line, which must start with `word`: (index, pid, the words after them).
+    fn expect(&mut self, word: &str, limit: Duration) -> (u32, u32, Vec<String>) {
+        let line = self.lines.recv_timeout(limit).unwrap_or_else(|e| panic!("no {word:?} line in {limit:?}: {e}"));
+        let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        assert!(words.len() >= 3 && words[0] == word, "expected {word:?}, got {line:?}");
+        let index: u32 = words[1].parse().expect("index");
+        let pid: u32 = words[2].parse().expect("pid");
+        if word == "ready" {
+            self.workers.push(pid);
+        }
+        (index, pid, words[3..].to_vec())
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        drop(self.input.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Its workers end when their input closes; any still here after 10 s is killed, if that
+        // PID is still this binary.
+        let me = std::fs::canonicalize(WORKLOAD).ok();
+        let limit = Instant::now() + Duration::from_secs(10);
+        for &pid in &self.workers {
+            while !gone(pid) && Instant::now() < limit {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let ours = std::fs::read_link(format!("/proc/{pid}/exe")).ok() == me;
+            if !gone(pid) && ours {
+                if let Some(p) = Pid::from_raw(pid as i32) {
+                    let _ = kill_process(p, Signal::KILL);
+                }
+            }
+        }
+    }
+}
+
+/// The worker's one MADV_MERGEABLE mapping (`mg` in its smaps VmFlags): its workload memory.
+#[derive(Debug)]
+struct Region {
+    start: u64,
+    size_kib: u64,
+    rss_kib: u64,
+}
+
+fn mergeable_region(pid: u32) -> Region {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut found = vec![];
+    let (mut start, mut size_kib, mut rss_kib) = (0, 0, 0);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("Size:") => size_kib = words.next().and_then(|n| n.parse().ok()).expect("Size"),
+            Some("Rss:") => rss_kib = words.next().and_then(|n| n.parse().ok()).expect("Rss"),
+            Some("VmFlags:") if words.any(|flag| flag == "mg") => found.push(Region { start, size_kib, rss_kib }),
+            Some(range) if range.contains('-') && !range.ends_with(':') => {
+                let from = range.split('-').next().unwrap_or_default();
+                start = u64::from_str_radix(from, 16).expect("mapping start");
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(found.len(), 1, "pid {pid}: one mergeable mapping: {found:?}");
+    found.remove(0)
+}
+
+fn page_size() -> u64 {
+    kata_ksm_throttler::meminfo::page_size()
+}
+
+/// Page `page` of the worker's memory as it is now, read through /proc/<pid>/mem (we are root).
+fn read_page(pid: u32, region: &Region, page: u64) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let mem = File::open(format!("/proc/{pid}/mem")).expect("open /proc/<pid>/mem");
+    let mut bytes = vec![0; page_size() as usize];
+    mem.read_exact_at(&mut bytes, region.start + page * page_size()).expect("read the worker's page");
+    bytes.chunks_exact(8).map(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes"))).collect()
+}
+
+fn expected_page(page: u64, content: Content) -> Vec<u64> {
+    let mut words = vec![0; page_size() as usize / 8];
+    fill(&mut words, page, content);
+    words
+}
+
+#[test]
+fn a_ramp_says_ready_at_once_mergeable_and_fills_in_order_over_the_ramp() {
+    if skip_real_ksm() {
+        return;
+    }
+    let _lock = real_ksm_lock();
+    const MIB: u64 = 16;
+    let mut w = Workload::spawn(&["--procs", "2", "--size-mib", "16", "--ramp", "2s"]);
+    let layout = Layout::new(MIB, 0.0, page_size()).expect("layout");
+    let last = layout.pages - 1;
+    let mut ready = vec![];
+    for _ in 0..2 {
+        let (index, pid, _) = w.expect("ready", Duration::from_secs(30));
+        // Right after `ready`: mergeable already, little resident, the last page not yet written.
+        let region = mergeable_region(pid);
+        assert_eq!(region.size_kib, MIB * 1024, "{region:?}");
+        assert!(region.rss_kib < MIB * 1024 / 2, "pid {pid}: most memory resident at ready: {region:?}");
+        assert!(read_page(pid, &region, last).iter().all(|&w| w == 0), "pid {pid}: last page written before ready");
+        assert!(ksm_stat(pid).contains("ksm_mergeable: yes"), "pid {pid}: {}", ksm_stat(pid));
+        ready.push((index, pid, Instant::now()));
+    }
+    let mut indices: Vec<u32> = ready.iter().map(|r| r.0).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, [0, 1]);
+    for _ in 0..2 {
+        let (index, pid, rest) = w.expect("filled", Duration::from_secs(60));
+        let &(_, ready_pid, ready_at) = ready.iter().find(|r| r.0 == index).expect("filled a ready worker");
+        assert_eq!(pid, ready_pid);
+        let reported: f64 = rest.first().and_then(|s| s.parse().ok()).expect("filled <index> <pid> <seconds>");
+        assert!(reported >= 2.0, "worker {index} filled in {reported} s, under the 2 s ramp");
+        // Seen from here (its `ready` reached us a little after it was said): about the ramp.
+        let seen = ready_at.elapsed();
+        assert!(seen >= Duration::from_millis(1_800), "worker {index} filled {seen:?} after ready");
+        let region = mergeable_region(pid);
+        assert!(region.rss_kib >= MIB * 1024 * 9 / 10, "pid {pid}: not all resident once filled: {region:?}");
+        assert_eq!(read_page(pid, &region, last), expected_page(last, Content::Shared), "pid {pid}: last page");
+        assert_eq!(read_page(pid, &region, 0), expected_page(0, Content::Shared), "pid {pid}: first page");
+    }
+}
+
+/// The round whose content `page` of worker `owner` holds now (torn reads retried by the caller).
+fn dirt_round(words: &[u64], page: u64, owner: u32) -> Option<u64> {
+    let mut first = [0];
+    (0..100_000).find(|&round| {
+        fill(&mut first, page, Content::Dirty { owner, round });
+        first[0] == words[0] && words == expected_page(page, Content::Dirty { owner, round })
+    })
+}
+
+#[test]
+fn dirtied_pages_get_new_content_of_their_own_every_round_with_or_without_a_ramp() {
+    if skip_real_ksm() {
+        return;
+    }
+    let _lock = real_ksm_lock();
+    for ramp in ["0s", "500ms"] {
+        let mut w = Workload::spawn(&[
+            "--procs",
+            "2",
+            "--size-mib",
+            "4",
+            "--unique-fraction",
+            "0.25",
+            "--dirty-fraction",
+            "0.25",
+            "--dirty-every",
+            "300ms",
+            "--ramp",
+            ramp,
+        ]);
+        let layout = Layout::with_dirty(4, 0.25, 0.25, page_size()).expect("layout");
+        let mut workers = vec![];
+        for _ in 0..2 {
+            workers.push(w.expect("ready", Duration::from_secs(30)));
+        }
+        if ramp != "0s" {
+            for _ in 0..2 {
+                w.expect("filled", Duration::from_secs(60));
+            }
+        }
+        // Pages of each kind, spread over the mapping.
+        let of_kind = |pick: &dyn Fn(u64) -> bool| -> Vec<u64> {
+            let all: Vec<u64> = (0..layout.pages).filter(|&p| pick(p)).collect();
+            vec![all[0], all[all.len() / 2], all[all.len() - 1]]
+        };
+        let dirty = of_kind(&|p| layout.is_dirty(p));
+        let unique = of_kind(&|p| layout.is_unique(p));
+        let shared = of_kind(&|p| !layout.is_dirty(p) && !layout.is_unique(p));
+        for &(index, pid, _) in &workers {
+            let region = mergeable_region(pid);
+            let rss_filled = region.rss_kib;
+            assert!(rss_filled >= 4 * 1024 * 9 / 10, "{ramp}: pid {pid} filled: {region:?}");
+            // Each dirtied page moves on to new rounds of its own content.
+            for &page in &dirty {
+                let limit = Instant::now() + Duration::from_secs(20);
+                let mut seen = vec![];
+                // Two rounds after the first fill (round 0), one after the other.
+                while seen.iter().filter(|&&r| r >= 1).count() < 2 {
+                    assert!(Instant::now() < limit, "{ramp}: worker {index} page {page}: rounds seen {seen:?}");
+                    if let Some(r) = dirt_round(&read_page(pid, &region, page), page, index) {
+                        if seen.last() != Some(&r) {
+                            seen.push(r);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                assert!(seen.windows(2).all(|w| w[0] < w[1]), "{ramp}: worker {index} page {page}: {seen:?}");
+            }
+            for &page in &unique {
+                let own = expected_page(page, Content::Unique { owner: index });
+                assert_eq!(read_page(pid, &region, page), own, "{ramp}: worker {index} unique page {page}");
+            }
+            for &page in &shared {
+                assert_eq!(read_page(pid, &region, page), expected_page(page, Content::Shared), "{ramp}: {page}");
+            }
+            let region = mergeable_region(pid);
+            assert!(region.rss_kib.abs_diff(rss_filled) <= 4 * 1024 / 10, "{ramp}: pid {pid} {region:?}");
+            assert!(!gone(pid), "{ramp}: worker {index} still running");
+        }
+    }
 }

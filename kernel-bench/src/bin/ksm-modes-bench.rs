@@ -15,16 +15,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use kata_ksm_throttler::client::KsmThrottlerProxy;
 use kata_ksm_throttler::meminfo;
-use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::service::BUS_NAME;
-use kata_ksm_throttler::sysfs::{Target, ADVISOR_NONE};
 use kernel_bench::analysis::{self, Scale, Start, Verdict};
 use kernel_bench::child::{ensure_gone, Guarded};
+use kernel_bench::daemon::DaemonRun;
+use kernel_bench::modes::BenchMode;
 use kernel_bench::pattern::Layout;
 use kernel_bench::plot;
-use kernel_bench::real_ksm::{RealKsm, REAL_KSM};
+use kernel_bench::real_ksm::RealKsm;
 use kernel_bench::report::{self, RunRecord};
 use kernel_bench::sample::{load_average, merging_pages, Sample, Sampler};
 use serde::{Deserialize, Serialize};
@@ -39,48 +37,6 @@ const UNMERGE_LIMIT: Duration = Duration::from_secs(120);
 /// The smoke's daemon timeline: compressed, but long enough for adaptive to step down first.
 const SMOKE_DURATIONS: [&str; 6] =
     ["--aggressive-duration", "5s", "--standard-duration", "3s", "--slow-duration", "3s"];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum BenchMode {
-    /// The daemon's default: Kata's timeline.
-    Throttle,
-    /// The daemon stepping down when the counters settle.
-    Adaptive,
-    /// No daemon; run=1, pages_to_scan=100, sleep_millisecs=20.
-    KernelDefault,
-    /// No daemon; run=1, pages_to_scan=100000, sleep_millisecs=0.
-    FlatOut,
-}
-
-impl BenchMode {
-    fn name(self) -> &'static str {
-        match self {
-            BenchMode::Throttle => "throttle",
-            BenchMode::Adaptive => "adaptive",
-            BenchMode::KernelDefault => "kernel-default",
-            BenchMode::FlatOut => "flat-out",
-        }
-    }
-
-    /// The daemon's `--mode`, for the modes run by the daemon.
-    fn daemon_mode(self) -> Option<&'static str> {
-        match self {
-            BenchMode::Throttle => Some("throttle"),
-            BenchMode::Adaptive => Some("adaptive"),
-            BenchMode::KernelDefault | BenchMode::FlatOut => None,
-        }
-    }
-
-    /// pages_to_scan and sleep_millisecs written at the start of a run with no daemon.
-    fn fixed_knobs(self) -> Option<(u64, u64)> {
-        match self {
-            BenchMode::KernelDefault => Some((100, 20)),
-            BenchMode::FlatOut => Some((100_000, 0)),
-            BenchMode::Throttle | BenchMode::Adaptive => None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -121,6 +77,13 @@ struct Args {
     /// Fraction of each process's pages that are its own.
     #[arg(long, default_value_t = 0.0)]
     unique_fraction: f64,
+    /// Each process writes its memory over this long after it starts (and is kicked), as a
+    /// booting VM does; 0s: filled before its kick.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    ramp: Duration,
+    /// Fraction of each process's pages rewritten with new content of its own every 5 s.
+    #[arg(long, default_value_t = 0.0)]
+    dirty_fraction: f64,
     /// Time between starts in the staggered workload [default: 10s; smoke 3s].
     #[arg(long, value_parser = parse_duration)]
     stagger: Option<Duration>,
@@ -157,6 +120,8 @@ struct Plan {
     procs: u32,
     size_mib: u64,
     unique_fraction: f64,
+    ramp: Duration,
+    dirty_fraction: f64,
     stagger: Duration,
     window: Duration,
     modes: Vec<BenchMode>,
@@ -185,7 +150,7 @@ impl Plan {
             bail!("--window must be at least 1s");
         }
         let page_size = meminfo::page_size();
-        let layout = Layout::new(size_mib, args.unique_fraction, page_size)?;
+        let layout = Layout::with_dirty(size_mib, args.unique_fraction, args.dirty_fraction, page_size)?;
         if layout.shared_pages() == 0 {
             bail!("--unique-fraction {} leaves nothing to merge", args.unique_fraction);
         }
@@ -216,6 +181,8 @@ impl Plan {
             procs,
             size_mib,
             unique_fraction: args.unique_fraction,
+            ramp: args.ramp,
+            dirty_fraction: args.dirty_fraction,
             stagger,
             window,
             modes: args.modes,
@@ -444,75 +411,6 @@ fn reanalyse(json: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The release daemon on a private bus of its own, driving the real KSM.
-struct DaemonRun {
-    proxy: KsmThrottlerProxy<'static>,
-    // Dropped in this order: the client, the daemon (SIGTERM: it restores and exits), its state
-    // folder, then the bus.
-    _conn: zbus::Connection,
-    process: Guarded,
-    log: PathBuf,
-    _state: tempfile::TempDir,
-    _bus: PrivateBus,
-}
-
-impl DaemonRun {
-    async fn start(plan: &Plan, mode: &str, log: PathBuf) -> Result<DaemonRun> {
-        let bus = PrivateBus::start(&BusConfig { policy_texts: vec![PROJECT_POLICY.into()], ..BusConfig::default() })
-            .context("starting a private dbus-daemon")?;
-        let state = tempfile::Builder::new().prefix("ksm-bench-state-").tempdir().context("state folder")?;
-        let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(&plan.daemon)
-            .args(["--bus", bus.address(), "--sysfs-root", REAL_KSM, "--meminfo", "/proc/meminfo"])
-            .arg("--state-dir")
-            .arg(state.path())
-            .args(["--mode", mode])
-            .args(&plan.daemon_args)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().context("log file")?)
-            .stderr(log_file)
-            // Our signals reach it only through us, so we choose when it restores.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {}", plan.daemon.display()))?;
-        let mut process = Guarded::new(child, "kata-ksm-throttler");
-        let conn = zbus::connection::Builder::address(bus.address()).build().await.context("connecting to the bus")?;
-        let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
-        let started = Instant::now();
-        while !dbus.name_has_owner(BUS_NAME.try_into()?).await? {
-            if let Some(status) = process.try_wait()? {
-                bail!("the daemon exited ({status}) before serving:\n{}", log_tail(&log));
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                bail!("the daemon did not take {BUS_NAME} within 10 s:\n{}", log_tail(&log));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let proxy =
-            KsmThrottlerProxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await?;
-        let serving = proxy.mode().await?;
-        if serving != mode {
-            bail!("the daemon serves mode {serving}, not {mode}");
-        }
-        Ok(DaemonRun { proxy, _conn: conn, process, log, _state: state, _bus: bus })
-    }
-
-    /// SIGTERM; it must restore the settings it recorded and exit 0.
-    fn stop(mut self) -> Result<()> {
-        let status = self.process.stop(Duration::from_secs(10))?;
-        match status {
-            Some(s) if s.success() => Ok(()),
-            other => bail!("the daemon ended with {other:?}:\n{}", log_tail(&self.log)),
-        }
-    }
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 enum WorkloadEvent {
     Ready { index: u32, pid: u32 },
     Closed,
@@ -535,6 +433,8 @@ impl WorkloadRun {
         let mut child = Command::new(&plan.workload_bin)
             .args(["--procs", &plan.procs.to_string(), "--size-mib", &plan.size_mib.to_string()])
             .args(["--unique-fraction", &plan.unique_fraction.to_string(), "--stagger", &stagger])
+            .args(["--ramp", &format!("{}ms", plan.ramp.as_millis())])
+            .args(["--dirty-fraction", &plan.dirty_fraction.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .process_group(0)
@@ -548,11 +448,16 @@ impl WorkloadRun {
             for line in BufReader::new(output).lines() {
                 let Ok(line) = line else { break };
                 let mut words = line.split_whitespace();
-                if let (Some("ready"), Some(index), Some(pid)) = (words.next(), words.next(), words.next()) {
-                    if let (Ok(index), Ok(pid)) = (index.parse(), pid.parse()) {
-                        let _ = tx.send(WorkloadEvent::Ready { index, pid });
-                        continue;
+                match (words.next(), words.next(), words.next()) {
+                    (Some("ready"), Some(index), Some(pid)) => {
+                        if let (Ok(index), Ok(pid)) = (index.parse(), pid.parse()) {
+                            let _ = tx.send(WorkloadEvent::Ready { index, pid });
+                            continue;
+                        }
                     }
+                    // A ramp's end: the samples show it.
+                    (Some("filled"), Some(_), Some(_)) => continue,
+                    _ => {}
                 }
                 eprintln!("ksm-workload said {line:?}");
             }
@@ -590,7 +495,7 @@ async fn run_one(plan: &Plan, real: &RealKsm, mode: BenchMode, kind: WorkloadKin
     let sampler = Sampler::new(real.ksm().clone())?;
     let log = plan.out.join(format!("{}-{}-daemon.log", kind.name(), mode.name()));
     let daemon = match mode.daemon_mode() {
-        Some(m) => Some(DaemonRun::start(plan, m, log.clone()).await?),
+        Some(m) => Some(DaemonRun::start(&plan.daemon, m, &plan.daemon_args, log.clone()).await?),
         None => None,
     };
     let mut workload = WorkloadRun::spawn(plan, kind)?;
@@ -658,22 +563,15 @@ async fn run_one(plan: &Plan, real: &RealKsm, mode: BenchMode, kind: WorkloadKin
 
     // The start: a kick (daemon modes) or the mode's fixed knobs.
     let mut kicks = 0u32;
-    match (&daemon, mode.fixed_knobs()) {
+    match (&daemon, mode.fixed_knobs(real.ksm().has_advisor())) {
         (Some(d), _) => {
             d.proxy.kick().await.context("Kick")?;
             kicks += 1;
         }
-        (None, Some((pages, sleep))) => {
-            let advisor_mode = real.ksm().has_advisor().then(|| ADVISOR_NONE.to_string());
-            real.ksm().apply(&Target {
-                run: Some(1),
-                pages_to_scan: Some(pages),
-                sleep_millisecs: Some(sleep),
-                advisor_mode,
-                smart_scan: None,
-            })?;
+        (None, Some(knobs)) => {
+            real.ksm().apply(&knobs)?;
         }
-        (None, None) => bail!("{} has neither a daemon nor fixed knobs", mode.name()),
+        (None, None) => bail!("{} cannot run on this kernel (no advisor_mode?)", mode.name()),
     }
     started = true;
 
@@ -764,6 +662,7 @@ async fn run_one(plan: &Plan, real: &RealKsm, mode: BenchMode, kind: WorkloadKin
         starts,
         summary,
         daemon_log: mode.daemon_mode().map(|_| log.display().to_string()),
+        ready_s: vec![],
         samples,
     })
 }

@@ -3,10 +3,16 @@
 //! Each process maps anonymous memory, fills it (page i holds the same bytes in every process,
 //! bar a fraction of unique pages), marks it MADV_MERGEABLE, prints `ready <index> <pid>` and
 //! holds the memory until its standard input is closed. The parent starts them (all at once, or
-//! one every --stagger), forwards their `ready` lines, and when its own standard input closes (or
-//! it is killed) their inputs close too, so none outlives it.
+//! one every --stagger), forwards their lines, and when its own standard input closes (or it is
+//! killed) their inputs close too, so none outlives it.
+//!
+//! With --ramp a process boots like a VM instead: it marks its memory MADV_MERGEABLE first (as
+//! QEMU does before the guest runs), says `ready` at once (when a VM is launched and kicked),
+//! then writes its pages in order over the ramp and says `filled <index> <pid> <seconds>`.
+//! With --dirty-fraction it then rewrites that share of its pages every --dirty-every, with
+//! content of its own that is new each round, like a running guest.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kata_ksm_throttler::meminfo;
-use kernel_bench::pattern::{fill_page, Layout};
+use kernel_bench::pattern::{fill, Layout};
 use rustix::mm::{madvise, mmap_anonymous, Advice, MapFlags, ProtFlags};
 
 #[derive(Debug, Parser)]
@@ -32,6 +38,16 @@ struct Args {
     /// Time between process starts (0s: all at once).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     stagger: Duration,
+    /// Write each process's memory over this long, after `ready` (0s: all of it before).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    ramp: Duration,
+    /// Fraction of each process's pages it rewrites every --dirty-every once filled (0 to 1;
+    /// with --unique-fraction at most 1: they are its own, not shared).
+    #[arg(long, default_value_t = 0.0)]
+    dirty_fraction: f64,
+    /// Time between rewrites of the dirtied pages.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    dirty_every: Duration,
     /// (Internal) be worker number INDEX.
     #[arg(long, hide = true, value_name = "INDEX")]
     worker: Option<u32>,
@@ -56,8 +72,62 @@ fn main() -> ExitCode {
     }
 }
 
+/// Pages are written in chunks this far apart (or closer) over a ramp: steady, like a guest.
+const RAMP_TICK: Duration = Duration::from_millis(50);
+
+/// The layout, once the arguments are known to make sense (checked by parent and worker alike).
 fn layout(args: &Args) -> Result<Layout> {
-    Ok(Layout::new(args.size_mib, args.unique_fraction, meminfo::page_size())?)
+    let layout = Layout::with_dirty(args.size_mib, args.unique_fraction, args.dirty_fraction, meminfo::page_size())?;
+    if args.dirty_fraction > 0.0 && args.dirty_every.is_zero() {
+        bail!("--dirty-every must be more than 0s");
+    }
+    Ok(layout)
+}
+
+/// The process's memory, one slice of words per page.
+struct Memory<'a> {
+    words: &'a mut [u64],
+    page_words: usize,
+    layout: Layout,
+    owner: u32,
+}
+
+impl Memory<'_> {
+    /// Writes `pages` as they are after `round` dirtying rounds.
+    fn write(&mut self, pages: impl IntoIterator<Item = u64>, round: u64) {
+        for page in pages {
+            let at = page as usize * self.page_words;
+            fill(&mut self.words[at..at + self.page_words], page, self.layout.content(page, self.owner, round));
+        }
+    }
+}
+
+/// Input closing (or failing) while we wait: a message on `closed`.
+type Closed = mpsc::Receiver<io::Result<u64>>;
+
+/// Waits until `until` (`None`: for ever); true if our input closed first (time to go).
+fn input_closed_by(closed: &Closed, until: Option<Instant>) -> Result<bool> {
+    let got = match until {
+        Some(t) => closed.recv_timeout(t.saturating_duration_since(Instant::now())),
+        None => closed.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+    };
+    match got {
+        Ok(copied) => copied.map(|_| true).context("waiting on stdin"),
+        Err(mpsc::RecvTimeoutError::Timeout) => Ok(false),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Ok(true),
+    }
+}
+
+/// The next deadline `every` after `due`; if we are already past it, now: a slow or stalled
+/// machine stretches the schedule rather than catching up in a burst. `None` when it is beyond
+/// what the clock can represent (a duration of centuries): never.
+fn next_due(due: Option<Instant>, every: Duration) -> Option<Instant> {
+    due.and_then(|d| d.checked_add(every)).map(|d| d.max(Instant::now()))
+}
+
+fn say(line: std::fmt::Arguments) -> Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).context("reporting to the parent")
 }
 
 fn worker(args: &Args, index: u32) -> Result<()> {
@@ -71,22 +141,63 @@ fn worker(args: &Args, index: u32) -> Result<()> {
             .with_context(|| format!("mmap of {} MiB", args.size_mib))?;
     // SAFETY: the mapping is `len` bytes, page-aligned (so u64-aligned), and ours alone.
     let words = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u64>(), len / 8) };
-    for (page, chunk) in words.chunks_exact_mut(page_size / 8).enumerate() {
-        let page = page as u64;
-        fill_page(chunk, page, layout.is_unique(page).then_some(index));
-    }
-    // SAFETY: advice on our own mapping; MADV_MERGEABLE does not change its contents.
-    unsafe { madvise(ptr, len, Advice::LinuxMergeable) }.context("madvise(MADV_MERGEABLE) (is KSM built in?)")?;
-    let mut out = io::stdout().lock();
-    writeln!(out, "ready {index} {}", std::process::id()).and_then(|()| out.flush()).context("reporting ready")?;
+    let mut memory = Memory { words, page_words: page_size / 8, layout, owner: index };
+    let mergeable = || {
+        // SAFETY: advice on our own mapping; MADV_MERGEABLE does not change its contents.
+        unsafe { madvise(ptr, len, Advice::LinuxMergeable) }.context("madvise(MADV_MERGEABLE) (is KSM built in?)")
+    };
     // Hold the memory until the parent closes our input (or dies, which closes it too).
-    io::copy(&mut io::stdin().lock(), &mut io::sink()).context("waiting on stdin")?;
+    let (tx, closed) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(io::copy(&mut io::stdin().lock(), &mut io::sink()));
+    });
+    let pid = std::process::id();
+
+    if args.ramp.is_zero() {
+        memory.write(0..layout.pages, 0);
+        mergeable()?;
+        say(format_args!("ready {index} {pid}"))?;
+    } else {
+        mergeable()?;
+        say(format_args!("ready {index} {pid}"))?;
+        let ready = Instant::now();
+        // Even chunks, each written at the end of its share of the ramp, so `filled` comes no
+        // sooner than the ramp.
+        let chunks = args.ramp.as_nanos().div_ceil(RAMP_TICK.as_nanos()).clamp(1, u128::from(layout.pages));
+        let tick = Duration::from_nanos(u64::try_from(args.ramp.as_nanos().div_ceil(chunks)).unwrap_or(u64::MAX));
+        let pages = u128::from(layout.pages);
+        let mut due = Some(ready);
+        for k in 0..chunks {
+            due = next_due(due, tick);
+            if input_closed_by(&closed, due)? {
+                return Ok(());
+            }
+            // k < chunks, so both ends are at most `pages` and fit a u64.
+            let (from, to) = ((k * pages / chunks) as u64, ((k + 1) * pages / chunks) as u64);
+            memory.write(from..to, 0);
+        }
+        say(format_args!("filled {index} {pid} {:.3}", ready.elapsed().as_secs_f64()))?;
+    }
+
+    if layout.dirty_pages == 0 {
+        return input_closed_by(&closed, None).map(drop);
+    }
+    let dirty: Vec<u64> = (0..layout.pages).filter(|&p| layout.is_dirty(p)).collect();
+    let mut due = Some(Instant::now());
+    for round in 1.. {
+        due = next_due(due, args.dirty_every);
+        if input_closed_by(&closed, due)? {
+            break;
+        }
+        memory.write(dirty.iter().copied(), round);
+    }
     Ok(())
 }
 
 enum Event {
     InputClosed,
-    Ready(String),
+    /// A worker's `ready` or `filled` line, to forward.
+    Line(String),
     WorkerFailed(u32, String),
 }
 
@@ -104,7 +215,7 @@ impl State {
     fn handle(&mut self, event: Event) {
         match event {
             Event::InputClosed => self.closed = true,
-            Event::Ready(line) => {
+            Event::Line(line) => {
                 let mut out = io::stdout().lock();
                 // The runner is gone if this fails: stop as if the input had closed.
                 if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
@@ -152,6 +263,12 @@ fn parent(args: &Args) -> Result<()> {
             .arg(args.size_mib.to_string())
             .arg("--unique-fraction")
             .arg(args.unique_fraction.to_string())
+            .arg("--ramp")
+            .arg(humantime::format_duration(args.ramp).to_string())
+            .arg("--dirty-fraction")
+            .arg(args.dirty_fraction.to_string())
+            .arg("--dirty-every")
+            .arg(humantime::format_duration(args.dirty_every).to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -162,12 +279,18 @@ fn parent(args: &Args) -> Result<()> {
             let mut line = String::new();
             let mut reader = BufReader::new(stdout);
             let event = match reader.read_line(&mut line) {
-                Ok(n) if n > 0 && line.starts_with("ready ") => Event::Ready(line.trim_end().to_owned()),
+                Ok(n) if n > 0 && line.starts_with("ready ") => Event::Line(line.trim_end().to_owned()),
                 Ok(_) => Event::WorkerFailed(index, "exited before it was ready".into()),
                 Err(e) => Event::WorkerFailed(index, format!("reading its output: {e}")),
             };
+            let ready = matches!(event, Event::Line(_));
             let _ = tx.send(event);
-            let _ = reader.read_to_end(&mut Vec::new());
+            // Then `filled`, when it has a ramp; a worker ending early shows when it is waited on.
+            for line in reader.lines().map_while(Result::ok) {
+                if ready && line.starts_with("filled ") {
+                    let _ = tx.send(Event::Line(line));
+                }
+            }
         });
         workers.push(child);
     }

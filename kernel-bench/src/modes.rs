@@ -1,0 +1,87 @@
+//! The modes a benchmark compares: the throttler's (the release daemon on a private bus) and the
+//! kernel's own, with no daemon.
+
+use kata_ksm_throttler::sysfs::{Target, ADVISOR_NONE};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchMode {
+    /// The daemon's default: Kata's timeline.
+    Throttle,
+    /// The daemon stepping down when the counters settle.
+    Adaptive,
+    /// No daemon; run=1, pages_to_scan=100, sleep_millisecs=20.
+    KernelDefault,
+    /// No daemon; run=1 and the kernel's advisor (`advisor_mode` = scan-time, Linux 6.8+) sizing
+    /// pages_to_scan to scan everything in its target time.
+    Advisor,
+    /// No daemon; run=1, pages_to_scan=100000, sleep_millisecs=0.
+    FlatOut,
+}
+
+impl BenchMode {
+    pub const ALL: [BenchMode; 5] =
+        [BenchMode::Throttle, BenchMode::Adaptive, BenchMode::KernelDefault, BenchMode::Advisor, BenchMode::FlatOut];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Throttle => "throttle",
+            BenchMode::Adaptive => "adaptive",
+            BenchMode::KernelDefault => "kernel-default",
+            BenchMode::Advisor => "advisor",
+            BenchMode::FlatOut => "flat-out",
+        }
+    }
+
+    /// The daemon's `--mode`, for the modes run by the daemon.
+    pub fn daemon_mode(self) -> Option<&'static str> {
+        match self {
+            BenchMode::Throttle => Some("throttle"),
+            BenchMode::Adaptive => Some("adaptive"),
+            BenchMode::KernelDefault | BenchMode::Advisor | BenchMode::FlatOut => None,
+        }
+    }
+
+    /// What a run with no daemon writes at its start; `has_advisor`: the kernel has
+    /// `advisor_mode` (it must be off for fixed knobs: it refuses pages_to_scan writes).
+    pub fn fixed_knobs(self, has_advisor: bool) -> Option<Target> {
+        let advisor = |mode: &str| has_advisor.then(|| mode.to_string());
+        let fixed = |pages, sleep| Target {
+            run: Some(1),
+            pages_to_scan: Some(pages),
+            sleep_millisecs: Some(sleep),
+            advisor_mode: advisor(ADVISOR_NONE),
+            smart_scan: None,
+        };
+        match self {
+            BenchMode::KernelDefault => Some(fixed(100, 20)),
+            BenchMode::FlatOut => Some(fixed(100_000, 0)),
+            // The advisor's own sleep and limits, as the kernel has them by default.
+            BenchMode::Advisor if has_advisor => {
+                Some(Target { run: Some(1), advisor_mode: advisor("scan-time"), ..Target::default() })
+            }
+            BenchMode::Advisor | BenchMode::Throttle | BenchMode::Adaptive => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mode_is_run_by_the_daemon_or_by_fixed_knobs() {
+        for mode in BenchMode::ALL {
+            assert!(
+                mode.daemon_mode().is_some() != mode.fixed_knobs(true).is_some(),
+                "{}: exactly one way to run it",
+                mode.name()
+            );
+        }
+        assert_eq!(BenchMode::Advisor.fixed_knobs(false), None, "no advisor in the kernel: cannot run");
+        let flat = BenchMode::FlatOut.fixed_knobs(true).expect("fixed");
+        assert_eq!(flat.advisor_mode.as_deref(), Some("none"), "the advisor off, or pages_to_scan is refused");
+        assert_eq!(BenchMode::FlatOut.fixed_knobs(false).expect("fixed").advisor_mode, None);
+    }
+}
