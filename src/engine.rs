@@ -153,6 +153,8 @@ pub struct Engine {
     saved: Option<Knobs>,
     /// The AnonPages (in pages) the setting in force was sized on, if it has a profile.
     sized_on: Option<u64>,
+    /// Kicks since start-up; published with the rest of the status.
+    kick_count: u64,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
     /// `None`: tokio's timer (which tests can pause).
@@ -188,6 +190,7 @@ impl Engine {
             policy,
             saved: None,
             sized_on: None,
+            kick_count: 0,
             status: status_tx,
             commands: rx,
             idle: None,
@@ -402,12 +405,11 @@ impl Engine {
     }
 
     fn handle(&mut self, cmd: Command) -> Option<Ended> {
-        match cmd {
+        // The engine runs on a thread of its own: the status is published before the reply is
+        // sent, so a caller that reads a property after its call returned sees what it did.
+        let (result, reply) = match cmd {
             Command::Kick(reply) => {
-                self.status.send_if_modified(|s| {
-                    s.kick_count += 1;
-                    false
-                });
+                self.kick_count += 1;
                 let before = self.policy.setting();
                 let result = self.step(|p, now| p.kick(now));
                 // A kick that moved nothing (a storm, a pinned setting) still means new memory.
@@ -416,7 +418,7 @@ impl Engine {
                         tracing::error!("sizing {before} again for the kick: {e}");
                     }
                 }
-                let _ = reply.send(result);
+                (result, reply)
             }
             Command::SetMode(mode, reply) => {
                 let setting = self.policy.setting();
@@ -429,19 +431,18 @@ impl Engine {
                         tracing::error!(mode = %mode, "smart_scan for the new mode: {e}");
                     }
                 }
-                let _ = reply.send(result);
+                (result, reply)
             }
-            Command::Reload(durations, profiles, reply) => {
-                let _ = reply.send(self.reload(durations, profiles));
-            }
+            Command::Reload(durations, profiles, reply) => (self.reload(durations, profiles), reply),
             Command::ConcludeIdle(drain, reply) => {
                 let (verdict, ended) = self.conclude_idle(drain);
                 let _ = reply.send(verdict);
                 return ended;
             }
-        }
+        };
         self.note_activity();
         self.publish();
+        let _ = reply.send(result);
         None
     }
 
@@ -661,14 +662,17 @@ impl Engine {
     fn publish(&self) {
         let next_step_down_us = self.shown_next_step_down_us();
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
+        let kick_count = self.kick_count;
         self.status.send_if_modified(|s| {
             // A kick storm moves the deadline on every kick: the value is kept current for Get,
-            // but only a move of more than a second (or a real change) is worth a signal.
+            // but only a move of more than a second (or a real change) is worth a signal. The
+            // kick count changes without one.
             let moved = s.next_step_down_us.abs_diff(next_step_down_us) > SIGNAL_DEADLINE_MOVES_OVER_US;
             let changed = s.mode != mode || s.setting != setting || moved;
             s.mode = mode;
             s.setting = setting;
             s.next_step_down_us = next_step_down_us;
+            s.kick_count = kick_count;
             changed
         });
     }
