@@ -171,13 +171,23 @@ async fn run(args: Args) -> Result<()> {
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut done = run_engine(engine, stopped)?;
-    let ended = tokio::select! {
-        ended = &mut done => ended,
-        () = shutdown => {
-            let _ = stop.send(());
-            (&mut done).await
+    let ended = {
+        tokio::pin!(shutdown, edge);
+        let mut stop = Some(stop);
+        // The edge keeps serving after a stop: a stop that lands during an idle exit waits for
+        // the engine's verdict, which the edge brings (systemd stops a Type=dbus unit as soon
+        // as its name is released).
+        loop {
+            tokio::select! {
+                ended = &mut done => break ended,
+                () = &mut shutdown, if stop.is_some() => {
+                    if let Some(stop) = stop.take() {
+                        let _ = stop.send(());
+                    }
+                }
+                () = &mut edge => unreachable!("the edge task never completes"),
+            }
         }
-        () = edge => unreachable!("the edge task never completes"),
     };
     let ended = ended.map_err(|_| anyhow!("the engine's thread ended without a word"))??;
     match ended {
