@@ -562,6 +562,11 @@ impl Engine {
             Some(_) => Some(meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?),
             None => None,
         };
+        self.put_sized(setting, anon)
+    }
+
+    /// Writes `setting` sized on `anon` (AnonPages, for a setting with a profile).
+    fn put_sized(&mut self, setting: Setting, anon: Option<u64>) -> Result<(), EngineError> {
         self.config.ksm.apply(&self.target_for(setting, anon))?;
         self.sized_on = anon;
         Ok(())
@@ -579,7 +584,7 @@ impl Engine {
         if !resize_needed(sized_on, anon) {
             return Ok(false);
         }
-        self.put_in_force(setting)?;
+        self.put_sized(setting, Some(anon))?;
         tracing::info!(
             setting = %setting,
             anon_pages_before = sized_on,

@@ -103,17 +103,21 @@ fn row(r: &RunRecord) -> [String; COLUMNS] {
 
 /// An aligned plain-text table.
 pub fn text_table(records: &[RunRecord]) -> String {
-    let rows: Vec<[String; COLUMNS]> = records.iter().map(row).collect();
+    aligned(&HEAD, &records.iter().map(row).collect::<Vec<_>>())
+}
+
+/// `rows` under `head`, each column as wide as its widest cell.
+fn aligned<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
     let width =
-        |i: usize| rows.iter().map(|r| r[i].chars().count()).chain([HEAD[i].chars().count()]).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..HEAD.len()).map(width).collect();
+        |i: usize| rows.iter().map(|r| r[i].chars().count()).chain([head[i].chars().count()]).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..N).map(width).collect();
     let mut out = String::new();
     let line = |out: &mut String, cells: &[&str]| {
         let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         let _ = writeln!(out, "{}", padded.join("  ").trim_end());
     };
-    line(&mut out, &HEAD);
-    for r in &rows {
+    line(&mut out, head);
+    for r in rows {
         line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
     }
     out
@@ -215,19 +219,7 @@ pub fn vm_markdown_table(records: &[RunRecord]) -> String {
 
 /// The real-guest table as aligned text, and each run's steps.
 pub fn vm_table(records: &[RunRecord]) -> String {
-    let rows: Vec<[String; VM_COLUMNS]> = records.iter().map(vm_row).collect();
-    let width =
-        |i: usize| rows.iter().map(|r| r[i].chars().count()).chain([VM_HEAD[i].chars().count()]).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..VM_COLUMNS).map(width).collect();
-    let mut out = String::new();
-    let line = |out: &mut String, cells: &[&str]| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
-    };
-    line(&mut out, &VM_HEAD);
-    for r in &rows {
-        line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
-    }
+    let mut out = aligned(&VM_HEAD, &records.iter().map(vm_row).collect::<Vec<_>>());
     for r in records {
         let steps: Vec<String> = r.summary.steps.iter().map(|st| format!("{} at {:.1}", st.setting, st.t)).collect();
         let _ = writeln!(
