@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use kata_ksm_throttler::client::KsmThrottlerProxy;
-use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
+use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
+use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use rustix::process::{kill_process, Pid, Signal};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -609,7 +609,7 @@ async fn run() -> Result<()> {
     // Let the bus tell the daemon about a thousand departures, and the daemon trim its heap
     // (src/heap.rs) before looking at its memory: it checks every TRIM_AFTER_BURST for a whole
     // one without calls, so the trim comes at most two of them after the last call.
-    tokio::time::sleep(2 * kata_ksm_throttler::heap::TRIM_AFTER_BURST + Duration::from_secs(1)).await;
+    tokio::time::sleep(2 * kata_ksm_throttler::io::heap::TRIM_AFTER_BURST + Duration::from_secs(1)).await;
     let total_kicks = kick_count(&conn_a).await?;
     let after_many = procfs::footprint(a.pid())?;
     out.insert("after_many_clients".into(), footprint_json(after_many));

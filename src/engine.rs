@@ -17,18 +17,18 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::Instant;
 
-use crate::config::Profiles;
-use crate::meminfo::{self, MeminfoError};
-use crate::policy::{resize_needed, Counters, Durations, Policy, Transition};
-use crate::setting::{Mode, Setting};
-use crate::state_file::{Handover, StateError, StateFile};
-use crate::sysfs::{Knobs, Ksm, SysfsError, Target, ADVISOR_NONE};
-use crate::timer::DeadlineTimer;
+use crate::core::knobs::{Knobs, Target};
+use crate::core::plan::{self, plan};
+use crate::core::policy::{resize_needed, Counters, Durations, Policy, Transition};
+use crate::core::setting::Profiles;
+use crate::core::setting::{Mode, Setting};
+use crate::io::meminfo::{self, MeminfoError};
+use crate::io::state_file::{Handover, StateError, StateFile};
+use crate::io::sysfs::{Ksm, SysfsError};
 
 /// How long a failed timer step waits before it is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -157,8 +157,6 @@ pub struct Engine {
     kick_count: u64,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
-    /// `None`: tokio's timer (which tests can pause).
-    timer: Option<DeadlineTimer>,
     idle: Option<IdleExit>,
     /// A stop signal arrived while an idle exit was being concluded.
     stop_requested: bool,
@@ -196,16 +194,8 @@ impl Engine {
             idle: None,
             stop_requested: false,
             shown_deadline: Cell::new(None),
-            timer: None,
         };
         (engine, Handle { commands: tx }, status_rx)
-    }
-
-    /// Steps on a timerfd: one wake-up per scheduled step, where tokio's timer wheel takes two
-    /// or three (see [`crate::timer`]). For the daemon; not with tokio's paused clock.
-    pub fn with_timerfd(mut self) -> std::io::Result<Self> {
-        self.timer = Some(DeadlineTimer::new()?);
-        Ok(self)
     }
 
     /// Sends a notice on the returned channel each time the engine has been at rest in its
@@ -242,7 +232,7 @@ impl Engine {
             Err(e @ StateError::Corrupt { .. }) => tracing::error!("{e}"),
             Err(e) => return Err(e.into()),
         }
-        if let Some(t) = self.policy.start(Instant::now()) {
+        if let Some(t) = self.policy.start(now()) {
             self.apply(t)?;
         }
         self.publish();
@@ -271,10 +261,10 @@ impl Engine {
         };
         let deadline = (handover.next_step_down_us > 0).then(|| {
             let due = UNIX_EPOCH + Duration::from_micros(handover.next_step_down_us);
-            Instant::now() + due.duration_since(SystemTime::now()).unwrap_or_default()
+            now() + due.duration_since(SystemTime::now()).unwrap_or_default()
         });
         let policy = match (handover.mode.parse::<Mode>(), Setting::from_name(&handover.setting)) {
-            (Ok(mode), Some(setting)) => Policy::resume(mode, setting, deadline, self.config.durations, Instant::now()),
+            (Ok(mode), Some(setting)) => Policy::resume(mode, setting, deadline, self.config.durations, now()),
             _ => None,
         };
         let Some(policy) = policy.filter(|p| p.setting() == Setting::Initial || saved.is_some()) else {
@@ -294,7 +284,8 @@ impl Engine {
         } else {
             // In force already; applied again so that what the bus shows is what is in force
             // even if something touched KSM in between.
-            self.put_in_force(self.policy.setting())?;
+            let have = self.config.ksm.read()?;
+            self.put_in_force(&have, self.policy.setting())?;
         }
         Ok(true)
     }
@@ -328,8 +319,8 @@ impl Engine {
                     Some(cmd) => if let Some(ended) = self.handle(cmd) { break ended },
                     None => break Ended::Shutdown,
                 },
-                () = sleep_until(&mut self.timer, wake) => self.on_wake(),
-                () = tokio_sleep_until(idle_due) => self.on_idle(),
+                () = sleep_until(wake) => self.on_wake(),
+                () = sleep_until(idle_due) => self.on_idle(),
             }
         };
         self.commands.close();
@@ -346,7 +337,7 @@ impl Engine {
 
     /// Restarts the idle clock: from now if at rest, else not running.
     fn note_activity(&mut self) {
-        let since = self.at_rest().then(Instant::now);
+        let since = self.at_rest().then(now);
         if let Some(idle) = &mut self.idle {
             idle.since = since;
         }
@@ -423,12 +414,16 @@ impl Engine {
             Command::SetMode(mode, reply) => {
                 let setting = self.policy.setting();
                 let result = self.step(|p, now| p.set_mode(mode, now));
-                // The same setting under another mode: only what the mode adds may differ. The
-                // mode has changed by now, so a failure here is logged, not returned.
+                // The same setting under another mode: written again at the same size, so only what
+                // the mode adds differs. The mode has changed by now, so a failure here is logged,
+                // not returned.
                 if result.is_ok() && self.policy.setting() == setting && self.saved.is_some() {
-                    let smart_scan = self.smart_scan_for(setting);
-                    if let Err(e) = self.config.ksm.apply(&Target { smart_scan, ..Target::default() }) {
-                        tracing::error!(mode = %mode, "smart_scan for the new mode: {e}");
+                    let written = self.config.ksm.read().map_err(EngineError::from).and_then(|have| {
+                        let sized_on = self.sized_on;
+                        self.put_sized(&have, setting, sized_on)
+                    });
+                    if let Err(e) = written {
+                        tracing::error!(mode = %mode, "{setting} under the new mode: {e}");
                     }
                 }
                 (result, reply)
@@ -447,7 +442,7 @@ impl Engine {
     }
 
     fn on_wake(&mut self) {
-        let now = Instant::now();
+        let now = now();
         if self.policy.sample_at().is_some_and(|at| at <= now) {
             let result = match self.read_counters() {
                 Ok(c) => self.step(|p, now| p.counters(now, c)),
@@ -491,7 +486,7 @@ impl Engine {
     /// step is undone (so a later cycle records the settings as they are then).
     fn step(&mut self, event: impl FnOnce(&mut Policy, Instant) -> Option<Transition>) -> Result<(), EngineError> {
         let before = self.policy.clone();
-        let Some(t) = event(&mut self.policy, Instant::now()) else { return Ok(()) };
+        let Some(t) = event(&mut self.policy, now()) else { return Ok(()) };
         let first = self.saved.is_none();
         self.apply(t).inspect_err(|e| {
             self.policy = before;
@@ -504,7 +499,9 @@ impl Engine {
                 // A step that failed half-way may have paused ksmd (run=0) or changed one scan
                 // knob of two: put the setting in force back, so what is shown is what runs.
                 let setting = self.policy.setting();
-                if let Err(e) = self.put_in_force(setting) {
+                if let Err(e) =
+                    self.config.ksm.read().map_err(EngineError::from).and_then(|have| self.put_in_force(&have, setting))
+                {
                     tracing::error!(setting = %setting, "putting the setting in force back: {e}");
                 }
             }
@@ -521,24 +518,25 @@ impl Engine {
         self.config.durations = durations;
         tracing::info!("configuration reloaded");
         if changed {
-            self.put_in_force(setting)?;
+            let have = self.config.ksm.read()?;
+            self.put_in_force(&have, setting)?;
             tracing::info!(setting = %setting, "new profile applied to the setting in force");
         }
         Ok(())
     }
 
+    /// Carries a transition out, reading the knobs once: what is found is recorded (before the
+    /// first change of a cycle) and the plan of writes starts from it.
     fn apply(&mut self, t: Transition) -> Result<(), EngineError> {
+        let have = self.config.ksm.read()?;
         let written = if t.to == Setting::Initial {
-            self.restore(&format!("{} -> initial", t.from))?;
-            self.config.ksm.read()?
+            self.restore_over(have, &format!("{} -> initial", t.from))?
         } else {
             if self.saved.is_none() {
-                let knobs = self.config.ksm.read()?;
-                self.config.state.save(&knobs)?;
-                self.saved = Some(knobs);
+                self.config.state.save(&have)?;
+                self.saved = Some(have.clone());
             }
-            self.put_in_force(t.to)?;
-            self.config.ksm.read()?
+            self.put_in_force(&have, t.to)?
         };
         tracing::info!(
             from = %t.from,
@@ -556,24 +554,26 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes `setting` (a throttling one, or `off`), sized on AnonPages as it is now.
-    fn put_in_force(&mut self, setting: Setting) -> Result<(), EngineError> {
+    /// Writes `setting` (a throttling one, or `off`) over the knobs `have`, sized on AnonPages as
+    /// it is now; returns the knobs in force.
+    fn put_in_force(&mut self, have: &Knobs, setting: Setting) -> Result<Knobs, EngineError> {
         let anon = match self.config.profiles.get(setting) {
             Some(_) => Some(meminfo::anon_pages(&self.config.meminfo, self.config.page_size)?),
             None => None,
         };
-        self.put_sized(setting, anon)
+        self.put_sized(have, setting, anon)
     }
 
-    /// Writes `setting` sized on `anon` (AnonPages, for a setting with a profile).
-    fn put_sized(&mut self, setting: Setting, anon: Option<u64>) -> Result<(), EngineError> {
-        self.config.ksm.apply(&self.target_for(setting, anon))?;
+    /// Writes `setting` sized on `anon` (AnonPages, for a setting with a profile) over `have`.
+    fn put_sized(&mut self, have: &Knobs, setting: Setting, anon: Option<u64>) -> Result<Knobs, EngineError> {
+        let target = self.target_for(setting, anon);
+        let now = self.config.ksm.execute(&plan(have, &target))?;
         self.sized_on = anon;
-        Ok(())
+        Ok(now)
     }
 
     /// Sizes the setting in force again if AnonPages moved by more than a fair share since it
-    /// was sized (see [`crate::policy::resize_needed`]); `Ok(true)` if it did.
+    /// was sized (see [`crate::core::policy::resize_needed`]); `Ok(true)` if it did.
     fn resize_if_moved(&mut self) -> Result<bool, EngineError> {
         let setting = self.policy.setting();
         let Some(sized_on) = self.sized_on.filter(|_| self.saved.is_some()) else { return Ok(false) };
@@ -584,7 +584,8 @@ impl Engine {
         if !resize_needed(sized_on, anon) {
             return Ok(false);
         }
-        self.put_sized(setting, Some(anon))?;
+        let have = self.config.ksm.read()?;
+        self.put_sized(&have, setting, Some(anon))?;
         tracing::info!(
             setting = %setting,
             anon_pages_before = sized_on,
@@ -596,56 +597,38 @@ impl Engine {
 
     /// What `setting` writes; `anon`: AnonPages, for a setting with a profile.
     fn target_for(&self, setting: Setting, anon: Option<u64>) -> Target {
-        // The advisor would fight (and refuse) our pages_to_scan: off while we drive.
-        let advisor_off = self.saved.as_ref().and_then(|k| k.advisor_mode.as_ref()).map(|_| ADVISOR_NONE.to_string());
-        let smart_scan = self.smart_scan_for(setting);
-        match (self.config.profiles.get(setting), anon) {
-            (Some(profile), Some(anon)) => Target {
-                run: Some(1),
-                pages_to_scan: Some(profile.pages_to_scan(anon)),
-                sleep_millisecs: Some(profile.sleep_millisecs.into()),
-                advisor_mode: advisor_off,
-                smart_scan,
-            },
-            _ => Target { run: Some(0), smart_scan, ..Target::default() },
-        }
-    }
-
-    /// smart_scan visits a page that has not merged for a while only every few scans (up to
-    /// every 9th), so a new VM whose twin has aged alone merges only when both happen to be
-    /// visited in one scan: adaptive turns it off while aggressive. Every other setting and
-    /// mode gets the administrator's value: with it off at the standard pace, confirming that
-    /// 8 settled guests had settled cost twice the CPU (measured, docs/performance.md).
-    /// `None` leaves it alone.
-    fn smart_scan_for(&self, setting: Setting) -> Option<u8> {
-        let found = self.saved.as_ref().and_then(|k| k.smart_scan);
-        match (self.policy.mode(), setting) {
-            (Mode::Adaptive, Setting::Aggressive) => found.map(|_| 0),
-            _ => found,
-        }
+        plan::target(setting, self.policy.mode(), self.config.profiles.get(setting), self.saved.as_ref(), anon)
     }
 
     /// Puts the administrator's settings back if they were changed; they stay recorded (in
     /// memory and on disk) until that has worked.
     fn restore(&mut self, why: &str) -> Result<(), EngineError> {
-        if let Some(saved) = &self.saved {
-            self.config.ksm.apply(&Target::from(saved))?;
-            self.config.state.remove()?;
-            tracing::info!(
-                run = saved.run,
-                pages_to_scan = saved.pages_to_scan,
-                sleep_millisecs = saved.sleep_millisecs,
-                "initial KSM settings restored ({why})"
-            );
-            self.saved = None;
-            self.sized_on = None;
+        if self.saved.is_some() {
+            let have = self.config.ksm.read()?;
+            self.restore_over(have, why)?;
         }
         Ok(())
     }
 
+    /// [`Self::restore`] over the knobs `have`, just read; returns the knobs in force.
+    fn restore_over(&mut self, have: Knobs, why: &str) -> Result<Knobs, EngineError> {
+        let Some(saved) = self.saved.clone() else { return Ok(have) };
+        let now = self.config.ksm.execute(&plan(&have, &self.target_for(Setting::Initial, None)))?;
+        self.config.state.remove()?;
+        tracing::info!(
+            run = saved.run,
+            pages_to_scan = saved.pages_to_scan,
+            sleep_millisecs = saved.sleep_millisecs,
+            "initial KSM settings restored ({why})"
+        );
+        self.saved = None;
+        self.sized_on = None;
+        Ok(now)
+    }
+
     fn next_step_down_us(&self) -> u64 {
         self.policy.deadline().map_or(0, |d| {
-            let wall = SystemTime::now() + d.saturating_duration_since(Instant::now());
+            let wall = SystemTime::now() + d.saturating_duration_since(now());
             wall.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros() as u64)
         })
     }
@@ -683,28 +666,14 @@ impl Engine {
     }
 }
 
-async fn tokio_sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
+/// The time on tokio's clock, which tests can pause; the core takes it as a plain `Instant`.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
-/// The next step: on the timerfd when the engine has one, else on tokio's timer.
-async fn sleep_until(timer: &mut Option<DeadlineTimer>, deadline: Option<Instant>) {
-    match (timer, deadline) {
-        (Some(timer), Some(d)) => {
-            if let Err(e) = timer.sleep_until(d).await {
-                tracing::warn!("timerfd: {e}; using tokio's timer for this step");
-                tokio::time::sleep_until(d).await;
-            }
-        }
-        (None, Some(d)) => tokio::time::sleep_until(d).await,
-        (timer, None) => {
-            if let Some(Err(e)) = timer.as_mut().map(DeadlineTimer::disarm) {
-                tracing::warn!("timerfd: {e}");
-            }
-            std::future::pending().await
-        }
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
     }
 }

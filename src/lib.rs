@@ -1,26 +1,19 @@
 //! kata-ksm-throttler: regulates the Linux KSM daemon for hosts that start many similar VMs,
-//! served on D-Bus as `org.kata.KsmThrottler`.
-//!
-//! The core ([`setting`], [`policy`]) is pure; [`engine`] owns the state and applies it through
-//! [`sysfs`], [`meminfo`] and [`state_file`]; [`service`] and [`authorize`] are the bus edge.
+//! served on D-Bus as `org.kata.KsmThrottler`. The layers, from the bottom (ARCHITECTURE.md has
+//! one sentence on each):
+//! - [`core`]: what to do, as plain values: the settings, the policy, the plan of writes. No I/O,
+//!   no async runtime, no clock of its own.
+//! - [`io`]: the files: sysfs, /proc/meminfo, the state file, the heap.
+//! - [`engine`]: the one task that owns the state; it feeds events to the core and carries the
+//!   plan out through `io`.
+//! - [`bus`]: the D-Bus face: the object, authorization, error names, call counting, exit on idle.
+//! - [`client`]: what callers use (the proxy, the kicker, `--bus`, ksmtctl); nothing of the above.
+//! - [`startup`]: configuration, command line and logging, for the daemon's `main`.
 
-pub mod authorize;
-pub mod bus_error;
-pub mod bus_socket;
-pub mod cli;
+pub mod bus;
 pub mod client;
-pub mod config;
-pub mod ctl;
+pub mod core;
 pub mod engine;
-pub mod heap;
-pub mod idle_exit;
-pub mod kicker;
-pub mod logging;
-pub mod meminfo;
-pub mod policy;
-pub mod private_bus;
-pub mod service;
-pub mod setting;
-pub mod state_file;
-pub mod sysfs;
-pub mod timer;
+pub mod io;
+pub mod names;
+pub mod startup;

@@ -6,27 +6,19 @@ use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
-use kata_ksm_throttler::authorize::Authority;
-use kata_ksm_throttler::bus_socket::BusSocket;
-use kata_ksm_throttler::cli::{Args, BusArg};
-use kata_ksm_throttler::config::{ConfigError, Settings};
+use kata_ksm_throttler::bus::authorize::Authority;
+use kata_ksm_throttler::bus::idle_exit;
+use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
+use kata_ksm_throttler::bus::service::{self, Throttler};
+use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::engine::{Config, Ended, Engine};
-use kata_ksm_throttler::idle_exit;
-use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::service::{self, Throttler, BUS_NAME, INTERFACE, OBJECT_PATH};
-use kata_ksm_throttler::state_file::{StateError, StateFile};
-use kata_ksm_throttler::sysfs::Ksm;
-use kata_ksm_throttler::{logging, meminfo};
-
-/// A unix socket bus on a [`BusSocket`] (no wake-up after each message sent), any other
-/// transport as zbus connects it.
-async fn connect(address: zbus::Address) -> zbus::Result<zbus::Connection> {
-    let builder = match BusSocket::connect(&address).await {
-        Some(socket) => zbus::connection::Builder::socket(socket?),
-        None => zbus::connection::Builder::address(address),
-    };
-    builder.build().await
-}
+use kata_ksm_throttler::io::meminfo;
+use kata_ksm_throttler::io::state_file::{StateError, StateFile};
+use kata_ksm_throttler::io::sysfs::Ksm;
+use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use kata_ksm_throttler::startup::cli::Args;
+use kata_ksm_throttler::startup::config::{ConfigError, Settings};
+use kata_ksm_throttler::startup::logging;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -90,7 +82,7 @@ async fn run(args: Args) -> Result<()> {
             other.address().context("--bus")?
         }
     };
-    let conn = connect(address).await.map_err(|e| match args.bus {
+    let conn = zbus::connection::Builder::address(address).build().await.map_err(|e| match args.bus {
         BusArg::System => {
             anyhow!("cannot connect to the system bus ({e}); on a host without one, run with --bus private")
         }
@@ -219,8 +211,6 @@ fn run_engine(
         .name("engine".into())
         .spawn(move || {
             let ended = runtime.block_on(async move {
-                // The timerfd is registered with this runtime's reactor, so made here.
-                let engine = engine.with_timerfd().context("creating the step timer (timerfd)")?;
                 let stop = async {
                     let _ = stopped.await;
                 };

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus};
-use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
-use kata_ksm_throttler::state_file::{Handover, StateFile};
-use kata_ksm_throttler::sysfs::Knobs;
+use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus};
+use kata_ksm_throttler::core::knobs::Knobs;
+use kata_ksm_throttler::io::state_file::{Handover, StateFile};
+use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use rustix::process::{kill_process, test_kill_process, Pid, Signal};
 use tempfile::TempDir;
 use zbus::fdo::DBusProxy;

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use zbus_xml::{Interface, Node};
 
 /// Everything a caller depends on, in a comparable form: members, signatures, directions,

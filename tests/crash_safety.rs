@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kata_ksm_throttler::sysfs::Ksm;
+use kata_ksm_throttler::io::sysfs::Ksm;
 use rustix::process::Signal;
 
 const CYCLES: usize = 100;

@@ -54,7 +54,7 @@ async fn status_json_parses_and_matches_the_bus() {
     assert_eq!(v["sleep_millisecs"], 10);
     assert_eq!(v["run"], 1);
     assert_eq!(v["pages_to_scan"], expected(100, 10).1);
-    assert_eq!(v["saved_bytes"], 2560 * kata_ksm_throttler::meminfo::page_size());
+    assert_eq!(v["saved_bytes"], 2560 * kata_ksm_throttler::io::meminfo::page_size());
     assert_eq!(v["next_step_down_us"], 0);
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use kata_ksm_throttler::service::INTERFACE;
+use kata_ksm_throttler::names::INTERFACE;
 use zbus::fdo::PropertiesProxy;
 use zbus::names::InterfaceName;
 
@@ -15,8 +15,8 @@ const FAST: &[&str] = &["--aggressive-duration", "400ms", "--standard-duration",
 
 async fn properties(s: &Setup) -> PropertiesProxy<'static> {
     PropertiesProxy::builder(&s.conn)
-        .destination(kata_ksm_throttler::service::BUS_NAME)
-        .path(kata_ksm_throttler::service::OBJECT_PATH)
+        .destination(kata_ksm_throttler::names::BUS_NAME)
+        .path(kata_ksm_throttler::names::OBJECT_PATH)
         .build()
         .await
         .expect("properties proxy")
@@ -281,7 +281,7 @@ async fn statistics_are_read_live_and_missing_counters_read_as_zero() {
     write("pages_volatile", "20\n");
     write("full_scans", "12\n");
     write("general_profit", "-4096\n");
-    let page = kata_ksm_throttler::meminfo::page_size();
+    let page = kata_ksm_throttler::io::meminfo::page_size();
     let p = &s.proxy;
     assert_eq!(p.pages_shared().await.expect("get"), 1000);
     assert_eq!(p.pages_sharing().await.expect("get"), 7000);

@@ -7,11 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::{expected, Scratch};
+use kata_ksm_throttler::core::policy::Durations;
+use kata_ksm_throttler::core::setting::{Mode, Setting};
 use kata_ksm_throttler::engine::{Config, Drain, Ended, Engine, EngineError, Handle, Status, Verdict};
-use kata_ksm_throttler::policy::Durations;
-use kata_ksm_throttler::setting::{Mode, Setting};
-use kata_ksm_throttler::state_file::StateFile;
-use kata_ksm_throttler::sysfs::Ksm;
+use kata_ksm_throttler::io::state_file::StateFile;
+use kata_ksm_throttler::io::sysfs::Ksm;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::sleep;
@@ -32,11 +32,11 @@ fn start(scratch: &Scratch, mode: Mode) -> Running {
     let config = Config {
         ksm: Ksm::open(scratch.ksm()).expect("open"),
         meminfo: scratch.meminfo(),
-        page_size: kata_ksm_throttler::meminfo::page_size(),
+        page_size: kata_ksm_throttler::io::meminfo::page_size(),
         state: StateFile::new(scratch.state_dir()),
         mode,
         durations: Durations::default(),
-        profiles: kata_ksm_throttler::config::Profiles::default(),
+        profiles: kata_ksm_throttler::core::setting::Profiles::default(),
     };
     let (mut engine, handle, status) = Engine::new(config);
     let notices = engine.exit_when_idle(IDLE);

@@ -6,12 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::{expected, Scratch};
-use kata_ksm_throttler::config::Profiles;
+use kata_ksm_throttler::core::policy::Durations;
+use kata_ksm_throttler::core::setting::Profiles;
+use kata_ksm_throttler::core::setting::{Mode, Setting};
 use kata_ksm_throttler::engine::{Config, Engine, Handle, Status};
-use kata_ksm_throttler::policy::Durations;
-use kata_ksm_throttler::setting::{Mode, Setting};
-use kata_ksm_throttler::state_file::StateFile;
-use kata_ksm_throttler::sysfs::Ksm;
+use kata_ksm_throttler::io::state_file::StateFile;
+use kata_ksm_throttler::io::sysfs::Ksm;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::sleep;
@@ -30,7 +30,7 @@ fn start(scratch: &Scratch, mode: Mode) -> Running {
     let config = Config {
         ksm: Ksm::open(scratch.ksm()).expect("open"),
         meminfo: scratch.meminfo(),
-        page_size: kata_ksm_throttler::meminfo::page_size(),
+        page_size: kata_ksm_throttler::io::meminfo::page_size(),
         state: StateFile::new(scratch.state_dir()),
         mode,
         durations: Durations::default(),
@@ -114,7 +114,7 @@ async fn settings_are_computed_from_anon_pages_when_applied() {
 async fn pages_to_scan_follows_memory_that_arrives_after_the_kick() {
     let scratch = Scratch::new();
     let anon = |kb: u64| std::fs::write(scratch.meminfo(), format!("AnonPages: {kb} kB\n")).expect("write");
-    let pages = |kb: u64, divisor: u64| kb * 1024 / kata_ksm_throttler::meminfo::page_size() / divisor;
+    let pages = |kb: u64, divisor: u64| kb * 1024 / kata_ksm_throttler::io::meminfo::page_size() / divisor;
     anon(1 << 20);
     let r = start(&scratch, Mode::Throttle);
     r.handle.kick().await.expect("kick");

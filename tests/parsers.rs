@@ -5,13 +5,14 @@
 use std::time::Duration;
 
 use clap::Parser;
-use kata_ksm_throttler::cli::Args;
-use kata_ksm_throttler::config::Settings;
-use kata_ksm_throttler::meminfo::parse_anon_kb;
-use kata_ksm_throttler::policy::{Durations, Policy};
-use kata_ksm_throttler::setting::Mode;
-use kata_ksm_throttler::state_file::{StateError, StateFile};
-use kata_ksm_throttler::sysfs::{parse_advisor, Knobs, Ksm};
+use kata_ksm_throttler::core::knobs::Knobs;
+use kata_ksm_throttler::core::policy::{Durations, Policy};
+use kata_ksm_throttler::core::setting::Mode;
+use kata_ksm_throttler::io::meminfo::parse_anon_kb;
+use kata_ksm_throttler::io::state_file::{StateError, StateFile};
+use kata_ksm_throttler::io::sysfs::{parse_advisor, Ksm};
+use kata_ksm_throttler::startup::cli::Args;
+use kata_ksm_throttler::startup::config::Settings;
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
@@ -182,7 +183,7 @@ proptest! {
                 let d = args.aggressive_duration.expect("set");
                 // An accepted duration must be usable: a kick schedules the step down.
                 let mut p = Policy::new(Mode::Throttle, Durations { aggressive: d, ..Durations::default() });
-                let now = tokio::time::Instant::now();
+                let now = std::time::Instant::now();
                 p.start(now);
                 p.kick(now);
                 prop_assert!(p.deadline().is_some());
@@ -214,7 +215,7 @@ proptest! {
         let text = format!("[aggressive]\nduration = {}\n", toml_string(&value));
         if s.apply_toml(std::path::Path::new("t.toml"), &text).is_ok() {
             let mut p = Policy::new(Mode::Throttle, s.durations);
-            let now = tokio::time::Instant::now();
+            let now = std::time::Instant::now();
             p.start(now);
             p.kick(now);
             prop_assert!(p.deadline().is_some());

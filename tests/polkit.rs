@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus};
-use kata_ksm_throttler::service::BUS_NAME;
+use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus};
+use kata_ksm_throttler::names::BUS_NAME;
 use rustix::process::{kill_process, Pid, Signal};
 use zbus::fdo::DBusProxy;
 use zbus::names::BusName;

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
-use kata_ksm_throttler::meminfo;
-use kata_ksm_throttler::sysfs::{Knobs, Ksm, Target};
+use kata_ksm_throttler::core::knobs::{Knobs, Target};
+use kata_ksm_throttler::io::meminfo;
+use kata_ksm_throttler::io::sysfs::Ksm;
 
 const REAL: &str = "/sys/kernel/mm/ksm";
 /// Taken by everything in this project that touches the real KSM, so two never overlap.
@@ -87,8 +88,8 @@ async fn drives_the_real_ksm_through_a_cycle_and_leaves_it_as_found() {
     wait_for_name(&conn, &daemon).await;
     let proxy = proxy(&conn).await;
     let props = zbus::fdo::PropertiesProxy::builder(&conn)
-        .destination(kata_ksm_throttler::service::BUS_NAME)
-        .path(kata_ksm_throttler::service::OBJECT_PATH)
+        .destination(kata_ksm_throttler::names::BUS_NAME)
+        .path(kata_ksm_throttler::names::OBJECT_PATH)
         .build()
         .await
         .expect("properties proxy");

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kata_ksm_throttler::private_bus::BusConfig;
-use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use kata_ksm_throttler::bus::private::BusConfig;
+use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use procfs::{footprint, raise_fd_limit};
 use writes::WriteWatch;
 use zbus::message::Message;
@@ -72,7 +72,7 @@ async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> boo
 // Many clients
 
 /// `clients` fresh connections, each kicking `each` times, all at once; every call must succeed.
-async fn round_of_clients(bus: &kata_ksm_throttler::private_bus::PrivateBus, clients: usize, each: usize) {
+async fn round_of_clients(bus: &kata_ksm_throttler::bus::private::PrivateBus, clients: usize, each: usize) {
     let mut conns = Vec::with_capacity(clients);
     for batch in (0..clients).collect::<Vec<_>>().chunks(50) {
         let mut set = tokio::task::JoinSet::new();
@@ -373,7 +373,7 @@ mod erased {
     use std::future::Future;
     use std::pin::Pin;
 
-    use kata_ksm_throttler::service::BUS_NAME;
+    use kata_ksm_throttler::names::BUS_NAME;
     use zbus::Connection;
 
     pub trait Body: Sync {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
-use kata_ksm_throttler::kicker::Kicker;
+use kata_ksm_throttler::client::kicker::Kicker;
 use kata_ksm_throttler_grpc::cli::Args;
 use kata_ksm_throttler_grpc::server::{self, Limits};
 use kata_ksm_throttler_grpc::socket;
@@ -17,7 +17,7 @@ const DRAIN: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    kata_ksm_throttler::logging::init_as("kata-ksm-throttler-grpc", args.log_level);
+    kata_ksm_throttler::startup::logging::init_as("kata-ksm-throttler-grpc", args.log_level);
     // One thread: each call is a few bytes in and one bus message out.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kata_ksm_throttler::kicker::{KickError, Kicker};
+use kata_ksm_throttler::client::kicker::{KickError, Kicker};
 use tonic::{Request, Response, Status};
 
 use crate::authority::Bounds;

@@ -9,9 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use kata_ksm_throttler::client::KsmThrottlerProxy;
-use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::service::BUS_NAME;
+use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
+use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
+use kata_ksm_throttler::names::BUS_NAME;
 use tokio::time::{timeout, Instant};
 
 use crate::child::Guarded;

@@ -1,7 +1,7 @@
 //! The modes a benchmark compares: the throttler's (the release daemon on a private bus) and the
 //! kernel's own, with no daemon.
 
-use kata_ksm_throttler::sysfs::{Target, ADVISOR_NONE};
+use kata_ksm_throttler::core::knobs::{Target, ADVISOR_NONE};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -5,7 +5,8 @@ use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kata_ksm_throttler::sysfs::{Knobs, Ksm, SysfsError, Target};
+use kata_ksm_throttler::core::knobs::{Knobs, Target};
+use kata_ksm_throttler::io::sysfs::{Ksm, SysfsError};
 use rustix::fs::{flock, FlockOperation};
 
 pub const REAL_KSM: &str = "/sys/kernel/mm/ksm";

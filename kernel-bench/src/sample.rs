@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use kata_ksm_throttler::meminfo;
-use kata_ksm_throttler::sysfs::{Ksm, SysfsError};
+use kata_ksm_throttler::io::meminfo;
+use kata_ksm_throttler::io::sysfs::{Ksm, SysfsError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,7 +39,7 @@ pub enum SampleError {
     #[error("no ksmd thread in /proc (is KSM built in?)")]
     NoKsmd,
     #[error(transparent)]
-    Meminfo(#[from] kata_ksm_throttler::meminfo::MeminfoError),
+    Meminfo(#[from] kata_ksm_throttler::io::meminfo::MeminfoError),
 }
 
 /// Reads everything but the setting (which the caller knows or asks the daemon for).

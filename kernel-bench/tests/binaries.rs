@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kata_ksm_throttler::sysfs::Ksm;
+use kata_ksm_throttler::io::sysfs::Ksm;
 use kernel_bench::pattern::{fill, Content, Layout};
 use kernel_bench::real_ksm::{REAL_KSM, REAL_KSM_LOCK};
 use rustix::process::{kill_process, Pid, Signal};
@@ -364,7 +364,7 @@ fn mergeable_region(pid: u32) -> Region {
 }
 
 fn page_size() -> u64 {
-    kata_ksm_throttler::meminfo::page_size()
+    kata_ksm_throttler::io::meminfo::page_size()
 }
 
 /// Page `page` of the worker's memory as it is now, read through /proc/<pid>/mem (we are root).

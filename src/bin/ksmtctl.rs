@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use futures_util::StreamExt;
-use kata_ksm_throttler::cli::BusArg;
-use kata_ksm_throttler::ctl::{self, exit, Cli, Command, Status};
-use kata_ksm_throttler::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use kata_ksm_throttler::client::address::BusArg;
+use kata_ksm_throttler::client::ctl::{self, exit, Cli, Command, Status};
+use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use serde_json::json;
 use zbus::fdo::PropertiesProxy;
 use zbus::names::InterfaceName;
@@ -74,7 +74,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
-    let throttler = kata_ksm_throttler::client::KsmThrottlerProxy::builder(&conn)
+    let throttler = kata_ksm_throttler::client::proxy::KsmThrottlerProxy::builder(&conn)
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;

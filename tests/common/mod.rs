@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use kata_ksm_throttler::client::KsmThrottlerProxy;
-use kata_ksm_throttler::private_bus::{BusConfig, PrivateBus};
-use kata_ksm_throttler::service::BUS_NAME;
+use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus};
+use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
+use kata_ksm_throttler::names::BUS_NAME;
 use rustix::process::{kill_process, Pid, Signal};
 use tempfile::TempDir;
 use zbus::Connection;
@@ -141,7 +141,7 @@ impl Scratch {
 }
 
 pub fn expected(divisor: u64, sleep: u64) -> (u64, u64, u64) {
-    (1, ANON_KB * 1024 / kata_ksm_throttler::meminfo::page_size() / divisor, sleep)
+    (1, ANON_KB * 1024 / kata_ksm_throttler::io::meminfo::page_size() / divisor, sleep)
 }
 
 /// The daemon binary, run on a scratch sysfs and a given bus.

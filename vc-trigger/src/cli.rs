@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::filter::LevelFilter;
 
-use kata_ksm_throttler::cli::BusArg;
+use kata_ksm_throttler::client::address::BusArg;
 
 /// Kicks the KSM throttler (org.kata.KsmThrottler on D-Bus) whenever a Kata Containers sandbox
 /// starts, watching the sandbox folders of both Kata runtimes with inotify.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use futures_util::StreamExt;
-use kata_ksm_throttler::client::KsmThrottlerProxy;
+use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 
 const TRIGGER: &str = env!("CARGO_BIN_EXE_kata-vc-throttler");
 

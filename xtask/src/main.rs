@@ -11,8 +11,8 @@ use clap_complete::Shell;
 /// (binary, man section, its clap command).
 fn binaries() -> Vec<(&'static str, &'static str, Command)> {
     vec![
-        ("kata-ksm-throttler", "8", kata_ksm_throttler::cli::Args::command()),
-        ("ksmtctl", "1", kata_ksm_throttler::ctl::Cli::command()),
+        ("kata-ksm-throttler", "8", kata_ksm_throttler::startup::cli::Args::command()),
+        ("ksmtctl", "1", kata_ksm_throttler::client::ctl::Cli::command()),
         ("kata-ksm-throttler-grpc", "8", kata_ksm_throttler_grpc::cli::Args::command()),
         ("kata-vc-throttler", "8", kata_vc_throttler::cli::Args::command()),
     ]

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use kata_ksm_throttler::meminfo;
+use kata_ksm_throttler::io::meminfo;
 use kernel_bench::analysis::{self, Scale, Start, Verdict};
 use kernel_bench::child::{ensure_gone, Guarded};
 use kernel_bench::daemon::DaemonRun;

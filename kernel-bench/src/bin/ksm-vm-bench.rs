@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use kata_ksm_throttler::meminfo;
+use kata_ksm_throttler::io::meminfo;
 use kernel_bench::analysis::{self, Scale, Verdict};
 use kernel_bench::daemon::DaemonRun;
 use kernel_bench::guest::{GuestImage, GuestSpec};

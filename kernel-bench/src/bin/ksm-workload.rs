@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use kata_ksm_throttler::meminfo;
+use kata_ksm_throttler::io::meminfo;
 use kernel_bench::pattern::{fill, Layout};
 use rustix::mm::{madvise, mmap_anonymous, Advice, MapFlags, ProtFlags};
 

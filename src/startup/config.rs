@@ -7,35 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Durations;
-use crate::setting::{Mode, Profile, Setting};
+use crate::core::policy::Durations;
+use crate::core::setting::{Mode, Profile, Profiles};
 
 pub const DEFAULT_PATH: &str = "/etc/kata-ksm-throttler/config.toml";
-
-/// The scan profile of each throttling setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Profiles {
-    pub aggressive: Profile,
-    pub standard: Profile,
-    pub slow: Profile,
-}
-
-impl Default for Profiles {
-    fn default() -> Self {
-        Profiles { aggressive: Profile::AGGRESSIVE, standard: Profile::STANDARD, slow: Profile::SLOW }
-    }
-}
-
-impl Profiles {
-    pub fn get(&self, setting: Setting) -> Option<Profile> {
-        match setting {
-            Setting::Aggressive => Some(self.aggressive),
-            Setting::Standard => Some(self.standard),
-            Setting::Slow => Some(self.slow),
-            Setting::Initial | Setting::Off => None,
-        }
-    }
-}
 
 /// The effective configuration of the daemon (and the trigger's folders).
 #[derive(Debug, Clone, PartialEq)]
@@ -163,7 +138,7 @@ impl Settings {
         })?;
         let err = |key: &str, reason: String| ConfigError { file: file.to_owned(), key: key.to_owned(), reason };
         if let Some(m) = &layer.mode {
-            self.mode = m.parse().map_err(|e: crate::setting::UnknownMode| err("mode", e.to_string()))?;
+            self.mode = m.parse().map_err(|e: crate::core::setting::UnknownMode| err("mode", e.to_string()))?;
         }
         if let Some(s) = &layer.exit_idle_after {
             self.exit_idle_after = match s.as_str() {
@@ -266,7 +241,7 @@ mod tests {
 
     #[test]
     fn the_shipped_file_states_the_defaults() {
-        let shipped = include_str!("../config/config.toml");
+        let shipped = include_str!("../../config/config.toml");
         assert_eq!(apply(shipped).expect("parses"), Settings::default());
         // Uncommented, every line still holds: the comments tell the truth about the defaults.
         let uncommented: String = shipped

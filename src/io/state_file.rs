@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sysfs::Knobs;
+use crate::core::knobs::Knobs;
 
 const FILE_NAME: &str = "initial-settings.json";
 const HANDOVER_FILE_NAME: &str = "handover.json";

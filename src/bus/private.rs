@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use tempfile::TempDir;
 
 /// The project's bus policy, for buses that have no copy of it installed.
-pub const PROJECT_POLICY: &str = include_str!("../dbus/org.kata.KsmThrottler.conf");
+pub const PROJECT_POLICY: &str = include_str!("../../dbus/org.kata.KsmThrottler.conf");
 
 #[derive(Debug, Clone, Default)]
 pub struct BusConfig {

@@ -1,78 +1,13 @@
 //! The KSM knobs in sysfs (`/sys/kernel/mm/ksm` or a scratch directory in tests): read them, and
-//! write a new set in an order that never lets ksmd run with half of it.
+//! carry out a plan of writes ([`crate::core::plan`] decides the order).
 
 use std::fmt;
 use std::fs::OpenOptions;
-use std::io::{self, Write};
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-pub const RUN: &str = "run";
-pub const PAGES_TO_SCAN: &str = "pages_to_scan";
-pub const SLEEP_MILLISECS: &str = "sleep_millisecs";
-pub const ADVISOR_MODE: &str = "advisor_mode";
-pub const SMART_SCAN: &str = "smart_scan";
-
-/// The advisor value that leaves pages_to_scan to us (Linux 6.8+; absent before).
-pub const ADVISOR_NONE: &str = "none";
-
-/// Every knob the throttler may change, as the kernel reports them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Knobs {
-    pub run: u8,
-    pub pages_to_scan: u64,
-    pub sleep_millisecs: u64,
-    /// `None` on kernels without the advisor.
-    pub advisor_mode: Option<String>,
-    /// `None` on kernels without it (before 6.7), and in records written before it was managed.
-    #[serde(default)]
-    pub smart_scan: Option<u8>,
-}
-
-impl Knobs {
-    /// Whether these values could have come from the kernel: what a state file must pass before
-    /// anything in it is written back.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.run > 2 {
-            return Err(format!("run must be 0, 1 or 2, not {}", self.run));
-        }
-        if self.pages_to_scan > u64::from(u32::MAX) || self.sleep_millisecs > u64::from(u32::MAX) {
-            return Err("pages_to_scan and sleep_millisecs must fit in 32 bits".into());
-        }
-        if let Some(smart) = self.smart_scan.filter(|&v| v > 1) {
-            return Err(format!("smart_scan must be 0 or 1, not {smart}"));
-        }
-        if let Some(mode) = &self.advisor_mode {
-            if mode.is_empty() || mode.len() > 32 || !mode.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
-                return Err(format!("advisor_mode {mode:?} is not a kernel advisor name"));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What to write; `None` leaves a knob as it is.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Target {
-    pub run: Option<u8>,
-    pub pages_to_scan: Option<u64>,
-    pub sleep_millisecs: Option<u64>,
-    pub advisor_mode: Option<String>,
-    pub smart_scan: Option<u8>,
-}
-
-impl From<&Knobs> for Target {
-    fn from(k: &Knobs) -> Self {
-        Target {
-            run: Some(k.run),
-            pages_to_scan: Some(k.pages_to_scan),
-            sleep_millisecs: Some(k.sleep_millisecs),
-            advisor_mode: k.advisor_mode.clone(),
-            smart_scan: k.smart_scan,
-        }
-    }
-}
+use crate::core::knobs::{Knobs, Target, ADVISOR_MODE, ADVISOR_NONE, PAGES_TO_SCAN, RUN, SLEEP_MILLISECS, SMART_SCAN};
+use crate::core::plan::{plan, Plan, Write};
 
 /// What went wrong with which file: callers turn it into a D-Bus error or a log line.
 #[derive(Debug, thiserror::Error)]
@@ -169,64 +104,22 @@ impl Ksm {
         }
     }
 
-    /// Writes `target`, skipping knobs that already hold their value, and returns how many files
-    /// were written. Order matters:
-    /// - the advisor is turned off first (while it scans by time, pages_to_scan refuses writes, and
-    ///   turning it off resets pages_to_scan), and is put back last;
-    /// - a running ksmd is paused (`run` = 0, merged pages kept) while its two scan knobs change,
-    ///   and `run` is written after them, so it never runs on half a setting. One scan knob
-    ///   alone (a setting sized again for new memory) is written as it runs: one write is never
-    ///   half a setting, and a `run` write waits for ksmd's batch under way (the kernel's
-    ///   `ksm_thread_mutex`), seconds when ksmd is starved of CPU;
-    /// - `smart_scan` is written before `run`, so a scan started by it already skips (or not).
-    pub fn apply(&self, target: &Target) -> Result<u32, SysfsError> {
-        let mut writes = 0;
-        let mut cur = self.read()?;
+    /// Reads the knobs and writes `target` over them (see [`crate::core::plan`]); returns the
+    /// knobs in force.
+    pub fn apply(&self, target: &Target) -> Result<Knobs, SysfsError> {
+        self.execute(&plan(&self.read()?, target))
+    }
 
-        let advisor_last = match (&target.advisor_mode, &cur.advisor_mode) {
-            (Some(want), Some(have)) if want != have => {
-                if want == ADVISOR_NONE {
-                    self.write(ADVISOR_MODE, want)?;
-                    writes += 1;
-                    cur = self.read()?;
-                    None
-                } else {
-                    Some(want.as_str())
-                }
-            }
-            _ => None,
-        };
-
-        let pages = target.pages_to_scan.filter(|&v| v != cur.pages_to_scan);
-        let sleep = target.sleep_millisecs.filter(|&v| v != cur.sleep_millisecs);
-        let mut run_now = cur.run;
-        if run_now == 1 && pages.is_some() && sleep.is_some() {
-            self.write(RUN, 0)?;
-            writes += 1;
-            run_now = 0;
+    /// Carries out `plan`'s writes in order and returns the knobs in force: the plan's own word,
+    /// except after an advisor is put back, which chooses `pages_to_scan` itself (read back).
+    pub fn execute(&self, plan: &Plan) -> Result<Knobs, SysfsError> {
+        for w in &plan.writes {
+            self.write(w.knob(), w.value())?;
         }
-        if let Some(v) = pages {
-            self.write(PAGES_TO_SCAN, v)?;
-            writes += 1;
+        match plan.writes.last() {
+            Some(Write::AdvisorMode(a)) if a != ADVISOR_NONE => self.read(),
+            _ => Ok(plan.after.clone()),
         }
-        if let Some(v) = sleep {
-            self.write(SLEEP_MILLISECS, v)?;
-            writes += 1;
-        }
-        if let Some(v) = target.smart_scan.filter(|&v| cur.smart_scan.is_some_and(|have| have != v)) {
-            self.write(SMART_SCAN, v)?;
-            writes += 1;
-        }
-        let run = target.run.unwrap_or(cur.run);
-        if run != run_now {
-            self.write(RUN, run)?;
-            writes += 1;
-        }
-        if let Some(advisor) = advisor_last {
-            self.write(ADVISOR_MODE, advisor)?;
-            writes += 1;
-        }
-        Ok(writes)
     }
 
     /// Writes one attribute under the root.
@@ -295,20 +188,19 @@ mod tests {
     }
 
     #[test]
-    fn smart_scan_is_read_where_present_written_only_when_it_differs_and_restored() {
+    fn smart_scan_is_read_where_present_and_never_created() {
         let (d, ksm) = scratch("0\n", "100\n", "20\n", None);
         assert_eq!(ksm.read().expect("read").smart_scan, None, "absent before 6.7");
         let t = Target { smart_scan: Some(0), ..Target::default() };
-        assert_eq!(ksm.apply(&t).expect("apply"), 0, "a knob this kernel lacks is left alone");
+        assert_eq!(ksm.apply(&t).expect("apply").smart_scan, None, "a knob this kernel lacks is left alone");
         assert!(!d.path().join(SMART_SCAN).exists(), "and never created");
 
         std::fs::write(d.path().join(SMART_SCAN), "1\n").expect("write");
         let initial = ksm.read().expect("read");
         assert_eq!(initial.smart_scan, Some(1));
-        assert_eq!(ksm.apply(&t).expect("apply"), 1);
+        assert_eq!(ksm.apply(&t).expect("apply").smart_scan, Some(0));
         assert_eq!(ksm.read().expect("read").smart_scan, Some(0));
-        assert_eq!(ksm.apply(&t).expect("apply"), 0, "already off");
-        assert_eq!(ksm.apply(&Target::from(&initial)).expect("restore"), 1);
+        assert_eq!(ksm.apply(&Target::from(&initial)).expect("restore"), initial);
         assert_eq!(ksm.read().expect("read"), initial);
 
         std::fs::write(d.path().join(SMART_SCAN), "2\n").expect("write");
@@ -331,19 +223,20 @@ mod tests {
     }
 
     #[test]
-    fn apply_skips_knobs_that_hold_their_value() {
-        let (_d, ksm) = scratch("1\n", "100\n", "20\n", None);
-        let t = Target { run: Some(1), pages_to_scan: Some(100), sleep_millisecs: Some(20), ..Target::default() };
-        assert_eq!(ksm.apply(&t).expect("apply"), 0);
-    }
-
-    #[test]
-    fn apply_pauses_a_running_ksmd_and_writes_run_last() {
+    fn a_plan_is_carried_out_in_its_order_and_the_knobs_after_it_are_returned() {
         let (d, ksm) = scratch("1\n", "100\n", "20\n", None);
         let t = Target { run: Some(1), pages_to_scan: Some(5000), sleep_millisecs: Some(1), ..Target::default() };
-        // run=0, pages, sleep, run=1
-        assert_eq!(ksm.apply(&t).expect("apply"), 4);
+        let p = plan(&ksm.read().expect("read"), &t);
+        assert_eq!(p.writes.first(), Some(&Write::Run(0)), "{:?}", p.writes);
+        // A knob written out of turn would be overwritten by the plan's later writes; a failure
+        // half-way stops there: with pages_to_scan gone, ksmd stays paused.
+        std::fs::remove_file(d.path().join(PAGES_TO_SCAN)).expect("rm");
+        assert!(matches!(ksm.execute(&p), Err(SysfsError::Write { .. })));
         let read = |n: &str| std::fs::read_to_string(d.path().join(n)).expect("read");
+        assert_eq!((read(RUN), read(SLEEP_MILLISECS)), ("0\n".into(), "20\n".into()), "stopped at the failed write");
+        std::fs::write(d.path().join(PAGES_TO_SCAN), "100\n").expect("write");
+        let after = ksm.execute(&p).expect("execute");
+        assert_eq!(after, ksm.read().expect("read"));
         assert_eq!(
             (read(RUN), read(PAGES_TO_SCAN), read(SLEEP_MILLISECS)),
             ("1\n".into(), "5000\n".into(), "1\n".into())
@@ -351,18 +244,7 @@ mod tests {
     }
 
     #[test]
-    fn one_scan_knob_alone_is_written_without_pausing_ksmd() {
-        let (d, ksm) = scratch("1\n", "100\n", "20\n", None);
-        let t = Target { run: Some(1), pages_to_scan: Some(5000), sleep_millisecs: Some(20), ..Target::default() };
-        assert_eq!(ksm.apply(&t).expect("apply"), 1, "pages_to_scan only: no run=0, no run=1");
-        let read = |n: &str| std::fs::read_to_string(d.path().join(n)).expect("read");
-        assert_eq!((read(RUN), read(PAGES_TO_SCAN)), ("1\n".into(), "5000\n".into()));
-        let t = Target { sleep_millisecs: Some(1), ..t };
-        assert_eq!(ksm.apply(&t).expect("apply"), 1, "sleep_millisecs only");
-    }
-
-    #[test]
-    fn apply_turns_the_advisor_off_first_and_restores_it_last() {
+    fn the_advisor_goes_off_and_comes_back_through_a_plan() {
         let (d, ksm) = scratch("0\n", "100\n", "20\n", Some("none [scan-time]\n"));
         let initial = ksm.read().expect("read");
         assert_eq!(initial.advisor_mode.as_deref(), Some("scan-time"));
@@ -373,13 +255,12 @@ mod tests {
             advisor_mode: Some("none".into()),
             smart_scan: None,
         };
-        // advisor, pages, sleep, run. (The order itself is proven on the real kernel, which
-        // refuses pages_to_scan while the advisor scans by time: see tests/real_ksm.rs.)
-        assert_eq!(ksm.apply(&t).expect("apply"), 4);
+        // (The kernel refusing pages_to_scan while the advisor scans by time is proven on the
+        // real one: tests/real_ksm.rs.)
+        assert_eq!(ksm.apply(&t).expect("apply"), ksm.read().expect("read"));
         let read = |n: &str| std::fs::read_to_string(d.path().join(n)).expect("read");
         assert_eq!(read(ADVISOR_MODE), "none\n");
-        assert_eq!(ksm.apply(&Target::from(&initial)).expect("restore"), 4, "run=0, pages, sleep, advisor");
-        assert_eq!(ksm.read().expect("read"), initial);
+        assert_eq!(ksm.apply(&Target::from(&initial)).expect("restore"), initial, "read back after the advisor");
     }
 
     #[test]

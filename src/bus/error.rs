@@ -5,8 +5,8 @@ use zbus::message::{Header, Message};
 use zbus::names::ErrorName;
 use zbus::DBusError;
 
+use crate::core::setting::UnknownMode;
 use crate::engine::EngineError;
-use crate::setting::UnknownMode;
 
 pub const PREFIX: &str = "org.kata.KsmThrottler.Error";
 

@@ -11,7 +11,7 @@ use zbus::names::{BusName, UniqueName};
 use zbus::Connection;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
-use crate::bus_error::BusError;
+use crate::bus::error::BusError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

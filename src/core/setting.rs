@@ -16,6 +16,10 @@ pub enum Setting {
 }
 
 impl Setting {
+    /// Every setting: a new one is added here and to [`Setting::as_str`]'s match.
+    pub const ALL: [Setting; 5] =
+        [Setting::Initial, Setting::Aggressive, Setting::Standard, Setting::Slow, Setting::Off];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Setting::Initial => "initial",
@@ -28,9 +32,7 @@ impl Setting {
 
     /// The setting named `name` (as [`Setting::as_str`] prints it).
     pub fn from_name(name: &str) -> Option<Setting> {
-        [Setting::Initial, Setting::Aggressive, Setting::Standard, Setting::Slow, Setting::Off]
-            .into_iter()
-            .find(|s| s.as_str() == name)
+        Setting::ALL.into_iter().find(|s| s.as_str() == name)
     }
 }
 
@@ -55,6 +57,31 @@ impl Profile {
     /// Pages a cycle for this many anonymous pages; never 0, which the kernel reads as "scan nothing".
     pub fn pages_to_scan(self, anon_pages: u64) -> u64 {
         (anon_pages / self.anon_divisor).max(1)
+    }
+}
+
+/// The scan profile of each throttling setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Profiles {
+    pub aggressive: Profile,
+    pub standard: Profile,
+    pub slow: Profile,
+}
+
+impl Default for Profiles {
+    fn default() -> Self {
+        Profiles { aggressive: Profile::AGGRESSIVE, standard: Profile::STANDARD, slow: Profile::SLOW }
+    }
+}
+
+impl Profiles {
+    pub fn get(&self, setting: Setting) -> Option<Profile> {
+        match setting {
+            Setting::Aggressive => Some(self.aggressive),
+            Setting::Standard => Some(self.standard),
+            Setting::Slow => Some(self.slow),
+            Setting::Initial | Setting::Off => None,
+        }
     }
 }
 
@@ -92,9 +119,40 @@ impl Pinned {
 }
 
 impl Mode {
-    /// The names `SetMode` and `--mode` accept (plus the alias `auto` for `throttle`).
-    pub const NAMES: &'static [&'static str] =
-        &["throttle", "adaptive", "initial", "off", "aggressive", "standard", "slow"];
+    /// Every mode: a new one is added here and to [`Mode::as_str`]'s match.
+    pub const ALL: [Mode; 7] = [
+        Mode::Throttle,
+        Mode::Adaptive,
+        Mode::Initial,
+        Mode::Off,
+        Mode::Pinned(Pinned::Aggressive),
+        Mode::Pinned(Pinned::Standard),
+        Mode::Pinned(Pinned::Slow),
+    ];
+
+    /// The names `SetMode` and `--mode` accept, besides [`Mode::ALIASES`]; every message and help
+    /// text that lists the modes is made from it.
+    pub const NAMES: [&'static str; Mode::ALL.len()] = {
+        let mut names = [""; Mode::ALL.len()];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Mode::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    };
+
+    /// Other names a mode answers to: the Go throttler's `auto`.
+    pub const ALIASES: [(&'static str, Mode); 1] = [("auto", Mode::Throttle)];
+
+    /// The modes as one line for messages: `throttle (alias auto), adaptive, ...`.
+    pub fn listed() -> String {
+        let name = |m: Mode| match Mode::ALIASES.iter().find(|(_, to)| *to == m) {
+            Some((alias, _)) => format!("{} (alias {alias})", m.as_str()),
+            None => m.as_str().to_owned(),
+        };
+        Mode::ALL.into_iter().map(name).collect::<Vec<_>>().join(", ")
+    }
 
     /// Whether kicks drive this mode.
     pub const fn reacts_to_kicks(self) -> bool {
@@ -119,9 +177,7 @@ impl fmt::Display for Mode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown mode {given:?}: valid modes are throttle (alias auto), adaptive, initial, off, aggressive, standard, slow"
-)]
+#[error("unknown mode {given:?}: valid modes are {}", Mode::listed())]
 pub struct UnknownMode {
     /// What was asked for, cut short so a huge argument does not end up in logs and replies.
     pub given: String,
@@ -131,19 +187,9 @@ impl FromStr for Mode {
     type Err = UnknownMode;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "throttle" | "auto" => Mode::Throttle,
-            "adaptive" => Mode::Adaptive,
-            "initial" => Mode::Initial,
-            "off" => Mode::Off,
-            "aggressive" => Mode::Pinned(Pinned::Aggressive),
-            "standard" => Mode::Pinned(Pinned::Standard),
-            "slow" => Mode::Pinned(Pinned::Slow),
-            _ => {
-                let given: String = s.chars().take(64).collect();
-                return Err(UnknownMode { given });
-            }
-        })
+        let named = Mode::ALL.into_iter().find(|m| m.as_str() == s);
+        let aliased = || Mode::ALIASES.iter().find(|(alias, _)| *alias == s).map(|&(_, m)| m);
+        named.or_else(aliased).ok_or_else(|| UnknownMode { given: s.chars().take(64).collect() })
     }
 }
 
@@ -155,14 +201,38 @@ mod tests {
     fn every_listed_mode_parses_and_prints_back() {
         for name in Mode::NAMES {
             let mode: Mode = name.parse().expect("listed mode parses");
-            assert_eq!(mode.as_str(), *name);
+            assert_eq!(mode.as_str(), name);
         }
         assert_eq!("auto".parse::<Mode>(), Ok(Mode::Throttle));
     }
 
+    /// Adding a variant breaks these matches: the place to add it to `ALL` as well.
+    #[test]
+    fn all_lists_every_variant_once() {
+        let mode_at = |m: Mode| match m {
+            Mode::Throttle => 0,
+            Mode::Adaptive => 1,
+            Mode::Initial => 2,
+            Mode::Off => 3,
+            Mode::Pinned(Pinned::Aggressive) => 4,
+            Mode::Pinned(Pinned::Standard) => 5,
+            Mode::Pinned(Pinned::Slow) => 6,
+        };
+        assert_eq!(Mode::ALL.map(mode_at), [0, 1, 2, 3, 4, 5, 6]);
+        let setting_at = |s: Setting| match s {
+            Setting::Initial => 0,
+            Setting::Aggressive => 1,
+            Setting::Standard => 2,
+            Setting::Slow => 3,
+            Setting::Off => 4,
+        };
+        assert_eq!(Setting::ALL.map(setting_at), [0, 1, 2, 3, 4]);
+        assert_eq!(Mode::listed(), "throttle (alias auto), adaptive, initial, off, aggressive, standard, slow");
+    }
+
     #[test]
     fn settings_parse_back_from_their_names() {
-        for s in [Setting::Initial, Setting::Aggressive, Setting::Standard, Setting::Slow, Setting::Off] {
+        for s in Setting::ALL {
             assert_eq!(Setting::from_name(s.as_str()), Some(s));
         }
         assert_eq!(Setting::from_name("Aggressive"), None);

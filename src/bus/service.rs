@@ -13,16 +13,13 @@ use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, Connection, Variant};
 
-use crate::authorize::{Action, Authority};
-use crate::bus_error::BusError;
+use crate::bus::authorize::{Action, Authority};
+use crate::bus::calls::CallTracker;
+use crate::bus::error::BusError;
+use crate::core::setting::Mode;
 use crate::engine::{Handle, Status};
-use crate::idle_exit::CallTracker;
-use crate::setting::Mode;
-use crate::sysfs::Ksm;
-
-pub const BUS_NAME: &str = "org.kata.KsmThrottler";
-pub const OBJECT_PATH: &str = "/org/kata/KsmThrottler";
-pub const INTERFACE: &str = "org.kata.KsmThrottler";
+use crate::io::sysfs::Ksm;
+use crate::names::{INTERFACE, OBJECT_PATH};
 
 pub struct Throttler {
     engine: Handle,
@@ -70,7 +67,7 @@ impl Throttler {
         Ok(self.engine.kick().await?)
     }
 
-    /// Changes how KSM is driven: throttle (alias auto), adaptive, initial, off, aggressive, standard, slow.
+    /// Changes how KSM is driven: one of `Mode::NAMES` (or an alias); anything else is InvalidArgs.
     async fn set_mode(&self, mode: &str, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
         let _call = self.calls.enter(&header);
         let mode: Mode = mode.parse()?;
@@ -84,7 +81,7 @@ impl Throttler {
         self.status.borrow().setting.as_str().to_owned()
     }
 
-    /// How KSM is driven: throttle, adaptive, initial, off, aggressive, standard or slow.
+    /// How KSM is driven: one of `Mode::NAMES`.
     #[zbus(property)]
     fn mode(&self) -> String {
         self.status.borrow().mode.as_str().to_owned()

@@ -5,9 +5,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use std::time::Instant;
 
-use crate::setting::{Mode, Setting};
+use crate::core::setting::{Mode, Setting};
 
 /// How long each throttling setting lasts with no further kick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -495,7 +495,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::setting::Pinned;
+    use crate::core::setting::Pinned;
 
     const S: Duration = Duration::from_secs(1);
 
@@ -922,7 +922,7 @@ mod tests {
         }
         let (mut p, t0) = throttle();
         p.kick(t0);
-        p.set_mode(Mode::Pinned(crate::setting::Pinned::Aggressive), t0);
+        p.set_mode(Mode::Pinned(crate::core::setting::Pinned::Aggressive), t0);
         assert_eq!(p.resize_at(), None, "a pinned setting is sized when applied, with no timer");
         p.set_mode(Mode::Throttle, t0);
         assert_eq!(p.resize_at(), Some(t0 + RESIZE_FIRST_AFTER));

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::cli::BusArg;
+use crate::client::address::BusArg;
 use zbus::OwnedVariant;
 
 /// Read, drive and watch kata-ksm-throttler (org.kata.KsmThrottler) over D-Bus.
@@ -37,7 +37,7 @@ pub enum Command {
     },
     /// New VMs are starting: go aggressive (needs org.kata.KsmThrottler.kick).
     Kick,
-    /// throttle (alias auto), adaptive, initial, off, aggressive, standard or slow
+    /// Sets the mode; the throttler refuses a name it does not know and lists the valid ones
     /// (needs org.kata.KsmThrottler.set-mode; asks for authentication when run from a terminal).
     SetMode {
         mode: String,

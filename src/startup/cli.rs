@@ -1,4 +1,4 @@
-//! The daemon's command line, and `--bus`, which the other binaries share.
+//! The daemon's command line.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -7,60 +7,22 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::config::Settings;
-use crate::setting::Mode;
+use crate::client::address::BusArg;
+use crate::core::setting::Mode;
+use crate::startup::config::Settings;
 
-/// Which bus to serve on or call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BusArg {
-    System,
-    Session,
-    /// A `dbus-daemon` of our own, for hosts with no system bus.
-    Private,
-    /// Any D-Bus address, e.g. `unix:path=/run/dbus/system_bus_socket`.
-    Address(String),
-}
-
-impl FromStr for BusArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "system" => BusArg::System,
-            "session" => BusArg::Session,
-            "private" => BusArg::Private,
-            a if a.contains(':') => BusArg::Address(a.to_owned()),
-            _ => return Err(format!("{s:?} is not system, session, private or a D-Bus address such as unix:path=/run/dbus/system_bus_socket")),
-        })
-    }
-}
-
-impl BusArg {
-    /// The address of an existing bus (`Private` has none until the caller starts it).
-    pub fn address(&self) -> zbus::Result<zbus::Address> {
-        match self {
-            BusArg::System => zbus::Address::system(),
-            BusArg::Session => zbus::Address::session(),
-            BusArg::Address(a) => a.parse(),
-            BusArg::Private => Err(zbus::Error::Address("a private bus has no address until it is started".into())),
-        }
-    }
-
-    /// A connection builder for an existing bus (`Private` has none: the caller starts it).
-    pub fn builder(&self) -> zbus::Result<zbus::connection::Builder<'static>> {
-        Ok(match self {
-            BusArg::System => zbus::connection::Builder::system(),
-            BusArg::Session => zbus::connection::Builder::session(),
-            BusArg::Address(a) => zbus::connection::Builder::address(a.as_str()),
-            BusArg::Private => {
-                return Err(zbus::Error::Address("a private bus has no address until it is started".into()))
-            }
-        })
-    }
+/// `--mode`: clap lists the modes in the help, from [`Mode::ALL`].
+fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let values = Mode::ALL.map(|m| {
+        let aliases = Mode::ALIASES.iter().filter(move |(_, to)| *to == m).map(|(alias, _)| *alias);
+        PossibleValue::new(m.as_str()).aliases(aliases)
+    });
+    PossibleValuesParser::new(values).try_map(|s| s.parse::<Mode>())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::config::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 2m, 1m30s, 500ms)"))
+    crate::startup::config::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 2m, 1m30s, 500ms)"))
 }
 
 /// Throttles the Linux KSM daemon (ksmd): aggressive when VMs start (Kick), then stepping down.
@@ -72,9 +34,8 @@ pub struct Args {
     #[arg(long, default_value = "system", value_parser = BusArg::from_str)]
     pub bus: BusArg,
 
-    /// Start-up mode: throttle (alias auto), adaptive, initial, off, aggressive, standard or slow
-    /// [config: mode; default throttle].
-    #[arg(long, value_parser = Mode::from_str)]
+    /// Start-up mode [config: mode; default throttle].
+    #[arg(long, value_parser = mode_parser())]
     pub mode: Option<Mode>,
 
     /// The KSM sysfs directory.
@@ -110,7 +71,7 @@ pub struct Args {
 
     /// The configuration file; `config.d/*.toml` beside it are read after it, in name order.
     /// Command-line flags override both. Re-read on SIGHUP.
-    #[arg(long, default_value = crate::config::DEFAULT_PATH, value_name = "FILE")]
+    #[arg(long, default_value = crate::startup::config::DEFAULT_PATH, value_name = "FILE")]
     pub config: PathBuf,
 
     /// Validate the configuration, print the effective one, and exit (1 if it is invalid).
@@ -183,6 +144,10 @@ mod tests {
         let err = Args::try_parse_from(["x", "--slow-duration", "soon"]).unwrap_err().to_string();
         assert!(err.contains("examples"), "{err}");
         let err = Args::try_parse_from(["x", "--mode", "fast"]).unwrap_err().to_string();
-        assert!(err.contains("valid modes"), "{err}");
+        for name in Mode::NAMES {
+            assert!(err.contains(name), "{err} lacks {name}");
+        }
+        let alias = Args::try_parse_from(["x", "--mode", "auto"]).expect("the alias parses");
+        assert_eq!(alias.mode, Some(Mode::Throttle));
     }
 }

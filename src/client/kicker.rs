@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::cli::BusArg;
-use crate::client::KsmThrottlerProxy;
+use crate::client::address::BusArg;
+use crate::client::proxy::KsmThrottlerProxy;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KickError {

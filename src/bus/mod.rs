@@ -1,0 +1,9 @@
+//! The D-Bus face of the engine: it turns calls into engine commands and the engine's status
+//! into properties and signals, and decides nothing itself.
+
+pub mod authorize;
+pub mod calls;
+pub mod error;
+pub mod idle_exit;
+pub mod private;
+pub mod service;

@@ -1,0 +1,7 @@
+//! What the throttler does, as plain values: no files, no bus, no runtime, no clock of its own
+//! (every function is given the time).
+
+pub mod knobs;
+pub mod plan;
+pub mod policy;
+pub mod setting;

@@ -1,0 +1,6 @@
+//! The files the engine reads and writes, each behind a typed error.
+
+pub mod heap;
+pub mod meminfo;
+pub mod state_file;
+pub mod sysfs;
