@@ -34,15 +34,16 @@ async fn run(args: Args) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let kicker = Kicker::new(args.bus.clone(), args.kick_timeout)?;
 
+    let named = args.folders()?;
     let mut folders = vec![];
-    if !args.no_root {
-        folders.push(std::path::absolute(args.root.join("sbs")).context("--root")?);
+    if let Some(root) = &named.vc_root {
+        folders.push(std::path::absolute(root.join("sbs")).context("--root")?);
     }
-    if !args.no_kata_root {
-        folders.push(std::path::absolute(&args.kata_root).context("--kata-root")?);
+    if let Some(root) = &named.kata_root {
+        folders.push(std::path::absolute(root).context("--kata-root")?);
     }
     if folders.is_empty() {
-        bail!("--no-root and --no-kata-root leave nothing to watch");
+        bail!("--no-root and --no-kata-root (or an empty vc-root and kata-root in [trigger]) leave nothing to watch");
     }
     let mut watcher = Watcher::new(&folders).context("setting up inotify")?;
     let kicks = kicks::spawn(kicker);
