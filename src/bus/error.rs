@@ -25,6 +25,19 @@ pub enum BusError {
 }
 
 impl BusError {
+    /// Every error, with an empty message: for lists that must not miss one (the contract's
+    /// documentation, the tests). `all_lists_every_variant_once` fails when a variant is added
+    /// here and not there.
+    pub const ALL: [BusError; 7] = [
+        BusError::InvalidArgs(String::new()),
+        BusError::AccessDenied(String::new()),
+        BusError::InteractiveAuthorizationRequired(String::new()),
+        BusError::Sysfs(String::new()),
+        BusError::Meminfo(String::new()),
+        BusError::StateFile(String::new()),
+        BusError::ShuttingDown(String::new()),
+    ];
+
     pub fn message(&self) -> &str {
         match self {
             BusError::InvalidArgs(m)
@@ -97,15 +110,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_domain_error_is_under_the_service_prefix() {
-        for e in [
-            BusError::Sysfs(String::new()),
-            BusError::Meminfo(String::new()),
-            BusError::StateFile(String::new()),
-            BusError::ShuttingDown(String::new()),
-        ] {
-            assert!(e.name_str().starts_with(PREFIX), "{e}");
+    fn every_error_is_a_standard_one_or_under_the_service_prefix() {
+        for e in BusError::ALL {
+            let standard = e.name_str().starts_with("org.freedesktop.DBus.Error.");
+            assert!(standard || e.name_str().starts_with(&format!("{PREFIX}.")), "{e}");
             ErrorName::try_from(e.name_str()).expect("a valid error name");
         }
+    }
+
+    /// Adding a variant breaks this match: the place to add it to `ALL` as well.
+    #[test]
+    fn all_lists_every_variant_once() {
+        let at = |e: &BusError| match e {
+            BusError::InvalidArgs(_) => 0,
+            BusError::AccessDenied(_) => 1,
+            BusError::InteractiveAuthorizationRequired(_) => 2,
+            BusError::Sysfs(_) => 3,
+            BusError::Meminfo(_) => 4,
+            BusError::StateFile(_) => 5,
+            BusError::ShuttingDown(_) => 6,
+        };
+        assert_eq!(BusError::ALL.each_ref().map(at), [0, 1, 2, 3, 4, 5, 6]);
     }
 }
