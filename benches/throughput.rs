@@ -12,10 +12,8 @@
 //!
 //! Nothing here touches the real /sys/kernel/mm/ksm.
 
-#[path = "../tests/common/procfs.rs"]
-mod procfs;
-#[path = "../tests/common/writes.rs"]
-mod writes;
+use kata_ksm_throttler_test_support::scratch::Scratch;
+use kata_ksm_throttler_test_support::{procfs, writes};
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -30,12 +28,9 @@ use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use rustix::process::{kill_process, Pid, Signal};
 use serde_json::{json, Value};
-use tempfile::TempDir;
 use zbus::Connection;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler");
-const KNOBS: [(&str, &str); 4] =
-    [("run", "0\n"), ("pages_to_scan", "100\n"), ("sleep_millisecs", "20\n"), ("advisor_mode", "[none] scan-time\n")];
 
 /// The stock system bus allows 256 connections per uid; the 1,000-client phases need more.
 const BUS_LIMITS: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -146,53 +141,8 @@ fn main() -> std::process::ExitCode {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The pieces: scratch sysfs, daemon process, latency figures, sysfs write counting.
-
-/// A directory laid out like /sys/kernel/mm/ksm, a meminfo file (4 GiB of AnonPages) and a state dir.
-struct Scratch {
-    dir: TempDir,
-}
-
-impl Scratch {
-    fn new() -> Result<Scratch> {
-        // On tmpfs, like sysfs: on a disk file system each write's O_TRUNC waits for the block
-        // layer (ext4 discards freed blocks), which would count as the daemon's wake-ups.
-        let dir = tempfile::Builder::new().prefix("ksm-bench-").tempdir_in(scratch_parent())?;
-        std::fs::create_dir(dir.path().join("ksm"))?;
-        for (name, value) in KNOBS {
-            std::fs::write(dir.path().join("ksm").join(name), value)?;
-        }
-        std::fs::write(dir.path().join("meminfo"), "MemTotal: 24000000 kB\nAnonPages: 4194304 kB\n")?;
-        Ok(Scratch { dir })
-    }
-
-    fn ksm(&self) -> PathBuf {
-        self.dir.path().join("ksm")
-    }
-
-    fn args(&self) -> Vec<String> {
-        let p = |s: &str| self.dir.path().join(s).display().to_string();
-        vec![
-            "--sysfs-root".into(),
-            p("ksm"),
-            "--meminfo".into(),
-            p("meminfo"),
-            "--state-dir".into(),
-            p("state"),
-            // Hermetic: no host configuration file.
-            "--config".into(),
-            p("no-config.toml"),
-        ]
-    }
-
-    fn knob(&self, name: &str) -> String {
-        std::fs::read_to_string(self.ksm().join(name)).unwrap_or_default()
-    }
-}
-
-fn scratch_parent() -> PathBuf {
-    ["/dev/shm", "/run"].iter().map(PathBuf::from).find(|p| p.is_dir()).unwrap_or_else(std::env::temp_dir)
-}
+// The pieces: daemon process, latency figures, sysfs write counting (the scratch sysfs is the
+// test-support crate's, on tmpfs like the tests').
 
 /// The release daemon, ended by its PID when dropped.
 struct Daemon {

@@ -2,17 +2,15 @@
 //! holds a copy of `dbus/org.kata.KsmThrottler.service` (its `Exec=` pointed at the built binary
 //! on a scratch sysfs), started by the first call, gone when idle, started again by the next.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus};
 use kata_ksm_throttler::core::knobs::Knobs;
 use kata_ksm_throttler::io::state_file::{Handover, StateFile};
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
-use rustix::process::{kill_process, test_kill_process, Pid, Signal};
+use kata_ksm_throttler_test_support::child::{alive, end_foreign};
+use kata_ksm_throttler_test_support::*;
 use tempfile::TempDir;
 use zbus::fdo::DBusProxy;
 use zbus::names::BusName;
@@ -27,41 +25,17 @@ struct Activatable {
     bus: PrivateBus,
     _services: TempDir,
     scratch: Scratch,
-    /// Every throttler PID seen; any still running is ended when the test ends.
-    pids: Vec<i32>,
+    /// Every throttler PID seen; any still running is ended when the test ends (if it still
+    /// runs the daemon binary: dbus-daemon, not the test, is its parent).
+    pids: Vec<u32>,
 }
 
 impl Drop for Activatable {
     fn drop(&mut self) {
         for &pid in &self.pids {
-            end_throttler(pid);
+            end_foreign(pid, daemon_binary(), Duration::from_secs(5));
         }
     }
-}
-
-/// Ends `pid` if it is still one of our throttlers (checked first, so a reused PID is left alone).
-fn end_throttler(pid: i32) {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    if exe.as_deref() != Some(Path::new(DAEMON)) {
-        return;
-    }
-    if let Some(p) = Pid::from_raw(pid) {
-        let _ = kill_process(p, Signal::TERM);
-        let start = Instant::now();
-        while alive(pid) && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if alive(pid) {
-            let _ = kill_process(p, Signal::KILL);
-        }
-    }
-}
-
-/// Running (a zombie is not: dbus-daemon reaps what it started).
-fn alive(pid: i32) -> bool {
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let running = state.rsplit(") ").next().is_some_and(|rest| !rest.starts_with('Z'));
-    running && Pid::from_raw(pid).is_some_and(|p| test_kill_process(p).is_ok())
 }
 
 fn shipped_service_file() -> String {
@@ -69,14 +43,9 @@ fn shipped_service_file() -> String {
 }
 
 fn activatable(flags: &str) -> Activatable {
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let services = tempfile::tempdir().expect("tempdir");
-    let exec = format!(
-        "{DAEMON} --sysfs-root {} --meminfo {} --state-dir {} {flags}",
-        scratch.ksm().display(),
-        scratch.meminfo().display(),
-        scratch.state_dir().display()
-    );
+    let exec = format!("{} {} {flags}", daemon_binary().display(), scratch.args().join(" "));
     let shipped = shipped_service_file();
     let copy = shipped.replace(&format!("Exec={SHIPPED_EXEC}"), &format!("Exec={exec}"));
     assert_ne!(copy, shipped, "the shipped file has Exec={SHIPPED_EXEC}");
@@ -89,8 +58,8 @@ fn activatable(flags: &str) -> Activatable {
 
 impl Activatable {
     /// The PID owning the name now, remembered for clean-up.
-    async fn owner_pid(&mut self, dbus: &DBusProxy<'_>) -> i32 {
-        let pid = dbus.get_connection_unix_process_id(name()).await.expect("owner's PID") as i32;
+    async fn owner_pid(&mut self, dbus: &DBusProxy<'_>) -> u32 {
+        let pid = dbus.get_connection_unix_process_id(name()).await.expect("owner's PID");
         if !self.pids.contains(&pid) {
             self.pids.push(pid);
         }
@@ -106,13 +75,15 @@ fn name() -> BusName<'static> {
     BusName::try_from(BUS_NAME).expect("name")
 }
 
-/// Waits (bounded) until nobody owns the name and `pid` has ended.
-async fn wait_for_exit(dbus: &DBusProxy<'_>, pid: i32, within: Duration, log: impl Fn() -> String) -> Duration {
+/// Waits until nobody owns the name and `pid` has ended (a zombie has: dbus-daemon reaps what
+/// it started); how long that took.
+async fn wait_for_exit(dbus: &DBusProxy<'_>, pid: u32, log: impl Fn() -> String) -> Duration {
     let start = Instant::now();
-    while dbus.name_has_owner(name()).await.expect("NameHasOwner") || alive(pid) {
-        assert!(start.elapsed() < within, "throttler {pid} still running after {within:?}; log:\n{}", log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = || format!("throttler {pid} to exit; log:\n{}", log());
+    eventually(Duration::from_secs(10), what, async || {
+        !dbus.name_has_owner(name()).await.expect("NameHasOwner") && !alive(pid)
+    })
+    .await;
     start.elapsed()
 }
 
@@ -150,7 +121,7 @@ async fn a_kick_starts_the_throttler_which_exits_when_idle_and_is_started_again(
 
     // 1 s + 2 × 300 ms of cycle, then 1 s at rest: 2.6 s from the kick, less what the checks
     // above took.
-    let took = wait_for_exit(&dbus, first, Duration::from_secs(10), || a.log()).await;
+    let took = wait_for_exit(&dbus, first, || a.log()).await;
     assert!(took >= Duration::from_millis(2000), "exited after {took:?}, before the cycle and the idle second");
     assert_eq!(a.scratch.snapshot(), before, "the cycle finished and restored before the exit");
     for f in ["initial-settings.json", "handover.json"] {
@@ -163,7 +134,7 @@ async fn a_kick_starts_the_throttler_which_exits_when_idle_and_is_started_again(
     let second = a.owner_pid(&dbus).await;
     assert_ne!(second, first);
     assert_eq!(throttler.kick_count().await.expect("get"), 1, "a fresh instance");
-    wait_for_exit(&dbus, second, Duration::from_secs(10), || a.log()).await;
+    wait_for_exit(&dbus, second, || a.log()).await;
     assert_eq!(a.scratch.snapshot(), before);
 }
 
@@ -183,7 +154,7 @@ async fn a_mode_set_at_run_time_keeps_the_started_throttler_running() {
     assert_eq!(throttler.mode().await.expect("get"), "off");
 
     throttler.set_mode("throttle").await.expect("back to the start-up mode");
-    wait_for_exit(&dbus, pid, Duration::from_secs(10), || a.log()).await;
+    wait_for_exit(&dbus, pid, || a.log()).await;
     assert_eq!(a.scratch.snapshot(), before);
 }
 
@@ -208,11 +179,11 @@ fn write_handover(state_dir: &Path, setting: &str, next_step_in: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_carries_on_from_a_handover_instead_of_restoring() {
     let bus = start_bus();
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let before = scratch.snapshot();
     // What an instance that handed over leaves: KSM standard, the record, the hand-over.
-    std::fs::write(scratch.ksm().join("run"), "1\n").expect("write");
-    std::fs::write(scratch.ksm().join("sleep_millisecs"), "10\n").expect("write");
+    scratch.set("run", "1\n");
+    scratch.set("sleep_millisecs", "10\n");
     write_handover(&scratch.state_dir(), "standard", Duration::from_secs(3));
     let mut daemon = Daemon::spawn(&bus, &scratch, &["--standard-duration", "10s", "--slow-duration", "300ms"]);
     let conn = connect(&bus).await;
@@ -225,11 +196,9 @@ async fn a_successor_carries_on_from_a_handover_instead_of_restoring() {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as u64;
     assert!(next > now && next <= now + 3_000_000, "the hand-over's deadline ({next}), not a new 10 s one");
 
-    let start = Instant::now();
-    while throttler.current_setting().await.expect("get") != "initial" {
-        assert!(start.elapsed() < Duration::from_secs(10), "never stepped down; log:\n{}", daemon.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = || format!("the steps down to initial; log:\n{}", daemon.log_text());
+    eventually(Duration::from_secs(10), what, async || throttler.current_setting().await.expect("get") == "initial")
+        .await;
     assert_eq!(scratch.snapshot(), before, "the recorded settings back");
     assert!(daemon.terminate().success());
 }
@@ -237,36 +206,25 @@ async fn a_successor_carries_on_from_a_handover_instead_of_restoring() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_started_for_exit_on_idle_waits_for_the_one_still_exiting() {
     let bus = start_bus();
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let mut first = Daemon::spawn(&bus, &scratch, &["--exit-idle-after", "1h"]);
     let conn = connect(&bus).await;
     wait_for_name(&conn, &first).await;
 
     let mut second = Daemon::spawn(&bus, &scratch, &["--exit-idle-after", "1h"]);
-    let start = Instant::now();
-    while !second.log_text().contains("waiting up to") {
-        assert!(start.elapsed() < Duration::from_secs(10), "second never waited; log:\n{}", second.log_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = || format!("the second to wait for the first; log:\n{}", second.log_text());
+    eventually(Duration::from_secs(10), what, async || second.log_text().contains("waiting up to")).await;
     assert!(first.terminate().success());
-    let dbus = DBusProxy::new(&conn).await.expect("dbus proxy");
-    let start = Instant::now();
-    loop {
-        if let Ok(pid) = dbus.get_connection_unix_process_id(name()).await {
-            if pid as i32 == second.pid() {
-                break;
-            }
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "second never took over; log:\n{}", second.log_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = || format!("the second to take over; log:\n{}", second.log_text());
+    eventually(Duration::from_secs(10), what, async || bus::owner_pid(&conn, BUS_NAME).await == Some(second.pid()))
+        .await;
     assert!(second.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_bus_restores_and_exits_non_zero() {
     let bus = start_bus();
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let before = scratch.snapshot();
     let mut daemon = Daemon::spawn(&bus, &scratch, &[]);
     let conn = connect(&bus).await;
@@ -284,7 +242,7 @@ async fn losing_the_bus_restores_and_exits_non_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_refused_before_reaching_a_handler_do_not_hold_off_the_idle_exit() {
     let bus = start_bus();
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let mut daemon = Daemon::spawn(&bus, &scratch, &["--exit-idle-after", "1s"]);
     let conn = connect(&bus).await;
     wait_for_name(&conn, &daemon).await;

@@ -1,9 +1,8 @@
 //! The XML in dbus/ is the contract: the live object must introspect to exactly it (docs aside).
 
-mod common;
-
-use common::*;
+use kata_ksm_throttler::bus::error::BusError;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use kata_ksm_throttler_test_support::*;
 use zbus_xml::{Interface, Node};
 
 /// Everything a caller depends on, in a comparable form: members, signatures, directions,
@@ -56,4 +55,12 @@ async fn live_introspection_matches_the_xml_contract() {
     let (live, contract) = (shape(find(&live)), shape(find(&contract)));
     assert!(contract.len() >= 7, "the contract is not empty: {contract:#?}");
     assert_eq!(live, contract);
+}
+
+#[test]
+fn the_contract_documents_every_error_the_service_answers_with() {
+    let file = std::fs::read_to_string(project_file("dbus/org.kata.KsmThrottler.xml")).expect("contract file");
+    for e in BusError::ALL {
+        assert!(file.contains(e.name_str()), "dbus/org.kata.KsmThrottler.xml does not name {}", e.name_str());
+    }
 }

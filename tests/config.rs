@@ -1,11 +1,9 @@
 //! The configuration files end to end: precedence, --check-config, refusal of bad files, SIGHUP.
 
-mod common;
-
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
+use kata_ksm_throttler_test_support::*;
 use rustix::process::Signal;
 
 fn write_config(scratch: &Scratch, main: &str, dropins: &[(&str, &str)]) -> std::path::PathBuf {
@@ -21,13 +19,13 @@ fn write_config(scratch: &Scratch, main: &str, dropins: &[(&str, &str)]) -> std:
 
 #[test]
 fn check_config_prints_files_then_drop_ins_then_flags() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let path = write_config(
         &scratch,
         "mode = \"off\"\n[aggressive]\nduration = \"10m\"\nsleep-millisecs = 2\n",
         &[("50-site.toml", "mode = \"adaptive\"\n[slow]\nanon-divisor = 1000\n")],
     );
-    let out = Command::new(DAEMON)
+    let out = Command::new(daemon_binary())
         .arg("--config")
         .arg(&path)
         .args(["--aggressive-duration", "45s", "--check-config"])
@@ -45,10 +43,10 @@ fn check_config_prints_files_then_drop_ins_then_flags() {
 
 #[test]
 fn a_bad_file_is_refused_with_file_key_and_reason_and_nothing_starts() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let path = write_config(&scratch, "", &[("10-typo.toml", "[standard]\nduration = \"two minutes\"\n")]);
     for extra in [&["--check-config"][..], &[]] {
-        let out = Command::new(DAEMON)
+        let out = Command::new(daemon_binary())
             .arg("--config")
             .arg(&path)
             .arg("--sysfs-root")
@@ -68,17 +66,14 @@ fn a_bad_file_is_refused_with_file_key_and_reason_and_nothing_starts() {
 }
 
 async fn wait_for_knob(scratch: &Scratch, name: &str, want: &str) {
-    let start = Instant::now();
-    while scratch.knob(name) != want {
-        assert!(start.elapsed() < Duration::from_secs(5), "{name} never became {want:?}: {:?}", scratch.knob(name));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = || format!("{name} to become {want:?} (it reads {:?})", scratch.knob(name));
+    eventually(Duration::from_secs(10), what, async || scratch.knob(name) == want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_without_losing_the_cycle_and_refuses_a_bad_file() {
     let bus = start_bus();
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let path = write_config(&scratch, "[aggressive]\nsleep-millisecs = 1\n", &[]);
     let config = path.to_string_lossy().into_owned();
     let daemon = Daemon::spawn(&bus, &scratch, &["--config", &config]);
@@ -101,11 +96,9 @@ async fn sighup_reloads_without_losing_the_cycle_and_refuses_a_bad_file() {
 
     std::fs::write(&path, "[aggressive]\nsleep-millisecs = \"fast\"\n").expect("write");
     daemon.signal(Signal::HUP);
-    let start = Instant::now();
-    while !daemon.log_text().contains("keeping the running configuration") {
-        assert!(start.elapsed() < Duration::from_secs(5), "no refusal logged: {}", daemon.log_text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = || format!("the refusal to be logged; log:\n{}", daemon.log_text());
+    eventually(Duration::from_secs(10), what, async || daemon.log_text().contains("keeping the running configuration"))
+        .await;
     assert!(daemon.log_text().contains("config.toml: line 2"), "{}", daemon.log_text());
     assert_eq!(scratch.knob("sleep_millisecs"), "3\n", "the running configuration is kept");
     assert_eq!(proxy.current_setting().await.expect("still serving"), "aggressive");

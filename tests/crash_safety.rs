@@ -5,19 +5,16 @@
 //! The instants come from a seeded generator; the seed is printed, and `KSM_CRASH_SEED=<n>`
 //! replays a run.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use kata_ksm_throttler::core::setting::Mode;
 use kata_ksm_throttler::io::sysfs::Ksm;
-use rustix::process::Signal;
+use kata_ksm_throttler_test_support::*;
 
 const CYCLES: usize = 100;
 /// Fast steps, so that a cycle of a few hundred milliseconds crosses several transitions.
 const FAST: &[&str] = &["--aggressive-duration", "40ms", "--standard-duration", "40ms", "--slow-duration", "40ms"];
-const MODES: [&str; 8] = ["throttle", "adaptive", "off", "aggressive", "standard", "slow", "initial", "throttle"];
 
 /// xorshift64*: small, seedable, good enough to spread instants.
 struct Rng(u64);
@@ -49,7 +46,7 @@ fn mend_torn_writes(scratch: &Scratch, first: &[(String, Vec<u8>)]) -> usize {
                 "{name} was torn by the kill with no record of the initial settings to restore from"
             );
             let before = first.iter().find(|(n, _)| *n == name).map(|(_, b)| b.clone()).unwrap_or_default();
-            std::fs::write(scratch.ksm().join(&name), before).expect("mend");
+            scratch.set(&name, before);
             mended += 1;
         }
     }
@@ -65,9 +62,9 @@ async fn kill_9_at_a_hundred_random_instants_and_every_restart_restores_the_orig
     let mut rng = Rng(seed);
 
     let bus = start_bus();
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     // The advisor scanning by time, so every cycle also turns it off and must put it back.
-    std::fs::write(scratch.ksm().join("advisor_mode"), "none [scan-time]\n").expect("write");
+    scratch.set("advisor_mode", "none [scan-time]\n");
     let ksm = Ksm::open(scratch.ksm()).expect("open");
     let original = ksm.read().expect("read");
     let conn = connect(&bus).await;
@@ -100,20 +97,19 @@ async fn kill_9_at_a_hundred_random_instants_and_every_restart_restores_the_orig
             let kill_at = Instant::now() + Duration::from_micros(rng.below(250_000));
             while Instant::now() < kill_at {
                 let r = match rng.below(4) {
-                    0 => p.set_mode(MODES[rng.below(MODES.len() as u64) as usize]).await,
+                    0 => p.set_mode(Mode::NAMES[rng.below(Mode::NAMES.len() as u64) as usize]).await,
                     _ => p.kick().await,
                 };
                 r.unwrap_or_else(|e| panic!("cycle {cycle}: {e}\n{}", daemon.log_text()));
                 let pause = Duration::from_micros(rng.below(60_000));
                 tokio::time::sleep(pause.min(kill_at.saturating_duration_since(Instant::now()))).await;
             }
-            daemon.signal(Signal::KILL);
-            daemon.wait(Duration::from_secs(10));
+            daemon.kill9();
         }
         mended += mend_torn_writes(&scratch, &first);
+        // The daemons of a test process share one log; keep the scratch folder small.
+        let _ = std::fs::remove_file(daemon.log());
         drop(daemon);
-        // The log is per process; keep the scratch folder small.
-        let _ = std::fs::remove_file(scratch.dir.path().join(format!("daemon-{}.log", std::process::id())));
     }
 
     // The last word: a clean start after the hundredth kill, then a clean stop.

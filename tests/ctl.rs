@@ -1,13 +1,11 @@
 //! ksmtctl, the operators' command line, against the real daemon on a private bus.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use rustix::process::{kill_process, Pid, Signal};
+use kata_ksm_throttler_test_support::*;
+use rustix::process::Signal;
 
 const CTL: &str = env!("CARGO_BIN_EXE_ksmtctl");
 
@@ -44,7 +42,7 @@ async fn status_kick_and_set_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_parses_and_matches_the_bus() {
     let s = setup(&[]).await;
-    std::fs::write(s.scratch.ksm().join("pages_sharing"), "2560\n").expect("write");
+    s.scratch.set("pages_sharing", "2560\n");
     s.proxy.set_mode("standard").await.expect("standard");
     let out = ctl(&s, &["status", "--json"]);
     assert!(out.status.success(), "{out:?}");
@@ -97,6 +95,7 @@ async fn watch_prints_each_change_and_stops_cleanly_on_ctrl_c() {
         .spawn()
         .expect("spawn watch");
     let stdout = child.stdout.take().expect("stdout");
+    let mut child = Guarded::new(child, "ksmtctl watch");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -128,14 +127,7 @@ async fn watch_prints_each_change_and_stops_cleanly_on_ctrl_c() {
     let stats = next("stats");
     assert_eq!(stats["status"]["sleep_millisecs"], 1);
 
-    kill_process(Pid::from_raw(child.id() as i32).expect("pid"), Signal::INT).expect("SIGINT");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "watch did not stop on Ctrl-C");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    child.signal(Signal::INT).expect("SIGINT");
+    let status = child.wait_within(Duration::from_secs(10)).expect("watch stops on Ctrl-C");
     assert!(status.success(), "Ctrl-C is a clean stop: {status:?}");
 }

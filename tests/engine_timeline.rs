@@ -1,107 +1,69 @@
 //! The engine loop over a scratch sysfs with tokio's paused clock: the real timeline's minutes
 //! pass in no time, and every step is checked at its instant.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{expected, Scratch};
-use kata_ksm_throttler::core::policy::Durations;
-use kata_ksm_throttler::core::setting::Profiles;
 use kata_ksm_throttler::core::setting::{Mode, Setting};
-use kata_ksm_throttler::engine::{Config, Engine, Handle, Status};
-use kata_ksm_throttler::io::state_file::StateFile;
-use kata_ksm_throttler::io::sysfs::Ksm;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use kata_ksm_throttler_test_support::engine::Running;
+use kata_ksm_throttler_test_support::scratch::{expected, Scratch, ANON_KB};
 use tokio::time::sleep;
 
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
 
-struct Running {
-    handle: Handle,
-    status: watch::Receiver<Status>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<kata_ksm_throttler::engine::Ended, kata_ksm_throttler::engine::EngineError>>,
-}
-
-fn start(scratch: &Scratch, mode: Mode) -> Running {
-    let config = Config {
-        ksm: Ksm::open(scratch.ksm()).expect("open"),
-        meminfo: scratch.meminfo(),
-        page_size: kata_ksm_throttler::io::meminfo::page_size(),
-        state: StateFile::new(scratch.state_dir()),
-        mode,
-        durations: Durations::default(),
-        profiles: Profiles::default(),
-    };
-    let (engine, handle, status) = Engine::new(config);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(engine.run(async {
-        let _ = stopped.await;
-    }));
-    Running { handle, status, stop, task }
-}
-
-fn setting(r: &Running) -> Setting {
-    r.status.borrow().setting
-}
-
 #[tokio::test(start_paused = true)]
 async fn the_documented_timeline_to_the_millisecond() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let before = scratch.snapshot();
-    let r = start(&scratch, Mode::Throttle);
+    let r = Running::start(&scratch, Mode::Throttle);
     sleep(10 * S).await;
     assert_eq!(scratch.snapshot(), before, "throttle starts hands off");
 
     r.handle.kick().await.expect("kick");
-    assert_eq!((setting(&r), scratch.knobs()), (Setting::Aggressive, expected(10, 1)));
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Aggressive, expected(10, 1)));
 
     sleep(30 * S - MS).await;
-    assert_eq!(setting(&r), Setting::Aggressive, "still aggressive 1 ms before 30 s");
+    assert_eq!(r.setting(), Setting::Aggressive, "still aggressive 1 ms before 30 s");
     sleep(2 * MS).await;
-    assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, expected(100, 10)));
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Standard, expected(100, 10)));
 
     sleep(120 * S - 2 * MS).await;
-    assert_eq!(setting(&r), Setting::Standard);
+    assert_eq!(r.setting(), Setting::Standard);
     sleep(2 * MS).await;
-    assert_eq!((setting(&r), scratch.knobs()), (Setting::Slow, expected(500, 100)));
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Slow, expected(500, 100)));
 
     sleep(120 * S - 2 * MS).await;
-    assert_eq!(setting(&r), Setting::Slow);
+    assert_eq!(r.setting(), Setting::Slow);
     sleep(2 * MS).await;
-    assert_eq!(setting(&r), Setting::Initial);
+    assert_eq!(r.setting(), Setting::Initial);
     assert_eq!(scratch.snapshot(), before);
     assert_eq!(r.status.borrow().next_step_down_us, 0);
 
-    r.stop.send(()).expect("stop");
-    r.task.await.expect("join").expect("clean exit");
+    r.shut_down().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_kick_at_any_step_returns_to_aggressive_and_restarts_the_30_seconds() {
-    let scratch = Scratch::new();
-    let r = start(&scratch, Mode::Throttle);
+    let scratch = Scratch::fresh();
+    let r = Running::start(&scratch, Mode::Throttle);
     r.handle.kick().await.expect("kick");
     sleep(31 * S).await;
-    assert_eq!(setting(&r), Setting::Standard);
+    assert_eq!(r.setting(), Setting::Standard);
     r.handle.kick().await.expect("kick");
-    assert_eq!((setting(&r), scratch.knobs()), (Setting::Aggressive, expected(10, 1)));
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Aggressive, expected(10, 1)));
     sleep(29 * S).await;
     r.handle.kick().await.expect("kick");
     sleep(29 * S).await;
-    assert_eq!(setting(&r), Setting::Aggressive, "the second kick restarted the 30 s");
+    assert_eq!(r.setting(), Setting::Aggressive, "the second kick restarted the 30 s");
     sleep(2 * S).await;
-    assert_eq!(setting(&r), Setting::Standard);
+    assert_eq!(r.setting(), Setting::Standard);
     assert_eq!(r.status.borrow().kick_count, 3);
 }
 
 #[tokio::test(start_paused = true)]
 async fn settings_are_computed_from_anon_pages_when_applied() {
-    let scratch = Scratch::new();
-    let r = start(&scratch, Mode::Throttle);
+    let scratch = Scratch::fresh();
+    let r = Running::start(&scratch, Mode::Throttle);
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knobs(), expected(10, 1));
     // Merging shrinks AnonPages: the next step uses the new figure, and never goes below 1.
@@ -112,11 +74,11 @@ async fn settings_are_computed_from_anon_pages_when_applied() {
 
 #[tokio::test(start_paused = true)]
 async fn pages_to_scan_follows_memory_that_arrives_after_the_kick() {
-    let scratch = Scratch::new();
-    let anon = |kb: u64| std::fs::write(scratch.meminfo(), format!("AnonPages: {kb} kB\n")).expect("write");
+    let scratch = Scratch::fresh();
+    let anon = |kb: u64| scratch.set_anon_kb(kb);
     let pages = |kb: u64, divisor: u64| kb * 1024 / kata_ksm_throttler::io::meminfo::page_size() / divisor;
     anon(1 << 20);
-    let r = start(&scratch, Mode::Throttle);
+    let r = Running::start(&scratch, Mode::Throttle);
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knobs(), (1, pages(1 << 20, 10), 1), "sized on the memory at the kick");
     // A guest boots: 1 GiB more arrives; the next size check (1 s after the kick) follows.
@@ -124,7 +86,7 @@ async fn pages_to_scan_follows_memory_that_arrives_after_the_kick() {
     sleep(S + MS).await;
     assert_eq!(scratch.knobs(), (1, pages(2 << 20, 10), 1));
     // A move of a tenth is not worth a write: the marker stays.
-    std::fs::write(scratch.ksm().join("pages_to_scan"), "3\n").expect("mark");
+    scratch.set("pages_to_scan", "3\n");
     anon((2 << 20) + (2 << 20) / 10);
     sleep(20 * S).await;
     assert_eq!(scratch.knob("pages_to_scan"), "3\n");
@@ -132,36 +94,35 @@ async fn pages_to_scan_follows_memory_that_arrives_after_the_kick() {
     anon(4 << 20);
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knobs(), (1, pages(4 << 20, 10), 1));
-    assert_eq!(setting(&r), Setting::Aggressive);
+    assert_eq!(r.setting(), Setting::Aggressive);
     // Every later setting is sized when applied, and followed too.
     sleep(30 * S + MS).await;
-    assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, (1, pages(4 << 20, 100), 10)));
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Standard, (1, pages(4 << 20, 100), 10)));
     anon(8 << 20);
     sleep(2 * S).await;
     assert_eq!(scratch.knobs(), (1, pages(8 << 20, 100), 10));
-    r.stop.send(()).expect("stop");
-    r.task.await.expect("join").expect("clean exit");
+    r.shut_down().await;
     assert_eq!(scratch.knobs(), (0, 100, 20), "restored on exit");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_step_down_is_retried_and_the_status_stays_true() {
-    let scratch = Scratch::new();
-    let r = start(&scratch, Mode::Throttle);
+    let scratch = Scratch::fresh();
+    let r = Running::start(&scratch, Mode::Throttle);
     r.handle.kick().await.expect("kick");
     std::fs::write(scratch.meminfo(), "MemFree: 1 kB\n").expect("no AnonPages");
     sleep(31 * S).await;
-    assert_eq!(setting(&r), Setting::Aggressive, "the step failed: still aggressive");
-    std::fs::write(scratch.meminfo(), format!("AnonPages: {} kB\n", common::ANON_KB)).expect("fixed");
+    assert_eq!(r.setting(), Setting::Aggressive, "the step failed: still aggressive");
+    scratch.set_anon_kb(ANON_KB);
     sleep(5 * S).await;
-    assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, expected(100, 10)), "retried after 5 s");
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Standard, expected(100, 10)), "retried after 5 s");
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_advisor_is_turned_off_while_driving_and_restored_last() {
-    let scratch = Scratch::new();
-    std::fs::write(scratch.ksm().join("advisor_mode"), "none [scan-time]\n").expect("write");
-    let r = start(&scratch, Mode::Throttle);
+    let scratch = Scratch::fresh();
+    scratch.set("advisor_mode", "none [scan-time]\n");
+    let r = Running::start(&scratch, Mode::Throttle);
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knob("advisor_mode"), "none\n");
     r.handle.set_mode(Mode::Initial).await.expect("initial");
@@ -171,30 +132,29 @@ async fn the_advisor_is_turned_off_while_driving_and_restored_last() {
 
 #[tokio::test(start_paused = true)]
 async fn stopping_restores_and_a_pinned_start_mode_applies_at_once() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let before = scratch.snapshot();
-    let r = start(&scratch, Mode::Off);
+    let r = Running::start(&scratch, Mode::Off);
     sleep(MS).await;
-    assert_eq!(setting(&r), Setting::Off);
-    std::fs::write(scratch.ksm().join("run"), "1\n").expect("admin turns it on by hand");
+    assert_eq!(r.setting(), Setting::Off);
+    scratch.set("run", "1\n");
     r.handle.set_mode(Mode::Throttle).await.expect("throttle");
     assert_eq!(scratch.snapshot(), before, "the settings from before start-up come back, not the hand change");
     r.handle.set_mode(Mode::Throttle).await.expect("same mode again is fine");
 
-    let r2_scratch = Scratch::new();
-    let r2 = start(&r2_scratch, Mode::Throttle);
+    let r2_scratch = Scratch::fresh();
+    let r2 = Running::start(&r2_scratch, Mode::Throttle);
     r2.handle.kick().await.expect("kick");
-    r2.stop.send(()).expect("stop");
-    r2.task.await.expect("join").expect("clean exit");
+    r2.shut_down().await;
     assert_eq!(r2_scratch.knobs(), (0, 100, 20));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_storm_of_kicks_costs_no_sysfs_write_after_the_first() {
-    let scratch = Scratch::new();
-    let r = start(&scratch, Mode::Throttle);
+    let scratch = Scratch::fresh();
+    let r = Running::start(&scratch, Mode::Throttle);
     r.handle.kick().await.expect("kick");
-    std::fs::write(scratch.ksm().join("pages_to_scan"), "3\n").expect("mark");
+    scratch.set("pages_to_scan", "3\n");
     for _ in 0..10_000 {
         r.handle.kick().await.expect("kick");
     }
@@ -204,17 +164,17 @@ async fn a_storm_of_kicks_costs_no_sysfs_write_after_the_first() {
 
 #[tokio::test(start_paused = true)]
 async fn adaptive_follows_the_counters_in_the_files() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     // Merged pages leave pages_unshared for pages_sharing: what ksmd tracks in all only grows
     // when new memory arrives.
     let counters = |scans: u64, sharing: u64, tracked: u64| {
-        std::fs::write(scratch.ksm().join("full_scans"), format!("{scans}\n")).expect("write");
-        std::fs::write(scratch.ksm().join("pages_sharing"), format!("{sharing}\n")).expect("write");
-        std::fs::write(scratch.ksm().join("pages_unshared"), format!("{}\n", tracked - sharing)).expect("write");
+        scratch.set("full_scans", format!("{scans}\n"));
+        scratch.set("pages_sharing", format!("{sharing}\n"));
+        scratch.set("pages_unshared", format!("{}\n", tracked - sharing));
     };
     counters(0, 0, 0);
     let before = scratch.snapshot();
-    let r = start(&scratch, Mode::Adaptive);
+    let r = Running::start(&scratch, Mode::Adaptive);
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knobs(), expected(10, 1));
     assert_eq!(scratch.knob("smart_scan"), "0\n", "every page visited every scan while aggressive");
@@ -225,44 +185,43 @@ async fn adaptive_follows_the_counters_in_the_files() {
         sleep(100 * MS).await;
     }
     sleep(MS).await;
-    assert_eq!((setting(&r), scratch.knobs()), (Setting::Standard, expected(100, 10)));
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Standard, expected(100, 10)));
     assert_eq!(scratch.knob("smart_scan"), "1\n", "the administrator's smart_scan back once stepped down");
     sleep(2 * S).await;
-    assert_eq!(setting(&r), Setting::Standard, "no scan finished: nothing confirmed");
+    assert_eq!(r.setting(), Setting::Standard, "no scan finished: nothing confirmed");
     // Memory arriving (the pages ksmd tracks grow, 100,000 a second): no confirmation.
     for (scans, tracked) in [(5, 1_100_000), (6, 1_200_000), (7, 1_300_000)] {
         counters(scans, 500_100, tracked);
         sleep(S).await;
     }
-    assert_eq!(setting(&r), Setting::Standard, "arriving memory keeps the standard pace");
+    assert_eq!(r.setting(), Setting::Standard, "arriving memory keeps the standard pace");
     // Settled scans at the standard pace for SETTLED_FOR confirm: back to the initial settings.
     for scans in 8..=9 {
         counters(scans, 500_100, 1_300_000);
         sleep(S).await;
     }
-    assert_eq!(setting(&r), Setting::Standard, "two settled scans, but within SETTLED_FOR");
+    assert_eq!(r.setting(), Setting::Standard, "two settled scans, but within SETTLED_FOR");
     for scans in 10..=11 {
         counters(scans, 500_100, 1_300_000);
         sleep(S).await;
     }
-    assert_eq!(setting(&r), Setting::Initial);
+    assert_eq!(r.setting(), Setting::Initial);
     // The counter files are our own scratch ones: restore them to compare the knobs.
     counters(0, 0, 0);
     assert_eq!(scratch.snapshot(), before);
-    r.stop.send(()).expect("stop");
-    r.task.await.expect("join").expect("clean exit");
+    r.shut_down().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn smart_scan_is_off_only_while_adaptive_is_aggressive() {
-    let scratch = Scratch::new();
-    let r = start(&scratch, Mode::Throttle);
+    let scratch = Scratch::fresh();
+    let r = Running::start(&scratch, Mode::Throttle);
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knob("smart_scan"), "1\n", "the throttle timeline leaves it alone");
     r.handle.set_mode(Mode::Adaptive).await.expect("adaptive");
-    assert_eq!((setting(&r), scratch.knob("smart_scan")), (Setting::Aggressive, "0\n".into()));
+    assert_eq!((r.setting(), scratch.knob("smart_scan")), (Setting::Aggressive, "0\n".into()));
     r.handle.set_mode(Mode::Throttle).await.expect("throttle");
-    assert_eq!((setting(&r), scratch.knob("smart_scan")), (Setting::Aggressive, "1\n".into()));
+    assert_eq!((r.setting(), scratch.knob("smart_scan")), (Setting::Aggressive, "1\n".into()));
     r.handle.set_mode(Mode::Adaptive).await.expect("adaptive");
     r.handle.set_mode(Mode::Off).await.expect("off");
     assert_eq!((scratch.knobs().0, scratch.knob("smart_scan")), (0, "1\n".into()));
@@ -270,23 +229,22 @@ async fn smart_scan_is_off_only_while_adaptive_is_aggressive() {
     r.handle.kick().await.expect("kick");
     assert_eq!(scratch.knob("smart_scan"), "0\n");
     sleep(30 * S + MS).await;
-    assert_eq!((setting(&r), scratch.knob("smart_scan")), (Setting::Standard, "1\n".into()), "as found");
-    r.stop.send(()).expect("stop");
-    r.task.await.expect("join").expect("clean exit");
+    assert_eq!((r.setting(), scratch.knob("smart_scan")), (Setting::Standard, "1\n".into()), "as found");
+    r.shut_down().await;
     assert_eq!((scratch.knobs(), scratch.knob("smart_scan")), ((0, 100, 20), "1\n".into()), "restored on exit");
 }
 
 #[tokio::test(start_paused = true)]
 async fn adaptive_with_unreadable_counters_falls_back_to_the_timeline() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     std::fs::create_dir(scratch.ksm().join("full_scans")).expect("unreadable counter");
-    let r = start(&scratch, Mode::Adaptive);
+    let r = Running::start(&scratch, Mode::Adaptive);
     r.handle.kick().await.expect("kick");
     sleep(30 * S - MS).await;
-    assert_eq!(setting(&r), Setting::Aggressive);
+    assert_eq!(r.setting(), Setting::Aggressive);
     sleep(2 * MS).await;
-    assert_eq!(setting(&r), Setting::Standard);
+    assert_eq!(r.setting(), Setting::Standard);
     sleep(240 * S).await;
-    assert_eq!(setting(&r), Setting::Initial);
+    assert_eq!(r.setting(), Setting::Initial);
     assert_eq!(scratch.knobs(), (0, 100, 20));
 }

@@ -6,21 +6,21 @@
 //! fails to drop its groups). Its bus policy, `/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf`,
 //! is included in the private bus. Tests that put files in /usr/share/polkit-1 or /etc/polkit-1
 //! hold an exclusive flock, since cargo runs tests (and other checkouts run theirs) in parallel.
-
-mod common;
+//!
+//! Those tests edit the host, so they run only when asked: `KSM_THROTTLER_EDIT_HOST_POLKIT=1`
+//! (CI sets it). Without it they say they were skipped.
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::*;
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus};
 use kata_ksm_throttler::names::BUS_NAME;
-use rustix::process::{kill_process, Pid, Signal};
-use zbus::fdo::DBusProxy;
-use zbus::names::BusName;
+use kata_ksm_throttler_test_support::*;
+use kata_ksm_throttler_test_support::{bus, daemon, switch};
+use rustix::process::Signal;
 use zbus::proxy::MethodFlags;
 
 const POLKITD: &str = "/usr/lib/polkit-1/polkitd";
@@ -76,60 +76,32 @@ impl Drop for PolkitFiles {
 
 /// A real polkitd on `bus`, ended by PID when dropped.
 struct Polkitd {
-    child: Option<Child>,
-    log: PathBuf,
+    process: Guarded,
 }
 
 impl Polkitd {
     async fn start(bus: &PrivateBus, log_dir: &Path) -> Polkitd {
-        let log = log_dir.join("polkitd.log");
-        let out = File::create(&log).expect("log");
-        let child = Command::new(POLKITD)
-            .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .expect("start polkitd");
-        let polkitd = Polkitd { child: Some(child), log };
+        let mut command = Command::new(POLKITD);
+        command.env("DBUS_SYSTEM_BUS_ADDRESS", bus.address());
+        let process = Guarded::spawn_logged(&mut command, "polkitd", &log_dir.join("polkitd.log"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let polkitd = Polkitd { process };
         let conn = connect(bus).await;
-        let dbus = DBusProxy::new(&conn).await.expect("dbus proxy");
-        let name = BusName::try_from("org.freedesktop.PolicyKit1").expect("name");
-        let start = Instant::now();
-        while !dbus.name_has_owner(name.clone()).await.expect("NameHasOwner") {
-            assert!(start.elapsed() < Duration::from_secs(10), "polkitd never took its name:\n{}", polkitd.log_text());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = || format!("polkitd to take its name; log:\n{}", polkitd.log_text());
+        bus::wait_for_owner(&conn, "org.freedesktop.PolicyKit1", what).await;
         polkitd
     }
 
-    fn pid(&self) -> Option<Pid> {
-        self.child.as_ref().and_then(|c| Pid::from_raw(c.id() as i32))
-    }
-
     fn signal(&self, sig: Signal) {
-        if let Some(pid) = self.pid() {
-            kill_process(pid, sig).expect("signal polkitd");
-        }
+        self.process.signal(sig).unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill().unwrap_or_else(|e| panic!("killing polkitd: {e}"));
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Polkitd {
-    fn drop(&mut self) {
-        // A stopped polkitd does not die of SIGKILL any less, but let it run its exit path.
-        self.signal(Signal::CONT);
-        self.stop();
+        self.process.log_text()
     }
 }
 
@@ -140,16 +112,20 @@ struct World {
     _files: PolkitFiles,
 }
 
-async fn world(rules: Option<&str>, daemon_flags: &[&str]) -> World {
+/// The world of a test that edits the host's polkit folders; `None` (and a line saying so)
+/// when it was not asked to.
+async fn world(test: &str, rules: Option<&str>, daemon_flags: &[&str]) -> Option<World> {
+    let what = "installs polkit actions in /usr/share/polkit-1 and a rule in /etc/polkit-1 on this host";
+    if !switch::asked(switch::EDIT_HOST_POLKIT, test, what) {
+        return None;
+    }
     let files = PolkitFiles::install(rules);
     let bus = start_bus_with(BusConfig { policy_files: vec![POLKIT_BUS_POLICY.into()], ..BusConfig::default() });
-    let scratch = Scratch::new();
-    let polkitd = Polkitd::start(&bus, scratch.dir.path()).await;
+    let scratch = Scratch::fresh();
+    let polkitd = Polkitd::start(&bus, scratch.path()).await;
     let daemon = Daemon::spawn(&bus, &scratch, daemon_flags);
-    let conn = connect(&bus).await;
-    wait_for_name(&conn, &daemon).await;
-    let proxy = proxy(&conn).await;
-    World { setup: Setup { conn, proxy, daemon, scratch, bus }, polkitd, _files: files }
+    let setup = daemon::serve(bus, scratch, daemon).await;
+    Some(World { setup, polkitd, _files: files })
 }
 
 /// What a call made as `nobody` came to.
@@ -221,7 +197,7 @@ fn nobody_client() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let result: zbus::Result<String> = runtime.block_on(async {
         let conn = zbus::connection::Builder::address(address.as_str()).build().await?;
-        let throttler = proxy(&conn).await;
+        let throttler = bus::proxy_result(&conn).await?;
         match call.as_str() {
             "kick" => throttler.inner().call_with_flags::<_, _, ()>("Kick", flags, &()).await.map(|_| String::new()),
             "set-mode-off" => {
@@ -240,7 +216,9 @@ fn nobody_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_rule_nobody_is_refused_both_actions_and_root_is_served() {
-    let w = world(None, &[]).await;
+    let Some(w) = world("with_no_rule_nobody_is_refused_both_actions_and_root_is_served", None, &[]).await else {
+        return;
+    };
     let s = &w.setup;
     let before = s.scratch.snapshot();
 
@@ -283,7 +261,10 @@ polkit.addRule(function(action, subject) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_granting_the_actions_lets_nobody_kick_and_set_the_mode() {
-    let w = world(Some(GRANT_NOBODY), &[]).await;
+    let Some(w) = world("a_rule_granting_the_actions_lets_nobody_kick_and_set_the_mode", Some(GRANT_NOBODY), &[]).await
+    else {
+        return;
+    };
     let s = &w.setup;
     assert_eq!(as_nobody(&s.bus, "kick", false), Outcome::Ok(String::new()));
     assert_eq!(s.scratch.knobs(), expected(10, 1), "the kick acted");
@@ -295,7 +276,11 @@ async fn a_rule_granting_the_actions_lets_nobody_kick_and_set_the_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_polkitd_gone_nobody_is_refused_clearly_and_root_is_still_served() {
-    let mut w = world(Some(GRANT_NOBODY), &[]).await;
+    let Some(mut w) =
+        world("with_polkitd_gone_nobody_is_refused_clearly_and_root_is_still_served", Some(GRANT_NOBODY), &[]).await
+    else {
+        return;
+    };
     w.polkitd.stop();
     let s = &w.setup;
     // Even with a rule that would grant it: polkit cannot be asked, so no.
@@ -315,46 +300,26 @@ async fn with_polkitd_gone_nobody_is_refused_clearly_and_root_is_still_served() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_for_polkit_keeps_an_idle_throttler_from_exiting() {
-    let w = world(None, &["--exit-idle-after", "1s"]).await;
+    let Some(w) =
+        world("a_call_waiting_for_polkit_keeps_an_idle_throttler_from_exiting", None, &["--exit-idle-after", "1s"])
+            .await
+    else {
+        return;
+    };
     let s = &w.setup;
     w.polkitd.signal(Signal::STOP);
     let client = nobody_command(&s.bus, "kick", false).spawn().expect("client");
-    let client = ClientGuard(Some(client));
+    let client = Guarded::new(client, "the client as nobody");
     // The engine is at rest; only the call in flight keeps the throttler on the bus.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let dbus = DBusProxy::new(&s.conn).await.expect("dbus proxy");
-    let name = BusName::try_from(BUS_NAME).expect("name");
-    let owner = dbus.get_connection_unix_process_id(name.clone()).await.expect("still owned");
-    assert_eq!(owner as i32, s.daemon.pid());
+    assert_eq!(bus::owner_pid(&s.conn, BUS_NAME).await, Some(s.daemon.pid()), "still owned");
 
     w.polkitd.signal(Signal::CONT);
-    let out = client.wait();
-    let outcome = parse_client_output(&out.0, &out.1);
+    let out = client.wait_with_output().expect("wait for the client");
+    let outcome = parse_client_output(&String::from_utf8_lossy(&out.stdout), &String::from_utf8_lossy(&out.stderr));
     assert_eq!(outcome.error_name(), ACCESS_DENIED, "answered by polkit, not cut off: {outcome:?}");
-    let start = Instant::now();
-    while dbus.name_has_owner(name.clone()).await.expect("NameHasOwner") {
-        assert!(start.elapsed() < Duration::from_secs(10), "never exited; log:\n{}", s.daemon.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A client child, killed if the test ends before it does.
-struct ClientGuard(Option<Child>);
-
-impl ClientGuard {
-    fn wait(mut self) -> (String, String) {
-        let out = self.0.take().expect("child").wait_with_output().expect("wait client");
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-impl Drop for ClientGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    let what = || format!("the idle throttler to exit; log:\n{}", s.daemon.log_text());
+    eventually(Duration::from_secs(10), what, async || !bus::has_owner(&s.conn, BUS_NAME).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,21 +3,16 @@
 //! KSM_THROTTLER_SKIP_REAL_KSM=1 to skip it knowingly (it fails otherwise, rather than pass
 //! without having run).
 
-mod common;
-
 use std::fs::File;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use futures_util::StreamExt;
 use kata_ksm_throttler::core::knobs::{Knobs, Target};
 use kata_ksm_throttler::io::meminfo;
 use kata_ksm_throttler::io::sysfs::Ksm;
-
-const REAL: &str = "/sys/kernel/mm/ksm";
-/// Taken by everything in this project that touches the real KSM, so two never overlap.
-const REAL_KSM_LOCK: &str = "/run/lock/kata-ksm-throttler-real-ksm.lock";
+use kata_ksm_throttler_test_support::real_ksm::{self, REAL_KSM as REAL};
+use kata_ksm_throttler_test_support::*;
 
 /// Puts the real KSM back as it was found, even if the test panics.
 struct Restore {
@@ -34,24 +29,12 @@ impl Drop for Restore {
     }
 }
 
-fn take_real_ksm() -> Option<Restore> {
-    if std::env::var_os("KSM_THROTTLER_SKIP_REAL_KSM").is_some() {
-        eprintln!("KSM_THROTTLER_SKIP_REAL_KSM set: not touching the real KSM");
+fn take_real_ksm(test: &str) -> Option<Restore> {
+    if real_ksm::skip_real_ksm(test) {
         return None;
     }
-    assert!(rustix::process::geteuid().is_root(), "the real-KSM test needs root (or KSM_THROTTLER_SKIP_REAL_KSM=1)");
-    assert!(Path::new(REAL).join("run").exists(), "no KSM in this kernel (or KSM_THROTTLER_SKIP_REAL_KSM=1)");
-    let lock = File::options().create(true).truncate(false).write(true).open(REAL_KSM_LOCK).expect("lock file");
     // Bounded: a long real-KSM benchmark holds the lock for many minutes.
-    let start = std::time::Instant::now();
-    while let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the real KSM stayed in use by another process for 2 min ({REAL_KSM_LOCK}: {e}); \
-             set KSM_THROTTLER_SKIP_REAL_KSM=1 to run the rest without it"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let lock = real_ksm::lock_within(Duration::from_secs(120));
     let ksm = Ksm::open(REAL).expect("open real KSM");
     let found = ksm.read().expect("read real KSM");
     Some(Restore { ksm, found, _lock: lock })
@@ -63,7 +46,7 @@ fn anon_pages() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drives_the_real_ksm_through_a_cycle_and_leaves_it_as_found() {
-    let Some(guard) = take_real_ksm() else { return };
+    let Some(guard) = take_real_ksm("drives_the_real_ksm_through_a_cycle_and_leaves_it_as_found") else { return };
     let real = &guard.ksm;
     // Start from the advisor scanning by time where the kernel has it: pages_to_scan refuses
     // writes then, so this proves the advisor is switched off first and put back last.
@@ -74,7 +57,7 @@ async fn drives_the_real_ksm_through_a_cycle_and_leaves_it_as_found() {
     let before = real.read().expect("read");
 
     let bus = start_bus();
-    let scratch = Scratch::new();
+    let scratch = Scratch::fresh();
     let state = scratch.state_dir();
     let mut daemon = Daemon::spawn_on(
         &bus,

@@ -8,14 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 use kata_ksm_throttler::names::BUS_NAME;
-use tokio::time::{timeout, Instant};
+use kata_ksm_throttler_test_support::eventually::until_some;
 
-use crate::child::Guarded;
 use crate::real_ksm::REAL_KSM;
+use kata_ksm_throttler_test_support::child::Guarded;
+
+/// How long the daemon and the trigger may take to start serving.
+const START_LIMIT: Duration = Duration::from_secs(10);
 
 pub struct DaemonRun {
     pub proxy: KsmThrottlerProxy<'static>,
@@ -52,15 +55,20 @@ impl DaemonRun {
         let mut process = Guarded::new(child, "kata-ksm-throttler");
         let conn = zbus::connection::Builder::address(bus.address()).build().await.context("connecting to the bus")?;
         let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
-        let started = Instant::now();
-        while !dbus.name_has_owner(BUS_NAME.try_into()?).await? {
-            if let Some(status) = process.try_wait()? {
-                bail!("the daemon exited ({status}) before serving:\n{}", log_tail(&log));
+        let serving = until_some(START_LIMIT, "the daemon to serve", async || {
+            match dbus.name_has_owner(BUS_NAME.try_into().ok()?).await {
+                Ok(true) => Some(Ok(())),
+                Ok(false) => match process.try_wait() {
+                    Ok(Some(status)) => Some(Err(anyhow!("the daemon exited ({status}) before serving"))),
+                    Ok(None) => None,
+                    Err(e) => Some(Err(e.into())),
+                },
+                Err(e) => Some(Err(e.into())),
             }
-            if started.elapsed() > Duration::from_secs(10) {
-                bail!("the daemon did not take {BUS_NAME} within 10 s:\n{}", log_tail(&log));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        });
+        match serving.await {
+            Ok(served) => served.map_err(|e| anyhow!("{e}:\n{}", log_tail(&log)))?,
+            Err(e) => bail!("the daemon did not take {BUS_NAME}: {e}:\n{}", log_tail(&log)),
         }
         let proxy =
             KsmThrottlerProxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await?;
@@ -86,20 +94,20 @@ impl DaemonRun {
             .spawn()
             .with_context(|| format!("starting {}", trigger.display()))?;
         let mut process = Guarded::new(child, "kata-vc-throttler");
-        let watching = async {
-            loop {
-                if std::fs::read_to_string(&log).is_ok_and(|l| l.contains("watching for new sandboxes")) {
-                    return Ok(());
-                }
-                if let Some(status) = process.try_wait()? {
-                    bail!("the trigger exited ({status}):\n{}", log_tail(&log));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let watching = until_some(START_LIMIT, "the trigger to watch", async || {
+            if std::fs::read_to_string(&log).is_ok_and(|l| l.contains("watching for new sandboxes")) {
+                return Some(Ok(()));
             }
-        };
-        timeout(Duration::from_secs(10), watching)
-            .await
-            .with_context(|| format!("the trigger did not watch within 10 s:\n{}", log_tail(&log)))??;
+            match process.try_wait() {
+                Ok(Some(status)) => Some(Err(anyhow!("the trigger exited ({status})"))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e.into())),
+            }
+        });
+        match watching.await {
+            Ok(watched) => watched.map_err(|e| anyhow!("{e}:\n{}", log_tail(&log)))?,
+            Err(e) => bail!("{e}:\n{}", log_tail(&log)),
+        }
         self.trigger = Some(Trigger { _process: process });
         Ok(())
     }

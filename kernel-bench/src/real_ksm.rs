@@ -2,16 +2,13 @@
 //! recorded first, and put back exactly as found at the end, even on error, panic or signal.
 
 use std::fs::File;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kata_ksm_throttler::core::knobs::{Knobs, Target};
 use kata_ksm_throttler::io::sysfs::{Ksm, SysfsError};
-use rustix::fs::{flock, FlockOperation};
+use kata_ksm_throttler_test_support::eventually::until_some_blocking;
 
-pub const REAL_KSM: &str = "/sys/kernel/mm/ksm";
-/// Taken by everything in this project that touches the real KSM (see tests/real_ksm.rs).
-pub const REAL_KSM_LOCK: &str = "/run/lock/kata-ksm-throttler-real-ksm.lock";
+pub use kata_ksm_throttler_test_support::real_ksm::{REAL_KSM, REAL_KSM_LOCK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RealKsmError {
@@ -50,16 +47,7 @@ impl RealKsm {
             return Err(RealKsmError::NotRoot);
         }
         let ksm = Ksm::open(REAL_KSM).map_err(RealKsmError::NoKsm)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(Path::new(REAL_KSM_LOCK))
-            .map_err(RealKsmError::Lock)?;
-        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
-            eprintln!("waiting for {REAL_KSM_LOCK}: something else is using the real KSM");
-            flock(&lock, FlockOperation::LockExclusive).map_err(|e| RealKsmError::Lock(e.into()))?;
-        }
+        let lock = kata_ksm_throttler_test_support::real_ksm::lock().map_err(RealKsmError::Lock)?;
         let found = ksm.read()?;
         Ok(RealKsm { ksm, run_with: found.clone(), found, restored: false, _lock: lock })
     }
@@ -83,16 +71,21 @@ impl RealKsm {
     pub fn clean(&self, limit: Duration) -> Result<Duration, RealKsmError> {
         let start = Instant::now();
         self.ksm.apply(&Target { run: Some(2), ..Target::default() })?;
-        loop {
-            let shared = self.ksm.read_counter("pages_shared")?.unwrap_or(0);
-            let sharing = self.ksm.read_counter("pages_sharing")?.unwrap_or(0);
-            if shared == 0 && sharing == 0 {
-                break;
+        let mut left = (0, 0);
+        let unmerged = until_some_blocking(limit, "KSM to unmerge", || {
+            let counter = |name| self.ksm.read_counter(name).map(|n| n.unwrap_or(0));
+            match (counter("pages_shared"), counter("pages_sharing")) {
+                (Ok(0), Ok(0)) => Some(Ok(())),
+                (Ok(shared), Ok(sharing)) => {
+                    left = (shared, sharing);
+                    None
+                }
+                (Err(e), _) | (_, Err(e)) => Some(Err(e)),
             }
-            if start.elapsed() > limit {
-                return Err(RealKsmError::Unmerge { limit, shared, sharing });
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        });
+        match unmerged {
+            Ok(read) => read?,
+            Err(_) => return Err(RealKsmError::Unmerge { limit, shared: left.0, sharing: left.1 }),
         }
         let took = start.elapsed();
         self.put(&self.run_with)?;

@@ -15,8 +15,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::child::Guarded;
 use crate::guest::GuestImage;
+use kata_ksm_throttler_test_support::child::Guarded;
 
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
 /// What the guest's `/init` prints on the console (see [`crate::guest::INIT`]).

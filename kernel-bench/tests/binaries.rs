@@ -7,44 +7,28 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kata_ksm_throttler::io::sysfs::Ksm;
+use kata_ksm_throttler_test_support::child::{alive, ensure_gone, Guarded};
+use kata_ksm_throttler_test_support::eventually_blocking;
+use kata_ksm_throttler_test_support::real_ksm::{self, skip_real_ksm, REAL_KSM};
 use kernel_bench::pattern::{fill, Content, Layout};
-use kernel_bench::real_ksm::{REAL_KSM, REAL_KSM_LOCK};
-use rustix::process::{kill_process, Pid, Signal};
+use rustix::process::Signal;
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_ksm-workload");
 const BENCH: &str = env!("CARGO_BIN_EXE_ksm-modes-bench");
 const VM_BENCH: &str = env!("CARGO_BIN_EXE_ksm-vm-bench");
 
-/// Ends a child by PID even if the test fails.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Whether a test that gives KSM work or touches its knobs skips (saying so); if not, it holds
+/// the project's real-KSM lock for as long as it keeps the returned file.
+fn real_ksm(test: &str) -> Option<File> {
+    if skip_real_ksm(test) {
+        return None;
     }
-}
-
-fn skip_real_ksm() -> bool {
-    if std::env::var_os("KSM_THROTTLER_SKIP_REAL_KSM").is_some() {
-        eprintln!("KSM_THROTTLER_SKIP_REAL_KSM set: not touching the real KSM");
-        return true;
-    }
-    assert!(rustix::process::geteuid().is_root(), "needs root (or KSM_THROTTLER_SKIP_REAL_KSM=1)");
-    assert!(Path::new(REAL_KSM).join("run").exists(), "no KSM in this kernel (or KSM_THROTTLER_SKIP_REAL_KSM=1)");
-    false
-}
-
-fn real_ksm_lock() -> File {
-    let lock = File::options().create(true).truncate(false).write(true).open(REAL_KSM_LOCK).expect("lock file");
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("flock");
-    lock
+    Some(real_ksm::lock().expect("the real-KSM lock"))
 }
 
 fn refused(program: &str, args: &[&str]) -> String {
@@ -90,18 +74,14 @@ fn ksm_stat(pid: u32) -> String {
 }
 
 fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with(['Z', 'X'])),
-        Err(_) => true,
-    }
+    !alive(pid)
 }
 
 #[test]
 fn workload_staggers_its_processes_holds_mergeable_memory_and_ends_with_its_input() {
-    if skip_real_ksm() {
+    let Some(_lock) = real_ksm("workload_staggers_its_processes_holds_mergeable_memory_and_ends_with_its_input") else {
         return;
-    }
-    let _lock = real_ksm_lock();
+    };
     let start = Instant::now();
     let mut child = Command::new(WORKLOAD)
         .args(["--procs", "2", "--size-mib", "2", "--unique-fraction", "0.5", "--stagger", "300ms"])
@@ -111,7 +91,7 @@ fn workload_staggers_its_processes_holds_mergeable_memory_and_ends_with_its_inpu
         .expect("spawn ksm-workload");
     let input = child.stdin.take();
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut child = Reap(child);
+    let mut child = Guarded::new(child, "ksm-workload");
 
     let mut ready = vec![];
     for _ in 0..2 {
@@ -132,14 +112,7 @@ fn workload_staggers_its_processes_holds_mergeable_memory_and_ends_with_its_inpu
     }
 
     drop(input);
-    let limit = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(Instant::now() < limit, "ksm-workload did not end after its input closed");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = child.wait_within(Duration::from_secs(10)).expect("ksm-workload ends once its input closes");
     assert!(status.success(), "{status}");
     for &(_, pid, _) in &ready {
         assert!(gone(pid), "worker {pid} ended with its parent");
@@ -148,10 +121,7 @@ fn workload_staggers_its_processes_holds_mergeable_memory_and_ends_with_its_inpu
 
 #[test]
 fn a_dead_parent_takes_its_workers_with_it() {
-    if skip_real_ksm() {
-        return;
-    }
-    let _lock = real_ksm_lock();
+    let Some(_lock) = real_ksm("a_dead_parent_takes_its_workers_with_it") else { return };
     let mut child = Command::new(WORKLOAD)
         .args(["--procs", "1", "--size-mib", "1"])
         .stdin(Stdio::piped())
@@ -161,14 +131,9 @@ fn a_dead_parent_takes_its_workers_with_it() {
     let _input = child.stdin.take(); // kept open: only the parent's death ends the worker
     let line = BufReader::new(child.stdout.take().expect("stdout")).lines().next().expect("line").expect("read");
     let pid: u32 = line.split_whitespace().nth(2).and_then(|p| p.parse().ok()).expect("pid");
-    let mut child = Reap(child);
-    child.0.kill().expect("SIGKILL the parent");
-    child.0.wait().expect("reap");
-    let limit = Instant::now() + Duration::from_secs(10);
-    while !gone(pid) {
-        assert!(Instant::now() < limit, "worker {pid} outlived its parent");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = Guarded::new(child, "ksm-workload");
+    child.kill().expect("SIGKILL the parent");
+    eventually_blocking(Duration::from_secs(10), format!("worker {pid} to end with its parent"), || gone(pid));
 }
 
 /// Processes still running this worktree's ksm-workload binary with `tag` in their environment
@@ -193,13 +158,13 @@ const TAG_VAR: &str = "KSM_BENCH_TEST_TAG";
 
 #[test]
 fn an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running() {
-    if skip_real_ksm() {
+    if skip_real_ksm("an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running") {
         return;
     }
     // The benchmark takes the lock itself; this test waits for it to be free first, so what it
     // records as "found" is not someone else's run.
     let found = {
-        let _lock = real_ksm_lock();
+        let _lock = real_ksm::lock().expect("the real-KSM lock");
         Ksm::open(REAL_KSM).expect("open").read().expect("read")
     };
     let out = tempfile::tempdir().expect("tempdir");
@@ -214,7 +179,7 @@ fn an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running() {
         .spawn()
         .expect("spawn ksm-modes-bench");
     let mut stderr = child.stderr.take().expect("stderr");
-    let mut child = Reap(child);
+    let mut child = Guarded::new(child, "ksm-modes-bench");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut text = String::new();
@@ -224,15 +189,10 @@ fn an_interrupted_benchmark_restores_the_real_ksm_and_leaves_nothing_running() {
 
     // Interrupt once it is mid-run: flat out written and the first worker up.
     let ksm = Ksm::open(REAL_KSM).expect("open");
-    let limit = Instant::now() + Duration::from_secs(120);
     let mid_run = || ksm.read().expect("read").sleep_millisecs == 0 && !workload_processes(&tag).is_empty();
-    while !mid_run() {
-        assert!(Instant::now() < limit, "the benchmark never started flat out");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = Pid::from_raw(child.0.id() as i32).expect("pid");
-    kill_process(pid, Signal::INT).expect("SIGINT");
-    let status = child.0.wait().expect("wait");
+    eventually_blocking(Duration::from_secs(120), "the benchmark to run flat out", mid_run);
+    child.signal(Signal::INT).expect("SIGINT");
+    let status = child.wait_within(Duration::from_secs(180)).expect("the interrupted benchmark ends");
     let text = rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
 
     assert!(!status.success(), "an interrupted run is not a success");
@@ -270,7 +230,7 @@ fn bad_ramp_and_dirt_are_refused_with_a_one_line_reason() {
 /// A running ksm-workload whose lines arrive on a channel, so a missing line fails the test
 /// rather than hanging it. Dropping it ends the parent and then every worker, by PID.
 struct Workload {
-    child: Child,
+    child: Guarded,
     input: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
     workers: Vec<u32>,
@@ -287,7 +247,7 @@ impl Workload {
         let input = child.stdin.take();
         let stdout = child.stdout.take();
         let (tx, lines) = mpsc::channel();
-        let workload = Workload { child, input, lines, workers: vec![] };
+        let workload = Workload { child: Guarded::new(child, "ksm-workload"), input, lines, workers: vec![] };
         let stdout = stdout.expect("stdout");
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -315,21 +275,9 @@ impl Drop for Workload {
     fn drop(&mut self) {
         drop(self.input.take());
         let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Its workers end when their input closes; any still here after 10 s is killed, if that
-        // PID is still this binary.
-        let me = std::fs::canonicalize(WORKLOAD).ok();
-        let limit = Instant::now() + Duration::from_secs(10);
+        // Its workers end when their input closes; any still running it after 10 s is killed.
         for &pid in &self.workers {
-            while !gone(pid) && Instant::now() < limit {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let ours = std::fs::read_link(format!("/proc/{pid}/exe")).ok() == me;
-            if !gone(pid) && ours {
-                if let Some(p) = Pid::from_raw(pid as i32) {
-                    let _ = kill_process(p, Signal::KILL);
-                }
-            }
+            ensure_gone(pid, "ksm-workload", Duration::from_secs(10));
         }
     }
 }
@@ -384,10 +332,7 @@ fn expected_page(page: u64, content: Content) -> Vec<u64> {
 
 #[test]
 fn a_ramp_says_ready_at_once_mergeable_and_fills_in_order_over_the_ramp() {
-    if skip_real_ksm() {
-        return;
-    }
-    let _lock = real_ksm_lock();
+    let Some(_lock) = real_ksm("a_ramp_says_ready_at_once_mergeable_and_fills_in_order_over_the_ramp") else { return };
     const MIB: u64 = 16;
     let mut w = Workload::spawn(&["--procs", "2", "--size-mib", "16", "--ramp", "2s"]);
     let layout = Layout::new(MIB, 0.0, page_size()).expect("layout");
@@ -433,10 +378,9 @@ fn dirt_round(words: &[u64], page: u64, owner: u32) -> Option<u64> {
 
 #[test]
 fn dirtied_pages_get_new_content_of_their_own_every_round_with_or_without_a_ramp() {
-    if skip_real_ksm() {
+    let Some(_lock) = real_ksm("dirtied_pages_get_new_content_of_their_own_every_round_with_or_without_a_ramp") else {
         return;
-    }
-    let _lock = real_ksm_lock();
+    };
     for ramp in ["0s", "500ms"] {
         let mut w = Workload::spawn(&[
             "--procs",
@@ -476,18 +420,17 @@ fn dirtied_pages_get_new_content_of_their_own_every_round_with_or_without_a_ramp
             assert!(rss_filled >= 4 * 1024 * 9 / 10, "{ramp}: pid {pid} filled: {region:?}");
             // Each dirtied page moves on to new rounds of its own content.
             for &page in &dirty {
-                let limit = Instant::now() + Duration::from_secs(20);
                 let mut seen = vec![];
                 // Two rounds after the first fill (round 0), one after the other.
-                while seen.iter().filter(|&&r| r >= 1).count() < 2 {
-                    assert!(Instant::now() < limit, "{ramp}: worker {index} page {page}: rounds seen {seen:?}");
+                let what = format!("{ramp}: worker {index} page {page} to move on two rounds");
+                eventually_blocking(Duration::from_secs(20), what, || {
                     if let Some(r) = dirt_round(&read_page(pid, &region, page), page, index) {
                         if seen.last() != Some(&r) {
                             seen.push(r);
                         }
                     }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                    seen.iter().filter(|&&r| r >= 1).count() >= 2
+                });
                 assert!(seen.windows(2).all(|w| w[0] < w[1]), "{ramp}: worker {index} page {page}: {seen:?}");
             }
             for &page in &unique {

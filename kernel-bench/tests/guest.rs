@@ -5,8 +5,9 @@
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use kata_ksm_throttler_test_support::eventually_blocking;
 use kernel_bench::guest::{GuestImage, GuestSpec, DEFAULT_CACHE_DIR};
 use kernel_bench::vm::{Memory, Vm, VmError, VmSpec};
 
@@ -136,12 +137,11 @@ fn a_guest_that_cannot_fill_its_memory_says_so_and_ends() {
         other => panic!("expected the guest's failure, got {other:?}"),
     }
     // It powered itself off: QEMU ends without being signalled.
-    let start = Instant::now();
-    while vm.try_wait().expect("try_wait").is_none() && vm.pid().is_some() && start.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(vm.pid().is_none(), "QEMU {pid} did not end after the guest powered off");
+    let what = format!("QEMU {pid} to end after the guest powered off");
+    eventually_blocking(Duration::from_secs(30), what, || {
+        vm.try_wait().expect("try_wait").is_some() || vm.pid().is_none()
+    });
+    assert!(vm.pid().is_none(), "QEMU {pid} reaped");
 }
 
 #[test]

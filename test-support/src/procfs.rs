@@ -1,6 +1,5 @@
-//! What /proc says about a process: memory, threads, context switches and CPU time. Shared by the
-//! robustness tests and the benchmark (`benches/throughput.rs` includes this file).
-#![allow(dead_code)]
+//! What /proc says about a process: memory, threads, context switches and CPU time (the
+//! robustness tests, the shim's flood test and the bus benchmark read them).
 
 use std::io;
 

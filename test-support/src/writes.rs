@@ -1,7 +1,5 @@
 //! Counts writes into scratch sysfs files with real inotify. `IN_CLOSE_WRITE` marks one open for
-//! writing closed (one `echo > knob`); `IN_MODIFY` each truncate or write(2) within it. Shared by
-//! the tests and the benchmark (`benches/throughput.rs` includes this file).
-#![allow(dead_code)]
+//! writing closed (one `echo > knob`); `IN_MODIFY` each truncate or write(2) within it.
 
 use std::collections::BTreeMap;
 use std::io;
