@@ -160,6 +160,8 @@ pub struct Engine {
     idle: Option<IdleExit>,
     /// A stop signal arrived while an idle exit was being concluded.
     stop_requested: bool,
+    /// [`Engine::start`] has run.
+    started: bool,
     /// The deadline last shown and its wall-clock form, so that a deadline that has not moved
     /// reads as the same microsecond every time (converting it again jitters by a microsecond).
     shown_deadline: Cell<Option<(Instant, u64)>>,
@@ -193,6 +195,7 @@ impl Engine {
             commands: rx,
             idle: None,
             stop_requested: false,
+            started: false,
             shown_deadline: Cell::new(None),
         };
         (engine, Handle { commands: tx }, status_rx)
@@ -204,6 +207,18 @@ impl Engine {
         let (tx, rx) = mpsc::channel(1);
         self.idle = Some(IdleExit { after, notices: tx, since: None, asked: false });
         rx
+    }
+
+    /// What [`Engine::run`] does first, for a caller that must know it is done before it lets
+    /// anyone in (the daemon takes its bus name only then, so nothing reads a crashed
+    /// instance's knobs as this one's). On failure whatever start-up changed goes back, and the
+    /// engine takes no command.
+    pub fn start(&mut self) -> Result<(), EngineError> {
+        self.started = true;
+        self.startup().inspect_err(|_| {
+            self.commands.close();
+            let _ = self.restore("start-up failed");
+        })
     }
 
     /// Puts back what a previous instance left changed (its state file), then enters the
@@ -294,11 +309,8 @@ impl Engine {
     /// the administrator's settings back; or until an idle exit concludes (see the module
     /// documentation).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Ended, EngineError> {
-        if let Err(e) = self.startup() {
-            self.commands.close();
-            // Whatever start-up managed to change goes back.
-            let _ = self.restore("start-up failed");
-            return Err(e);
+        if !self.started {
+            self.start()?;
         }
         self.note_activity();
         tokio::pin!(shutdown);

@@ -105,6 +105,22 @@ async fn run(args: Args) -> Result<()> {
     // Before the name is taken, so that every call routed here is counted.
     tokio::spawn(calls.clone().watch(conn.clone()));
     conn.object_server().at(OBJECT_PATH, throttler).await.context("exporting the object")?;
+
+    // Restored (after a crash) and in its start-up mode before the name is taken: a caller
+    // never reads the previous instance's knobs as this one's setting.
+    let notices = settings.exit_idle_after.map(|after| engine.exit_when_idle(after));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let mut done = run_engine(engine, stopped, started_tx)?;
+    if started.await.is_err() {
+        // The engine ended before it started: its error says why.
+        let ended = done.await.map_err(|_| anyhow!("the engine's thread ended without a word"))?;
+        return Err(match ended {
+            Err(e) => e,
+            Ok(_) => anyhow!("the engine ended before it started"),
+        });
+    }
+
     conn.request_name(BUS_NAME).await.map_err(|e| match e {
         zbus::Error::NameTaken => anyhow!("{BUS_NAME} is already owned on this bus: another throttler is running"),
         e => anyhow!("cannot own {BUS_NAME}: {e} (only root may, once dbus/{BUS_NAME}.conf is installed)"),
@@ -134,7 +150,6 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
-    let notices = settings.exit_idle_after.map(|after| engine.exit_when_idle(after));
     let (edge_failed, edge_failure) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let edge = async {
         if let Some(notices) = notices {
@@ -161,8 +176,6 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut done = run_engine(engine, stopped)?;
     let ended = {
         tokio::pin!(shutdown, edge);
         let mut stop = Some(stop);
@@ -198,12 +211,13 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// Runs the engine on a thread of its own until `stopped` (or until it ends by itself), and
-/// returns its outcome. sysfs writes block: writing `run` waits for ksmd's batch under way
+/// returns its outcome; `started` is sent once its start-up is done. sysfs writes block: writing `run` waits for ksmd's batch under way
 /// (the kernel's `ksm_thread_mutex`), seconds when ksmd is starved of CPU by busy vCPUs, and
 /// the bus must keep answering meanwhile (properties come from the published status).
 fn run_engine(
-    engine: Engine,
+    mut engine: Engine,
     stopped: tokio::sync::oneshot::Receiver<()>,
+    started: tokio::sync::oneshot::Sender<()>,
 ) -> Result<tokio::sync::oneshot::Receiver<Result<Ended>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the engine's runtime")?;
@@ -211,6 +225,8 @@ fn run_engine(
         .name("engine".into())
         .spawn(move || {
             let ended = runtime.block_on(async move {
+                engine.start().context("KSM settings at start-up")?;
+                let _ = started.send(());
                 let stop = async {
                     let _ = stopped.await;
                 };

@@ -127,3 +127,58 @@ async fn kill_9_at_a_hundred_random_instants_and_every_restart_restores_the_orig
     );
     assert!(checked >= CYCLES / 2, "most restarts are checked");
 }
+
+/// Issue 14, item 2: an instance that finds a crashed one's record restores it before it takes
+/// the bus name, so the first reader (what `ksmtctl status` does after a crash) already sees the
+/// administrator's knobs, not the dead instance's beside `CurrentSetting=initial`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_first_reader_sees_the_restored_knobs() {
+    use kata_ksm_throttler::core::knobs::Knobs;
+    use kata_ksm_throttler::io::state_file::StateFile;
+    use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
+    let bus = start_bus();
+    let conn = connect(&bus).await;
+    for round in 0..10 {
+        let scratch = Scratch::fresh();
+        let (run, pages, sleep) = scratch.knobs();
+        let original = Knobs {
+            run: run as u8,
+            pages_to_scan: pages,
+            sleep_millisecs: sleep,
+            advisor_mode: Some("none".into()),
+            smart_scan: Some(1),
+        };
+        StateFile::new(scratch.state_dir()).save(&original).expect("the dead instance's record");
+        // What the dead instance left in force.
+        scratch.set("run", "1\n");
+        scratch.set("pages_to_scan", "98765\n");
+        scratch.set("sleep_millisecs", "1\n");
+        let mut daemon = Daemon::spawn(&bus, &scratch, &[]);
+        // The very first Get that finds an owner: asked again and again from before the start.
+        let get = async |name: &str| -> zbus::Result<zbus::OwnedVariant> {
+            let reply = conn
+                .call_method(
+                    Some(BUS_NAME),
+                    OBJECT_PATH,
+                    Some("org.freedesktop.DBus.Properties"),
+                    "Get",
+                    &(INTERFACE, name),
+                )
+                .await?;
+            reply.body().deserialize::<zbus::OwnedVariant>()
+        };
+        let started = std::time::Instant::now();
+        let first_run = loop {
+            match get("Run").await {
+                Ok(v) => break u32::try_from(v).expect("Run is a u32"),
+                Err(e) => {
+                    assert!(started.elapsed() < Duration::from_secs(20), "never served: {e}\n{}", daemon.log_text())
+                }
+            }
+        };
+        let setting = String::try_from(get("CurrentSetting").await.expect("CurrentSetting")).expect("a string");
+        assert_eq!((setting.as_str(), first_run), ("initial", run as u32), "round {round}: the first reader");
+        assert_eq!(scratch.knobs(), (run, pages, sleep), "round {round}");
+        assert!(daemon.terminate().success());
+    }
+}

@@ -298,6 +298,41 @@ async fn with_polkitd_gone_nobody_is_refused_clearly_and_root_is_still_served() 
     assert_eq!(s.proxy.current_setting().await.expect("still serving"), "aggressive");
 }
 
+/// Issue 14, item 7: a hung polkitd is waited for a bounded time, then the caller is refused
+/// (fail closed), and root is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_polkitd_is_waited_for_a_bounded_time_then_refused_and_root_is_served_meanwhile() {
+    let Some(w) = world(
+        "a_hung_polkitd_is_waited_for_a_bounded_time_then_refused_and_root_is_served_meanwhile",
+        Some(GRANT_NOBODY),
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let s = &w.setup;
+    w.polkitd.signal(Signal::STOP);
+    let started = std::time::Instant::now();
+    let client = nobody_command(&s.bus, "kick", false).spawn().expect("client");
+    let client = Guarded::new(client, "the client as nobody");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.proxy.kick().await.expect("root needs no polkit, hung or not");
+    assert_eq!(s.proxy.current_setting().await.expect("serving"), "aggressive");
+    let out = client.wait_with_output().expect("wait for the client");
+    let waited = started.elapsed();
+    w.polkitd.signal(Signal::CONT);
+    match parse_client_output(&String::from_utf8_lossy(&out.stdout), &String::from_utf8_lossy(&out.stderr)) {
+        Outcome::Err { name, message } => {
+            assert_eq!(name, ACCESS_DENIED);
+            assert!(message.contains("did not answer within"), "{message}");
+        }
+        ok => panic!("allowed by a polkitd that never answered: {ok:?}"),
+    }
+    assert!(waited >= kata_ksm_throttler::bus::authorize::POLKIT_LIMIT, "refused after {waited:?}, before the limit");
+    eprintln!("a hung polkitd: nobody refused after {waited:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_for_polkit_keeps_an_idle_throttler_from_exiting() {
     let Some(w) =

@@ -84,7 +84,7 @@ impl DaemonRun {
     pub async fn start_trigger(&mut self, trigger: &Path, vc_root: &Path, log: PathBuf) -> Result<()> {
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(trigger)
-            .arg("--root")
+            .args(["--config", "/nonexistent/kata-ksm-throttler/config.toml", "--root"])
             .arg(vc_root)
             .args(["--no-kata-root", "--bus", self.bus.address()])
             .stdin(Stdio::null())

@@ -52,6 +52,11 @@ impl CallerId {
     }
 }
 
+/// How long polkit may take to answer a check that asks nobody anything.
+pub const POLKIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a check that lets polkit ask the caller's user to authenticate may take.
+pub const POLKIT_INTERACTIVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub struct Authority {
     dbus: DBusProxy<'static>,
     polkit: AuthorityProxy<'static>,
@@ -81,14 +86,29 @@ impl Authority {
         };
         let subject = Subject::new_for_message_header(header)
             .map_err(|e| BusError::AccessDenied(format!("cannot name the caller to polkit: {e}")))?;
-        let result =
-            self.polkit.check_authorization(&subject, action.id(), &HashMap::new(), flags, "").await.map_err(|e| {
+        // A hung polkitd must not hold callers forever: denied once the wait is over (a person
+        // authenticating gets longer). Root never waits here.
+        let limit = if interactive { POLKIT_INTERACTIVE_LIMIT } else { POLKIT_LIMIT };
+        let details = HashMap::new();
+        let asked = self.polkit.check_authorization(&subject, action.id(), &details, flags, "");
+        let result = match tokio::time::timeout(limit, asked).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => {
                 tracing::warn!(action = action.id(), caller = %sender, "polkit unreachable, denying: {e}");
-                BusError::AccessDenied(format!(
+                return Err(BusError::AccessDenied(format!(
                     "{} needs authorization, and polkit could not be asked: {e}",
                     action.id()
-                ))
-            })?;
+                )));
+            }
+            Err(_) => {
+                tracing::warn!(action = action.id(), caller = %sender, "polkit did not answer in {}s, denying", limit.as_secs());
+                return Err(BusError::AccessDenied(format!(
+                    "{} needs authorization, and polkit did not answer within {}s",
+                    action.id(),
+                    limit.as_secs()
+                )));
+            }
+        };
         if result.is_authorized {
             Ok(())
         } else if result.is_challenge && !interactive {

@@ -43,6 +43,9 @@ pub struct CallTracker {
     calls: watch::Sender<Calls>,
 }
 
+/// A message this large costs the daemon a multiple of its size while it is handled.
+const LARGE_MESSAGE: usize = 1 << 20;
+
 /// The other set only grows when a call the reader did not count reaches a handler; bounded so
 /// that cannot grow memory.
 const FINISHED_EARLY_MAX: usize = 4096;
@@ -66,6 +69,11 @@ impl CallTracker {
         while let Some(msg) = stream.next().await {
             let Ok(msg) = msg else { continue };
             let id = counted_call(&msg);
+            // A huge message (anyone may send one to any method, up to the bus's limit) leaves
+            // its buffers and zbus's error echo in the heap: given back like a burst's.
+            if msg.data().len() >= LARGE_MESSAGE {
+                self.schedule_trim();
+            }
             self.calls.send_modify(|c| {
                 if let Some(id) = id {
                     if !c.finished_early.remove(&id) {
@@ -139,6 +147,19 @@ impl CallTracker {
                 }
                 Err(_) => self.trim_now(),
             }
+        }
+    }
+
+    /// A trim once callers have stayed away for a while, unless one is already waiting.
+    fn schedule_trim(self: &Arc<Self>) {
+        let mut schedule = false;
+        self.calls.send_if_modified(|c| {
+            schedule = !c.trim_pending;
+            c.trim_pending = true;
+            false
+        });
+        if schedule {
+            tokio::spawn(Arc::clone(self).trim_when_quiet());
         }
     }
 

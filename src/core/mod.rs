@@ -2,6 +2,6 @@
 //! (every function is given the time).
 
 pub mod knobs;
-pub mod plan;
+pub(crate) mod plan;
 pub mod policy;
 pub mod setting;

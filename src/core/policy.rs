@@ -129,8 +129,8 @@ pub const STALLED_FOR: Duration = Duration::from_secs(2);
 pub const CONFIRM_SCANS: u32 = 2;
 pub const SETTLED_FOR: Duration = Duration::from_secs(3);
 
-/// While a cycle runs, `pages_to_scan` follows AnonPages: checked this soon after each kick or
-/// step, then twice as late each time it had not moved, up to [`RESIZE_AT_MOST_EVERY`]; a
+/// While a cycle runs, `pages_to_scan` follows AnonPages: checked this soon after each kick (a
+/// step goes on at the pace reached), then twice as late each time it had not moved, up to [`RESIZE_AT_MOST_EVERY`]; a
 /// booting guest's memory arrives after its kick, when the setting was sized.
 pub const RESIZE_FIRST_AFTER: Duration = Duration::from_secs(1);
 pub const RESIZE_AT_MOST_EVERY: Duration = Duration::from_secs(16);
@@ -365,7 +365,7 @@ impl Policy {
         let deadline = self.duration_of(next).map(|d| now + d);
         let t = self.move_to(next, deadline, Cause::Timer);
         self.watch_from(now);
-        self.resize_from(now);
+        self.resize_carry_on(now);
         t
     }
 
@@ -419,7 +419,7 @@ impl Policy {
                     settling: Some(Run::from(now, c)),
                     ..w
                 });
-                self.resize_from(now);
+                self.resize_carry_on(now);
                 t
             }
             Setting::Standard | Setting::Slow
@@ -455,6 +455,13 @@ impl Policy {
     fn resize_from(&mut self, now: Instant) {
         self.resize =
             self.deadline.is_some().then_some(Resize { at: now + RESIZE_FIRST_AFTER, every: RESIZE_FIRST_AFTER });
+    }
+
+    /// After a step: the step itself sized the new setting, and brings no memory of its own, so
+    /// the checks go on at the pace they had reached (a kick starts them afresh).
+    fn resize_carry_on(&mut self, now: Instant) {
+        let every = self.resize.map_or(RESIZE_FIRST_AFTER, |r| r.every);
+        self.resize = self.deadline.is_some().then_some(Resize { at: now + every, every });
     }
 
     /// New durations for the steps still to come; the one under way keeps its deadline.
@@ -920,6 +927,16 @@ mod tests {
             p.kick(now + S);
             assert_eq!(p.resize_at(), Some(now + S + RESIZE_FIRST_AFTER), "{mode}: a kick starts afresh");
         }
+        // A step sizes the new setting itself: the checks go on at the pace reached.
+        let (mut p, t0) = throttle();
+        p.kick(t0);
+        for at in [1, 3, 7, 15] {
+            p.resize_checked(t0 + at * S, false);
+        }
+        let step = t0 + Durations::default().aggressive;
+        assert!(p.timer(step).is_some());
+        assert_eq!(p.resize_at(), Some(step + RESIZE_AT_MOST_EVERY), "not 1 s after the step");
+
         let (mut p, t0) = throttle();
         p.kick(t0);
         p.set_mode(Mode::Pinned(crate::core::setting::Pinned::Aggressive), t0);

@@ -54,9 +54,10 @@ impl Profile {
     pub const STANDARD: Profile = Profile { sleep_millisecs: 10, anon_divisor: 100 };
     pub const SLOW: Profile = Profile { sleep_millisecs: 100, anon_divisor: 500 };
 
-    /// Pages a cycle for this many anonymous pages; never 0, which the kernel reads as "scan nothing".
+    /// Pages a cycle for this many anonymous pages; never 0, which the kernel reads as "scan
+    /// nothing", and never more than the kernel's knob holds (32 bits).
     pub fn pages_to_scan(self, anon_pages: u64) -> u64 {
-        (anon_pages / self.anon_divisor).max(1)
+        (anon_pages / self.anon_divisor.max(1)).clamp(1, u64::from(u32::MAX))
     }
 }
 
@@ -257,6 +258,7 @@ mod tests {
         assert_eq!(Profile::STANDARD.pages_to_scan(1_000_000), 10_000);
         assert_eq!(Profile::SLOW.pages_to_scan(1_000_000), 2_000);
         assert_eq!(Profile::SLOW.pages_to_scan(499), 1);
+        assert_eq!(Profile::AGGRESSIVE.pages_to_scan(u64::MAX), u64::from(u32::MAX), "the kernel's knob is 32 bits");
         assert_eq!(Profile::AGGRESSIVE.pages_to_scan(0), 1);
     }
 }

@@ -23,7 +23,8 @@ pub fn parse_anon_kb(text: &str) -> Option<u64> {
 
 /// Anonymous pages of `page_size` bytes, read now (settings are computed when applied).
 pub fn anon_pages(path: &Path, page_size: u64) -> Result<u64, MeminfoError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MeminfoError::Read { path: path.to_owned(), source })?;
+    let text =
+        crate::io::small_file::read(path).map_err(|source| MeminfoError::Read { path: path.to_owned(), source })?;
     let kb = parse_anon_kb(&text).ok_or_else(|| MeminfoError::NoAnonPages { path: path.to_owned() })?;
     Ok(kb.saturating_mul(1024) / page_size.max(1))
 }

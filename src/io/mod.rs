@@ -2,5 +2,6 @@
 
 pub mod heap;
 pub mod meminfo;
+pub mod small_file;
 pub mod state_file;
 pub mod sysfs;

@@ -4,6 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -73,9 +74,20 @@ impl StateFile {
             move |source| StateError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
-        tmp.write_all(body).and_then(|()| tmp.as_file().sync_all()).map_err(io_err(tmp.path()))?;
-        tmp.persist(path).map_err(|e| StateError::Io { path: path.to_owned(), source: e.error })?;
+        // One fixed temporary name per record (the folder is locked, so no one else writes
+        // here): a kill mid-write leaves one file that the next write replaces, never a pile.
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(body).and_then(|()| f.sync_all()));
+        written.map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
     }
 
@@ -143,9 +155,27 @@ impl StateFile {
         fs::create_dir_all(&self.dir).map_err(io_err)?;
         let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err)?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(file)),
+            Ok(()) => {
+                self.remove_leftovers();
+                Ok(Some(file))
+            }
             Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
             Err(e) => Err(io_err(e.into())),
+        }
+    }
+
+    /// Temporary files a write killed half-way left (`*.tmp`, and `.tmpXXXXXX` from versions
+    /// that named them at random); only ever called with the lock held.
+    fn remove_leftovers(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".tmp") || name.ends_with(".json.tmp") {
+                if let Err(e) = fs::remove_file(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), "removing a leftover temporary file: {e}");
+                }
+            }
         }
     }
 
@@ -208,6 +238,26 @@ mod tests {
         assert!(matches!(state.take_handover(), Err(StateError::Corrupt { .. })));
         assert!(!state.handover_path().exists());
         assert!(dir.path().join("handover.json.corrupt").exists());
+    }
+
+    #[test]
+    fn writes_killed_half_way_leave_nothing_that_piles_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateFile::new(dir.path());
+        // What a kill during the write left, by this version and by earlier ones.
+        std::fs::write(dir.path().join("initial-settings.json.tmp"), "{\"vers").expect("write");
+        std::fs::write(dir.path().join(".tmpAbC123"), "{").expect("write");
+        std::fs::write(dir.path().join("keep.me"), "").expect("write");
+        let lock = state.lock().expect("lock").expect("free");
+        let mut names: Vec<_> =
+            std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["keep.me", "lock"]);
+        for _ in 0..3 {
+            state.save(&knobs()).expect("save");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 3, "lock, keep.me and the record");
+        drop(lock);
     }
 
     #[test]

@@ -4,10 +4,12 @@
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, Write as _};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::core::knobs::{Knobs, Target, ADVISOR_MODE, ADVISOR_NONE, PAGES_TO_SCAN, RUN, SLEEP_MILLISECS, SMART_SCAN};
 use crate::core::plan::{plan, Plan, Write};
+use crate::io::small_file;
 
 /// What went wrong with which file: callers turn it into a D-Bus error or a log line.
 #[derive(Debug, thiserror::Error)]
@@ -16,8 +18,18 @@ pub enum SysfsError {
     Read { path: PathBuf, source: io::Error },
     #[error("writing {value:?} to {}: {source}", path.display())]
     Write { path: PathBuf, value: String, source: io::Error },
-    #[error("{} holds {content:?}, not a number", path.display())]
+    #[error("{} holds {content:?}, {}", path.display(), why(content))]
     Parse { path: PathBuf, content: String },
+}
+
+/// A number too large for the knob is not "not a number".
+fn why(content: &str) -> &'static str {
+    let t = content.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        "out of range for this knob"
+    } else {
+        "not a number"
+    }
 }
 
 impl SysfsError {
@@ -81,7 +93,7 @@ impl Ksm {
     /// A counter such as `pages_sharing`; `Ok(None)` where this kernel does not have it.
     pub fn read_counter(&self, name: &str) -> Result<Option<i64>, SysfsError> {
         let path = self.path(name);
-        match std::fs::read_to_string(&path) {
+        match small_file::read(&path) {
             Ok(s) => s.trim().parse().map(Some).map_err(|_| SysfsError::Parse { path, content: s }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(SysfsError::Read { path, source }),
@@ -90,14 +102,14 @@ impl Ksm {
 
     fn read_number(&self, name: &str) -> Result<u64, SysfsError> {
         let path = self.path(name);
-        let s = std::fs::read_to_string(&path).map_err(|source| SysfsError::Read { path: path.clone(), source })?;
+        let s = small_file::read(&path).map_err(|source| SysfsError::Read { path: path.clone(), source })?;
         s.trim().parse().map_err(|_| SysfsError::Parse { path, content: s })
     }
 
     /// The kernel lists the choices with the current one in brackets: `[none] scan-time`.
     fn read_advisor(&self) -> Result<Option<String>, SysfsError> {
         let path = self.path(ADVISOR_MODE);
-        match std::fs::read_to_string(&path) {
+        match small_file::read(&path) {
             Ok(s) => Ok(Some(parse_advisor(&s).ok_or(SysfsError::Parse { path, content: s })?)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(SysfsError::Read { path, source }),
@@ -128,9 +140,12 @@ impl Ksm {
         let value = value.to_string();
         // One write(2) of the whole line, as `echo` does; no O_CREAT, so a missing knob is an
         // error rather than a new file in a scratch directory.
+        // O_NONBLOCK: sysfs ignores it; a FIFO in place of a knob fails at once instead of
+        // holding the engine until someone reads it.
         let result = OpenOptions::new()
             .write(true)
             .truncate(true)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&path)
             .and_then(|mut f| f.write_all(format!("{value}\n").as_bytes()));
         result.map_err(|source| SysfsError::Write { path, value, source })
@@ -212,7 +227,10 @@ mod tests {
         let (_d, ksm) = scratch("0\n", "lots\n", "20\n", None);
         let err = ksm.read().unwrap_err();
         assert!(matches!(err, SysfsError::Parse { .. }));
-        assert!(err.to_string().contains("pages_to_scan"), "{err}");
+        assert!(err.to_string().contains("pages_to_scan") && err.to_string().contains("not a number"), "{err}");
+        std::fs::write(_d.path().join(PAGES_TO_SCAN), "99999999999999999999999\n").expect("write");
+        let err = ksm.read().unwrap_err().to_string();
+        assert!(err.contains("out of range"), "{err}");
     }
 
     #[test]

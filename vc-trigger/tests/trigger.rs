@@ -13,6 +13,8 @@ use kata_ksm_throttler_test_support::*;
 use rustix::process::Signal;
 
 const TRIGGER: &str = env!("CARGO_BIN_EXE_kata-vc-throttler");
+/// A configuration file that does not exist: the built-in folders, whatever the host has.
+const NO_CONFIG: &str = "/nonexistent/kata-ksm-throttler/config.toml";
 
 /// The trigger binary, ended by PID when dropped.
 struct Trigger {
@@ -24,7 +26,8 @@ impl Trigger {
     fn spawn(bus: &str, args: &[&Path]) -> Trigger {
         let log = tempfile::NamedTempFile::new().expect("log");
         let mut command = Command::new(TRIGGER);
-        command.arg("--bus").arg(bus).args(args);
+        // Never the host's configuration: the folders are the test's.
+        command.args(["--config", NO_CONFIG, "--bus", bus]).args(args);
         let process = Guarded::spawn_logged(&mut command, "the trigger", log.path()).expect("spawn the trigger");
         Trigger { process, _log: log }
     }
@@ -310,12 +313,12 @@ async fn an_inotify_queue_overflow_kicks_and_the_trigger_keeps_watching() {
 
 #[test]
 fn bad_arguments_are_one_line_errors() {
-    let out = Command::new(TRIGGER).args(["--no-root", "--no-kata-root"]).output().expect("run");
+    let out = Command::new(TRIGGER).args(["--config", NO_CONFIG, "--no-root", "--no-kata-root"]).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nothing to watch") && err.trim().lines().count() == 1, "{err}");
 
-    let out = Command::new(TRIGGER).args(["--bus", "private"]).output().expect("run");
+    let out = Command::new(TRIGGER).args(["--config", NO_CONFIG, "--bus", "private"]).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--bus private") && err.trim().lines().count() == 1, "{err}");
