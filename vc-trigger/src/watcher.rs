@@ -135,8 +135,9 @@ impl Watcher {
             let dir = self.armed[i].target.folder_to_watch(Path::is_dir);
             let wd = match self.watches.add(&dir, MASK) {
                 Ok(wd) => wd,
-                // Gone (or replaced by a file) between the look and the watch: look again.
-                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => continue,
+                // Gone (or replaced by a file, or by a symlink that loops) between the look and
+                // the watch: look again.
+                Err(e) if vanished(&e) => continue,
                 Err(e) => return Err(io::Error::new(e.kind(), format!("watching {}: {e}", dir.display()))),
             };
             if self.armed[i].wd.as_ref() != Some(&wd) {
@@ -161,4 +162,9 @@ impl Watcher {
         tracing::warn!(folder = %self.armed[i].target.sandboxes().display(), "folders keep vanishing; watching where it stopped");
         Ok(None)
     }
+}
+
+/// An error of `inotify_add_watch` that means the folder is no longer there as a folder.
+fn vanished(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) || e.raw_os_error() == Some(libc::ELOOP)
 }

@@ -254,6 +254,42 @@ async fn removed_and_re_created_roots_are_watched_again() {
     assert!(trigger.terminate().success());
 }
 
+/// Issue 14, item 12: the sandboxes folder swapped again and again with a symlink that points at
+/// itself (inotify_add_watch then fails with ELOOP) is a folder that went away, not a reason to
+/// exit; once it is a folder again, its sandboxes kick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxes_folder_swapped_with_a_looping_symlink_is_waited_for() {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let s = setup(&[]).await;
+    let r = roots(&s);
+    let sbs = r.vc.join("sbs");
+    std::fs::create_dir_all(&sbs).expect("mkdir");
+    let lnk = r.vc.join("loop");
+    std::os::unix::fs::symlink("loop", &lnk).expect("a symlink to itself");
+    let mut trigger = Trigger::spawn(s.bus.address(), &[Path::new("--root"), &r.vc, Path::new("--no-kata-root")]);
+    trigger.wait_log(&["watching for new sandboxes"], 1);
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut swaps = 0;
+    while Instant::now() < until {
+        renameat_with(CWD, &sbs, CWD, &lnk, RenameFlags::EXCHANGE).expect("exchange");
+        swaps += 1;
+    }
+    // An even number of swaps leaves sbs a folder again (and re-watched: it appeared anew).
+    if swaps % 2 == 1 {
+        renameat_with(CWD, &sbs, CWD, &lnk, RenameFlags::EXCHANGE).expect("exchange");
+    }
+    assert!(std::fs::symlink_metadata(&sbs).expect("sbs").is_dir());
+    assert!(trigger.running(), "the trigger exited after {swaps} swaps:\n{}", trigger.log_text());
+    let before = s.proxy.kick_count().await.expect("KickCount");
+    mkdir(&sbs.join("after-the-swaps"));
+    eventually(Duration::from_secs(10), "a kick for the sandbox after the swaps", async || {
+        s.proxy.kick_count().await.expect("KickCount") > before
+    })
+    .await;
+    assert!(trigger.running());
+    assert!(trigger.terminate().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_throttler_is_logged_and_the_trigger_keeps_watching() {
     let bus = start_bus();
