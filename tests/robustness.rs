@@ -587,3 +587,18 @@ async fn huge_property_names_are_refused_and_their_memory_is_given_back() {
         rss_kib(pid)
     );
 }
+
+/// Issue 14, item 8: a knob that is gone is an error naming it when read as a property, never 0
+/// beside a setting that says otherwise; the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_knob_reads_as_an_error_naming_it_not_as_zero() {
+    let s = setup(&[]).await;
+    s.proxy.kick().await.expect("kick");
+    std::fs::remove_file(s.scratch.ksm().join("pages_to_scan")).expect("rm");
+    let err = s.proxy.pages_to_scan().await.expect_err("no pages_to_scan");
+    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.IOError");
+    assert!(error_message(&err).contains("pages_to_scan"), "{err}");
+    assert_eq!(s.proxy.run().await.expect("run is still there"), 1);
+    assert_eq!(s.proxy.current_setting().await.expect("serving"), "aggressive");
+    s.scratch.set("pages_to_scan", "100\n");
+}

@@ -55,6 +55,12 @@ impl Throttler {
     fn count(&self, name: &str) -> zbus::fdo::Result<u64> {
         Ok(self.counter(name)?.max(0) as u64)
     }
+
+    /// A knob every KSM kernel has: one that is missing or unreadable is an error naming the path
+    /// (never 0 beside a setting that says otherwise).
+    fn knob(&self, name: &str) -> zbus::fdo::Result<u64> {
+        self.ksm.read_knob(name).map_err(|e| zbus::fdo::Error::IOError(e.to_string()))
+    }
 }
 
 /// Controls the Linux KSM daemon (ksmd) for hosts that start many similar virtual machines.
@@ -157,19 +163,19 @@ impl Throttler {
     /// The `run` knob in force (0 stopped, 1 running, 2 unmerging), read live.
     #[zbus(property(emits_changed_signal = "false"))]
     fn run(&self) -> zbus::fdo::Result<u32> {
-        Ok(self.count("run")? as u32)
+        Ok(u32::try_from(self.knob("run")?).unwrap_or(u32::MAX))
     }
 
     /// The `pages_to_scan` knob in force, read live.
     #[zbus(property(emits_changed_signal = "false"))]
     fn pages_to_scan(&self) -> zbus::fdo::Result<u64> {
-        self.count("pages_to_scan")
+        self.knob("pages_to_scan")
     }
 
     /// The `sleep_millisecs` knob in force, read live.
     #[zbus(property(emits_changed_signal = "false"))]
     fn sleep_millisecs(&self) -> zbus::fdo::Result<u64> {
-        self.count("sleep_millisecs")
+        self.knob("sleep_millisecs")
     }
 }
 

@@ -100,6 +100,11 @@ impl Ksm {
         }
     }
 
+    /// One of the knobs every KSM kernel has (`run`, `pages_to_scan`, `sleep_millisecs`).
+    pub fn read_knob(&self, name: &str) -> Result<u64, SysfsError> {
+        self.read_number(name)
+    }
+
     fn read_number(&self, name: &str) -> Result<u64, SysfsError> {
         let path = self.path(name);
         let s = small_file::read(&path).map_err(|source| SysfsError::Read { path: path.clone(), source })?;
