@@ -239,8 +239,13 @@ impl Engine {
                     sleep_millisecs = knobs.sleep_millisecs,
                     "a previous instance stopped mid-cycle: restoring the settings it recorded"
                 );
-                config.ksm.apply(&Target::from(&knobs))?;
-                config.state.remove()?;
+                if self.restore_recorded(&knobs)? {
+                    config.state.remove()?;
+                } else {
+                    // Kept, in memory and on disk, for the next restore (at exit, or by a
+                    // successor) to try again; meanwhile the throttler serves.
+                    self.saved = Some(knobs);
+                }
             }
             Ok(None) => {}
             // Kept aside by load(); the current values are the best guess of the original.
@@ -252,6 +257,23 @@ impl Engine {
         }
         self.publish();
         Ok(())
+    }
+
+    /// Puts a previous instance's record back; `Ok(false)` if some knob could not be, which is
+    /// logged. Knobs that cannot even be read (one left empty by a kill mid-write on a scratch
+    /// directory) are all written blind, each one that can be.
+    fn restore_recorded(&self, knobs: &Knobs) -> Result<bool, EngineError> {
+        let target = Target::from(knobs);
+        let e = match self.config.ksm.apply(&target) {
+            Ok(_) => return Ok(true),
+            Err(e) => e,
+        };
+        tracing::error!("{e}: writing every recorded knob");
+        let failed = self.config.ksm.execute_each(&plan::plan_blind(&target));
+        for e in &failed {
+            tracing::error!("{e}: this knob stays as it is; the record is kept to try again");
+        }
+        Ok(failed.is_empty())
     }
 
     /// Carries on from where an instance that exited on idle handed over, if it did: `Ok(true)`.

@@ -35,22 +35,20 @@ impl Rng {
 /// On sysfs a write(2) is all or nothing; on a scratch file, a kill between the daemon's
 /// open(O_TRUNC) and its write(2) leaves the file empty. Such a torn write can only happen while
 /// the record of the initial settings exists (every write of a cycle is made under it), which is
-/// checked; the knob is then given its value from before the first cycle (one the kernel could
-/// hold), and the restart must restore the rest.
-fn mend_torn_writes(scratch: &Scratch, first: &[(String, Vec<u8>)]) -> usize {
-    let mut mended = 0;
+/// checked; the restart must then restore it with the rest (it writes every recorded knob when
+/// the knobs in force cannot be read). Returns how many there were.
+fn torn_writes(scratch: &Scratch) -> usize {
+    let mut torn = 0;
     for (name, bytes) in scratch.snapshot() {
         if bytes.is_empty() {
             assert!(
                 scratch.state_dir().join("initial-settings.json").exists(),
                 "{name} was torn by the kill with no record of the initial settings to restore from"
             );
-            let before = first.iter().find(|(n, _)| *n == name).map(|(_, b)| b.clone()).unwrap_or_default();
-            scratch.set(&name, before);
-            mended += 1;
+            torn += 1;
         }
     }
-    mended
+    torn
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,8 +68,7 @@ async fn kill_9_at_a_hundred_random_instants_and_every_restart_restores_the_orig
     let conn = connect(&bus).await;
     let p = proxy(&conn).await;
 
-    let (mut checked, mut during_startup, mut mended) = (0, 0, 0);
-    let first = scratch.snapshot();
+    let (mut checked, mut during_startup, mut torn) = (0, 0, 0);
     for cycle in 0..CYCLES {
         let mut daemon = Daemon::spawn(&bus, &scratch, FAST);
         // A third of the kills land in the first milliseconds: start-up, which is where a
@@ -106,7 +103,7 @@ async fn kill_9_at_a_hundred_random_instants_and_every_restart_restores_the_orig
             }
             daemon.kill9();
         }
-        mended += mend_torn_writes(&scratch, &first);
+        torn += torn_writes(&scratch);
         // The daemons of a test process share one log; keep the scratch folder small.
         let _ = std::fs::remove_file(daemon.log());
         drop(daemon);
@@ -123,7 +120,7 @@ async fn kill_9_at_a_hundred_random_instants_and_every_restart_restores_the_orig
     assert!(!Path::new(&scratch.state_dir().join("initial-settings.json")).exists());
     eprintln!(
         "{CYCLES} kills: {during_startup} during start-up, {checked} restarts checked, \
-         {mended} torn scratch writes mended"
+         {torn} torn scratch writes restored by the next start"
     );
     assert!(checked >= CYCLES / 2, "most restarts are checked");
 }
@@ -181,4 +178,30 @@ async fn after_a_crash_the_first_reader_sees_the_restored_knobs() {
         assert_eq!(scratch.knobs(), (run, pages, sleep), "round {round}");
         assert!(daemon.terminate().success());
     }
+}
+
+/// Issue 14, item 3: a knob left empty by a kill mid-write (on a scratch directory) does not stop
+/// the restore: every recorded knob is written, the record goes once all are back, and the
+/// throttler serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_knob_left_empty_by_a_crash_is_restored_with_the_rest() {
+    use kata_ksm_throttler::core::knobs::Knobs;
+    use kata_ksm_throttler::io::state_file::StateFile;
+    let bus = start_bus();
+    let conn = connect(&bus).await;
+    let scratch = Scratch::fresh();
+    let (run, pages, sleep) = scratch.knobs();
+    let original =
+        Knobs { run: run as u8, pages_to_scan: pages, sleep_millisecs: sleep, advisor_mode: None, smart_scan: Some(1) };
+    StateFile::new(scratch.state_dir()).save(&original).expect("the dead instance's record");
+    scratch.set("run", "1\n");
+    scratch.set("pages_to_scan", "");
+    scratch.set("sleep_millisecs", "1\n");
+    let mut daemon = Daemon::spawn(&bus, &scratch, &[]);
+    wait_for_name(&conn, &daemon).await;
+    assert_eq!(scratch.knobs(), (run, pages, sleep), "log:\n{}", daemon.log_text());
+    assert!(!scratch.state_dir().join("initial-settings.json").exists(), "the record goes once all are back");
+    assert_eq!(proxy(&conn).await.current_setting().await.expect("serving"), "initial");
+    assert!(daemon.log_text().contains("writing every recorded knob"), "{}", daemon.log_text());
+    assert!(daemon.terminate().success());
 }

@@ -98,8 +98,12 @@ async fn pages_to_scan_follows_memory_that_arrives_after_the_kick() {
     // Every later setting is sized when applied, and followed too.
     sleep(30 * S + MS).await;
     assert_eq!((r.setting(), scratch.knobs()), (Setting::Standard, (1, pages(4 << 20, 100), 10)));
+    // The step sized standard itself; the checks go on at the pace they had reached (at most
+    // every RESIZE_AT_MOST_EVERY), not from 1 s again.
     anon(8 << 20);
     sleep(2 * S).await;
+    assert_eq!(scratch.knobs(), (1, pages(4 << 20, 100), 10), "no check 2 s after the step");
+    sleep(kata_ksm_throttler::core::policy::RESIZE_AT_MOST_EVERY).await;
     assert_eq!(scratch.knobs(), (1, pages(8 << 20, 100), 10));
     r.shut_down().await;
     assert_eq!(scratch.knobs(), (0, 100, 20), "restored on exit");

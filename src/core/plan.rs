@@ -158,6 +158,28 @@ pub fn plan(have: &Knobs, want: &Target) -> Plan {
     Plan { writes, after: now }
 }
 
+/// The writes that put `want` in force when the knobs in force cannot be read (a knob left
+/// empty or unreadable): every knob of it, in the same order of safety as [`plan`] (an advisor
+/// off first and back last, ksmd paused while its scan knobs change, `run` last).
+pub fn plan_blind(want: &Target) -> Vec<Write> {
+    let mut writes = vec![];
+    let advisor_back = want.advisor_mode.as_ref().filter(|a| *a != ADVISOR_NONE);
+    if want.advisor_mode.is_some() {
+        writes.push(Write::AdvisorMode(ADVISOR_NONE.into()));
+    }
+    // Paused only where the target says how to start it again.
+    let scan = want.pages_to_scan.is_some() || want.sleep_millisecs.is_some();
+    if scan && want.run.is_some() {
+        writes.push(Write::Run(0));
+    }
+    writes.extend(want.pages_to_scan.map(Write::PagesToScan));
+    writes.extend(want.sleep_millisecs.map(Write::SleepMillisecs));
+    writes.extend(want.smart_scan.map(Write::SmartScan));
+    writes.extend(want.run.map(Write::Run));
+    writes.extend(advisor_back.cloned().map(Write::AdvisorMode));
+    writes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +333,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_blind_plan_writes_every_knob_in_the_safe_order() {
+        let saved = Knobs { advisor_mode: Some("scan-time".into()), smart_scan: Some(1), ..knobs(1, 300, 20) };
+        assert_eq!(
+            plan_blind(&Target::from(&saved)),
+            vec![
+                AdvisorMode("none".into()),
+                Run(0),
+                PagesToScan(300),
+                SleepMillisecs(20),
+                SmartScan(1),
+                Run(1),
+                AdvisorMode("scan-time".into())
+            ]
+        );
+        let plain = knobs(0, 100, 20);
+        assert_eq!(plan_blind(&Target::from(&plain)), vec![Run(0), PagesToScan(100), SleepMillisecs(20), Run(0)]);
     }
 
     #[test]

@@ -139,6 +139,12 @@ impl Ksm {
         }
     }
 
+    /// Carries out `writes` in order, going on past a write that fails: for putting recorded
+    /// settings back when the knobs in force cannot even be read. Returns the failures.
+    pub fn execute_each(&self, writes: &[Write]) -> Vec<SysfsError> {
+        writes.iter().filter_map(|w| self.write(w.knob(), w.value()).err()).collect()
+    }
+
     /// Writes one attribute under the root.
     pub fn write(&self, name: &str, value: impl fmt::Display) -> Result<(), SysfsError> {
         let path = self.path(name);
