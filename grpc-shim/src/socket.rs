@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -83,10 +83,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error(path, "looking at the socket path")(e)),
     }
-    let listener = UnixListener::bind(path).map_err(io_error(path, "binding"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(io_error(path, "setting the socket's mode to 0660"))?;
-    Ok(listener)
+    // Created 0660 by bind itself: a chmod after it would leave a moment in which anyone who
+    // can search the folder connects (and kicks as root) under a loose umask. The umask is the
+    // process's; nothing else creates files while the shim starts.
+    let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(umask);
+    bound.map_err(io_error(path, "binding"))
 }
 
 /// The listening socket systemd passed, if it passed one to this process.
@@ -132,6 +135,20 @@ fn listen_fds(pid: Option<&OsStr>, fds: Option<&OsStr>) -> Result<Option<UnixLis
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_socket_is_created_0660_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ksm.sock");
+        let before = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0));
+        let bound = bind(&path);
+        rustix::process::umask(before);
+        let _listener = bound.expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660, "{mode:o}");
+        assert_eq!(rustix::process::umask(before), before, "the umask is put back");
+    }
 
     #[test]
     fn uris_are_paths_or_unix_urls() {
