@@ -1,8 +1,11 @@
 //! The test fixture: a real private `dbus-daemon` loaded with the project's own bus policy, the
 //! real daemon binary on a scratch sysfs directory, and a zbus client. Everything started here is
-//! ended by PID when the fixture is dropped, even when a test fails.
+//! ended by PID when the fixture is dropped, even when a test fails. The tests use the panicking
+//! functions; the `try_` ones under them return the error instead, for the shim's benchmark
+//! (`grpc-shim/benches/grpc.rs`, which includes this file too).
 #![allow(dead_code)]
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -27,21 +30,26 @@ pub const DAEMON: &str = match option_env!("CARGO_BIN_EXE_kata-ksm-throttler") {
 /// up to date, and never a stale binary left from an earlier build. `KSM_THROTTLER_DAEMON` names
 /// a ready-built one instead (e.g. to test an installed daemon).
 pub fn daemon_binary() -> PathBuf {
-    if let Some(path) = option_env!("CARGO_BIN_EXE_kata-ksm-throttler") {
-        return path.into();
-    }
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(build_daemon).clone()
+    try_daemon_binary().unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn build_daemon() -> PathBuf {
-    if let Some(path) = std::env::var_os("KSM_THROTTLER_DAEMON") {
-        return path.into();
+pub fn try_daemon_binary() -> io::Result<PathBuf> {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_kata-ksm-throttler") {
+        return Ok(path.into());
     }
-    // The test runs as <target>/<profile>/deps/<test>.
-    let exe = std::env::current_exe().expect("the test's executable");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>");
-    let target_dir = profile_dir.parent().expect("<target>");
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| build_daemon().map_err(|e| e.to_string())).clone().map_err(io::Error::other)
+}
+
+fn build_daemon() -> io::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KSM_THROTTLER_DAEMON") {
+        return Ok(path.into());
+    }
+    // The test (or benchmark) runs as <target>/<profile>/deps/<test>.
+    let exe = std::env::current_exe()?;
+    let layout = || io::Error::other(format!("{} is not in <target>/<profile>/deps", exe.display()));
+    let profile_dir = exe.parent().and_then(Path::parent).ok_or_else(layout)?;
+    let target_dir = profile_dir.parent().ok_or_else(layout)?;
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => "dev",
         Some(other) => other,
@@ -54,9 +62,11 @@ fn build_daemon() -> PathBuf {
         .arg("--target-dir")
         .arg(target_dir)
         .output()
-        .expect("run cargo");
-    assert!(out.status.success(), "building the daemon failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    profile_dir.join("kata-ksm-throttler")
+        .map_err(|e| io::Error::new(e.kind(), format!("running cargo to build the daemon: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!("building the daemon failed:\n{}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(profile_dir.join("kata-ksm-throttler"))
 }
 
 /// A file of the workspace: this package's, or its parent's for the members that include this file.
@@ -94,14 +104,17 @@ pub const ANON_KB: u64 = 4 * 1024 * 1024;
 
 impl Scratch {
     pub fn new() -> Scratch {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("ksm")).expect("mkdir");
+        Scratch::try_new().expect("scratch sysfs")
+    }
+
+    pub fn try_new() -> io::Result<Scratch> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir(dir.path().join("ksm"))?;
         for (name, value) in INITIAL {
-            std::fs::write(dir.path().join("ksm").join(name), value).expect("write knob");
+            std::fs::write(dir.path().join("ksm").join(name), value)?;
         }
-        std::fs::write(dir.path().join("meminfo"), format!("MemTotal: 24000000 kB\nAnonPages: {ANON_KB} kB\n"))
-            .expect("write meminfo");
-        Scratch { dir }
+        std::fs::write(dir.path().join("meminfo"), format!("MemTotal: 24000000 kB\nAnonPages: {ANON_KB} kB\n"))?;
+        Ok(Scratch { dir })
     }
 
     pub fn ksm(&self) -> PathBuf {
@@ -155,6 +168,10 @@ impl Daemon {
         Daemon::spawn_on(bus, &scratch.ksm(), &scratch.meminfo(), &scratch.state_dir(), extra, scratch)
     }
 
+    pub fn try_spawn(bus: &PrivateBus, scratch: &Scratch, extra: &[&str]) -> io::Result<Daemon> {
+        Daemon::try_spawn_on(bus, &scratch.ksm(), &scratch.meminfo(), &scratch.state_dir(), extra, scratch)
+    }
+
     /// The daemon on any sysfs root (the real one included); its log goes into `scratch`.
     pub fn spawn_on(
         bus: &PrivateBus,
@@ -164,9 +181,21 @@ impl Daemon {
         extra: &[&str],
         scratch: &Scratch,
     ) -> Daemon {
+        Daemon::try_spawn_on(bus, ksm, meminfo, state_dir, extra, scratch).expect("spawn daemon")
+    }
+
+    pub fn try_spawn_on(
+        bus: &PrivateBus,
+        ksm: &Path,
+        meminfo: &Path,
+        state_dir: &Path,
+        extra: &[&str],
+        scratch: &Scratch,
+    ) -> io::Result<Daemon> {
         let log = scratch.dir.path().join(format!("daemon-{}.log", std::process::id()));
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
-        let child = Command::new(daemon_binary())
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let binary = try_daemon_binary()?;
+        let child = Command::new(&binary)
             .arg("--bus")
             .arg(bus.address())
             .arg("--sysfs-root")
@@ -177,11 +206,11 @@ impl Daemon {
             .arg(state_dir)
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup"))
+            .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
-            .expect("spawn daemon");
-        Daemon { child: Some(child), log }
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", binary.display())))?;
+        Ok(Daemon { child: Some(child), log })
     }
 
     pub fn pid(&self) -> i32 {
@@ -238,12 +267,21 @@ pub async fn connect(bus: &PrivateBus) -> Connection {
 
 /// Waits (bounded) until the throttler owns its name on `conn`'s bus.
 pub async fn wait_for_name(conn: &Connection, daemon: &Daemon) {
-    let dbus = zbus::fdo::DBusProxy::new(conn).await.expect("dbus proxy");
+    try_wait_for_name(conn, daemon).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub async fn try_wait_for_name(conn: &Connection, daemon: &Daemon) -> io::Result<()> {
+    let bus_error = |e: &dyn std::fmt::Display| io::Error::other(format!("asking the bus for {BUS_NAME}: {e}"));
+    let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(|e| bus_error(&e))?;
+    let name = zbus::names::BusName::try_from(BUS_NAME).map_err(|e| bus_error(&e))?;
     let start = Instant::now();
-    while !dbus.name_has_owner(BUS_NAME.try_into().expect("name")).await.expect("NameHasOwner") {
-        assert!(start.elapsed() < Duration::from_secs(10), "daemon never took its name; log:\n{}", daemon.log_text());
+    while !dbus.name_has_owner(name.clone()).await.map_err(|e| bus_error(&e))? {
+        if start.elapsed() >= Duration::from_secs(10) {
+            return Err(io::Error::other(format!("daemon never took its name; log:\n{}", daemon.log_text())));
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(())
 }
 
 pub async fn proxy(conn: &Connection) -> KsmThrottlerProxy<'static> {

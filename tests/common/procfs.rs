@@ -1,5 +1,6 @@
 //! What /proc says about a process: memory, threads, context switches and CPU time. Shared by the
-//! robustness tests and the benchmark (`benches/throughput.rs` includes this file).
+//! robustness tests and the benchmarks (`benches/throughput.rs` and `grpc-shim/benches/grpc.rs`
+//! include this file).
 #![allow(dead_code)]
 
 use std::io;
