@@ -5,10 +5,11 @@
 //!   cargo bench --bench throughput                       # the full run (about 2 minutes)
 //!   cargo bench --bench throughput -- --smoke            # a few seconds, checks only correctness
 //!   cargo bench --bench throughput -- --json FILE        # where the JSON goes (target/throughput.json)
-//!   cargo bench --bench throughput -- --grpc-shim BIN    # also measure the gRPC shim binary
 //!   cargo bench --bench throughput -- --daemon BIN       # measure another build of the daemon
 //!   cargo bench --bench throughput -- --clients N        # N clients in the many-clients phase
 //!   cargo bench --bench throughput -- --hold 60s         # keep daemon A up after its phases
+//!
+//! The gRPC shim has a benchmark of its own: `cargo bench -p kata-ksm-throttler-grpc --bench grpc`.
 //!
 //! Nothing here touches the real /sys/kernel/mm/ksm.
 
@@ -81,7 +82,6 @@ impl Plan {
 struct Options {
     plan: Plan,
     json: PathBuf,
-    grpc_shim: Option<PathBuf>,
     /// Keep daemon A running this long after its phases, to look at it (gdb, perf, smaps).
     hold: Duration,
 }
@@ -95,18 +95,12 @@ fn daemon_bin() -> &'static str {
 }
 
 fn options() -> Result<Options> {
-    let mut o = Options {
-        plan: Plan::FULL,
-        json: PathBuf::from("target/throughput.json"),
-        grpc_shim: None,
-        hold: Duration::ZERO,
-    };
+    let mut o = Options { plan: Plan::FULL, json: PathBuf::from("target/throughput.json"), hold: Duration::ZERO };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--smoke" => o.plan = Plan::SMOKE,
             "--json" => o.json = args.next().context("--json needs a file")?.into(),
-            "--grpc-shim" => o.grpc_shim = Some(args.next().context("--grpc-shim needs the shim's binary")?.into()),
             "--daemon" => {
                 let bin = args.next().context("--daemon needs a binary")?;
                 DAEMON_BIN.set(bin).map_err(|_| anyhow!("--daemon given twice"))?;
@@ -116,7 +110,7 @@ fn options() -> Result<Options> {
             "--clients" => o.plan.many_clients = args.next().context("--clients needs a number")?.parse()?,
             "--bench" => {}
             other => {
-                bail!("unknown argument {other:?} (--smoke, --json FILE, --grpc-shim BIN, --daemon BIN, --clients N, --hold DURATION)")
+                bail!("unknown argument {other:?} (--smoke, --json FILE, --daemon BIN, --clients N, --hold DURATION)")
             }
         }
     }
@@ -595,19 +589,6 @@ async fn run() -> Result<()> {
 
     out.insert("activation".into(), activation(plan).await?);
 
-    // Beside the daemon when the workspace was built (`cargo build --release --workspace`).
-    let shim = opts.grpc_shim.clone().or_else(|| {
-        let beside = Path::new(daemon_bin()).with_file_name("kata-ksm-throttler-grpc");
-        beside.exists().then_some(beside)
-    });
-    match &shim {
-        Some(shim) => {
-            out.insert("grpc_shim".into(), json!(shim));
-            out.insert("grpc".into(), grpc::measure(shim, plan).await?);
-        }
-        None => println!("gRPC shim not measured: no kata-ksm-throttler-grpc beside the daemon (cargo build --release --workspace, or --grpc-shim BIN)"),
-    }
-
     out.insert("loadavg_after".into(), json!(std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()));
     let out = Value::Object(out);
     print!("{}", table(&out));
@@ -676,39 +657,6 @@ fn table(v: &Value) -> String {
         ),
         "",
     );
-    if v.get("grpc").is_some() {
-        row(
-            "gRPC shim Kick, kept connection",
-            format!(
-                "p50 {} µs, p99 {} µs, max {} µs, {} kicks/s",
-                n("/grpc/kept/p50_us"),
-                n("/grpc/kept/p99_us"),
-                n("/grpc/kept/max_us"),
-                n("/grpc/kept/per_sec")
-            ),
-            "p99 ≤ 600 µs",
-        );
-        row(
-            "gRPC shim Kick, new connection each",
-            format!(
-                "p50 {} µs, p99 {} µs, max {} µs",
-                n("/grpc/new_connection/p50_us"),
-                n("/grpc/new_connection/p99_us"),
-                n("/grpc/new_connection/max_us")
-            ),
-            "(original's kicker: 3.2 ms)",
-        );
-        row(
-            "gRPC shim footprint: fresh / after",
-            format!(
-                "RSS {:.2} / {:.2} MiB, {} threads",
-                mib("/grpc/shim_fresh/vm_rss_kib"),
-                mib("/grpc/shim_after/vm_rss_kib"),
-                n("/grpc/shim_after/threads")
-            ),
-            "",
-        );
-    }
     row(
         "sysfs writes by a storm of kicks",
         format!(
@@ -764,102 +712,4 @@ fn table(v: &Value) -> String {
         v["loadavg_after"].as_str().unwrap_or("")
     );
     s
-}
-
-/// The gRPC shim (`kata-ksm-throttler-grpc`) in front of a daemon of its own, driven by a
-/// plain HTTP/2 gRPC client (h2, as tonic uses) on its Unix socket.
-mod grpc {
-    use super::*;
-    use bytes::Bytes;
-    use h2::client::SendRequest;
-    use tokio::net::UnixStream;
-
-    /// The shim, ended by its PID when dropped.
-    struct Shim(Child);
-
-    impl Drop for Shim {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    async fn connect(socket: &Path) -> Result<SendRequest<Bytes>> {
-        let io = UnixStream::connect(socket).await.with_context(|| format!("connecting to {}", socket.display()))?;
-        let (client, conn) = h2::client::handshake(io).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(client)
-    }
-
-    /// One Kick: an empty protobuf message in a gRPC frame; OK is grpc-status 0.
-    async fn kick(client: &SendRequest<Bytes>) -> zbus::Result<()> {
-        call(client).await.map_err(|e| zbus::Error::Failure(format!("{e:#}")))
-    }
-
-    async fn call(client: &SendRequest<Bytes>) -> Result<()> {
-        let request = http::Request::post("http://localhost/ksm.KSMThrottler/Kick")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())?;
-        let mut client = client.clone().ready().await?;
-        let (response, mut stream) = client.send_request(request, false)?;
-        stream.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
-        let (parts, mut body) = response.await?.into_parts();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-        }
-        let trailers = body.trailers().await?.unwrap_or_default();
-        let status = trailers.get("grpc-status").or(parts.headers.get("grpc-status"));
-        ensure!(status.is_some_and(|s| s == "0"), "grpc-status {status:?}");
-        Ok(())
-    }
-
-    pub async fn measure(shim_bin: &Path, plan: Plan) -> Result<Value> {
-        let bus = start_bus(vec![])?;
-        let scratch = Scratch::new()?;
-        let daemon = Daemon::spawn(&bus, &scratch, &["--aggressive-duration", "1h"])?;
-        let conn = connect_bus(&bus).await?;
-        wait_for_name(&conn, &daemon).await?;
-        let socket = scratch.dir.path().join("ksm.sock");
-        let log = std::fs::File::create(scratch.dir.path().join("shim.log"))?;
-        let shim = Shim(
-            Command::new(shim_bin)
-                .arg("--bus")
-                .arg(bus.address())
-                .arg("--uri")
-                .arg(&socket)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", shim_bin.display()))?,
-        );
-        let start = Instant::now();
-        while !socket.exists() {
-            ensure!(start.elapsed() < Duration::from_secs(10), "the shim never made {}", socket.display());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let fresh = procfs::footprint(shim.0.id())?;
-        let client = connect(&socket).await?;
-        kick(&client).await?;
-        let kept = sequential(plan.single, || kick(&client)).await?;
-        let fresh_each = sequential(plan.single / 10, || async {
-            let client = connect(&socket).await.map_err(|e| zbus::Error::Failure(format!("{e:#}")))?;
-            kick(&client).await
-        })
-        .await?;
-        let after = procfs::footprint(shim.0.id())?;
-        let kicks = kick_count(&conn).await?;
-        ensure!(kicks as usize == 1 + plan.single + plan.single / 10, "the daemon counted {kicks} kicks");
-        drop(shim);
-        Ok(json!({
-            "kept": kept.json(),
-            "new_connection": fresh_each.json(),
-            "shim_fresh": footprint_json(fresh),
-            "shim_after": footprint_json(after),
-        }))
-    }
 }

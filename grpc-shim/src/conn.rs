@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 
-use crate::authority::{Bounds, Rewriter};
+use crate::authority_rewrite::{Bounds, Rewriter};
 
 /// "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", what every HTTP/2 client sends first.
 const PREFACE_LEN: usize = 24;

@@ -2,7 +2,7 @@
 //! HTTP/2 path `/ksm.KSMThrottler/Kick`) on a Unix socket, forwarded to `org.kata.KsmThrottler`
 //! on D-Bus, so existing Kata deployments keep working.
 
-pub mod authority;
+pub mod authority_rewrite;
 pub mod cli;
 pub mod conn;
 pub mod server;

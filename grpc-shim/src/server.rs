@@ -9,7 +9,7 @@ use std::time::Duration;
 use kata_ksm_throttler::client::kicker::{KickError, Kicker};
 use tonic::{Request, Response, Status};
 
-use crate::authority::Bounds;
+use crate::authority_rewrite::Bounds;
 use crate::conn;
 use crate::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
 

@@ -26,8 +26,13 @@ pub const EXIT_LIMIT: Duration = Duration::from_secs(10);
 /// into the same target folder and profile: a no-op when it is up to date, and never a stale
 /// binary left from an earlier build. [`DAEMON_VAR`] names a ready-built one instead.
 pub fn daemon_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| build_daemon().unwrap_or_else(|e| panic!("the daemon binary: {e}")))
+    try_daemon_binary().unwrap_or_else(|e| panic!("the daemon binary: {e}"))
+}
+
+/// [`daemon_binary`], returning why it could not be had (for the benchmarks).
+pub fn try_daemon_binary() -> Result<&'static Path, String> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT.get_or_init(build_daemon).as_deref().map_err(Clone::clone)
 }
 
 fn build_daemon() -> Result<PathBuf, String> {
@@ -70,9 +75,14 @@ impl Daemon {
     /// On `scratch`: its sysfs, meminfo and state folder, and no host configuration file
     /// (unless `extra` names one with `--config`).
     pub fn spawn(bus: &PrivateBus, scratch: &Scratch, extra: &[&str]) -> Daemon {
+        Daemon::try_spawn(bus, scratch, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Daemon::spawn`], returning why it could not start (for the benchmarks).
+    pub fn try_spawn(bus: &PrivateBus, scratch: &Scratch, extra: &[&str]) -> Result<Daemon, String> {
         let mut paths = if extra.contains(&"--config") { scratch.path_args() } else { scratch.args() };
         paths.extend(extra.iter().map(|s| s.to_string()));
-        Daemon::spawn_args(bus, &paths, scratch)
+        Daemon::try_spawn_args(bus, &paths, scratch)
     }
 
     /// On any sysfs root (the real one included); its log goes into `scratch`.
@@ -89,17 +99,17 @@ impl Daemon {
             args.extend([flag.to_owned(), path.display().to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Daemon::spawn_args(bus, &args, scratch)
+        Daemon::try_spawn_args(bus, &args, scratch).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn spawn_args(bus: &PrivateBus, args: &[String], scratch: &Scratch) -> Daemon {
+    fn try_spawn_args(bus: &PrivateBus, args: &[String], scratch: &Scratch) -> Result<Daemon, String> {
         // One log per test process: the daemons a test starts on one scratch follow each other in it.
         let log = scratch.path().join(format!("daemon-{}.log", std::process::id()));
-        let mut command = Command::new(daemon_binary());
+        let mut command = Command::new(try_daemon_binary()?);
         command.arg("--bus").arg(bus.address()).args(args);
         let process = Guarded::spawn_logged(&mut command, "kata-ksm-throttler", &log)
-            .unwrap_or_else(|e| panic!("starting the daemon: {e}"));
-        Daemon { process }
+            .map_err(|e| format!("starting the daemon: {e}"))?;
+        Ok(Daemon { process })
     }
 
     /// Its PID; panics once it has been reaped.

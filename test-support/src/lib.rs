@@ -24,6 +24,6 @@ pub mod writes;
 
 pub use bus::{connect, error_message, error_name, project_file, proxy, start_bus, start_bus_with};
 pub use child::Guarded;
-pub use daemon::{daemon_binary, setup, wait_for_name, Daemon, Setup};
+pub use daemon::{daemon_binary, setup, try_daemon_binary, wait_for_name, Daemon, Setup};
 pub use eventually::{eventually, eventually_blocking, eventually_some, eventually_some_blocking};
 pub use scratch::{expected, Scratch, ANON_KB};

@@ -1,19 +1,35 @@
-//! The `:authority` gRPC clients send on a Unix socket, made acceptable to h2.
+//! The `:authority` gRPC clients send on a Unix socket, made acceptable to h2: a workaround for
+//! hyperium/h2#487 (an open pull request, unmerged), named apart from the daemon's polkit
+//! `Authority` (`kata_ksm_throttler::bus::authorize`), which it has nothing to do with.
 //!
 //! On a Unix socket the authority means nothing, and clients fill it in as they please: the
 //! socket path (grpc-go with a custom dialer, as the original Kata clients dial
 //! `/var/run/kata-ksm-throttler/ksm.sock`; grpc-java), or its percent-encoding (gRPC C-core
 //! since 1.57: Python, C++, Ruby). h2 refuses both as malformed and resets every such call with
-//! PROTOCOL_ERROR (hyperium/h2#487, open). So the client's side of the connection passes through
-//! this rewriter before h2 reads it: every frame goes through unchanged, except header blocks,
-//! which are decoded (HPACK, with the client's dynamic table) and encoded again as plain literals
-//! with `:authority: localhost` in place of an authority h2 would refuse. h2's own decoder then
-//! never has a dynamic table entry, so the two tables cannot disagree.
+//! PROTOCOL_ERROR. So the client's side of the connection passes through this rewriter before h2
+//! reads it: every frame goes through unchanged, except header blocks, which are decoded (HPACK,
+//! with the client's dynamic table) and encoded again as plain literals with
+//! `:authority: localhost` in place of an authority h2 would refuse. h2's own decoder then never
+//! has a dynamic table entry, so the two tables cannot disagree.
 //!
 //! Pure: bytes in, bytes out. Anything that is not a well-formed HTTP/2 client stream is passed
 //! through untouched from where it stops making sense, for h2 to refuse as it would have.
+//!
+//! # When this file can be deleted
+//!
+//! When h2 releases the fix for hyperium/h2#487 and the tonic this crate builds with picks it up:
+//! a 0.4.x release of h2 is picked up by `cargo update -p h2` alone (tonic 0.14 and hyper 1 take
+//! h2 0.4), a 0.5 needs the tonic release that moves to it. The fix must accept both forms these
+//! clients send, the socket path and its percent-encoding (`acceptable_authorities_are_kept`
+//! below lists both); the PR as last revised accepts a path that exists on the machine, which
+//! covers grpc-go and grpc-java but not gRPC C-core. Then delete, together: this file, the
+//! [`Rewriter`] pass in `conn.rs` (h2 reads the socket again), the `Bounds` it takes in
+//! `server.rs` (`max_block`, `max_headers`), and the `loona-hpack` dependency. The proof stays in
+//! `grpc-shim/tests/grpc.rs`: its byte-compat tests of the old Kata clients (the original Go
+//! client's socket-path authority) must pass without this file, against the new h2.
 
 use http::uri::Authority;
+use loona_hpack::encoder::encode_integer;
 use loona_hpack::Decoder;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -282,26 +298,15 @@ fn frame_header(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32)
 /// A literal header field without indexing, with a literal name, no Huffman coding (RFC 7541 §6.2.2).
 fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.push(0x00);
-    integer(out, name.len(), 7, 0x00);
-    out.extend_from_slice(name);
-    integer(out, value.len(), 7, 0x00);
-    out.extend_from_slice(value);
+    string(out, name);
+    string(out, value);
 }
 
-/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1).
-fn integer(out: &mut Vec<u8>, mut value: usize, n: u32, first_bits: u8) {
-    let max = (1usize << n) - 1;
-    if value < max {
-        out.push(first_bits | value as u8);
-        return;
-    }
-    out.push(first_bits | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
+/// A string literal without Huffman coding (RFC 7541 §5.2): its length, an integer with a 7-bit
+/// prefix and the H bit clear (loona-hpack's encoder, §5.1), then the bytes.
+fn string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&encode_integer(s.len(), 7));
+    out.extend_from_slice(s);
 }
 
 #[cfg(test)]
@@ -320,8 +325,7 @@ mod tests {
     /// A literal with incremental indexing and an indexed name, as grpc-go sends `:authority`.
     fn indexed_name_literal(index: u8, value: &[u8]) -> Vec<u8> {
         let mut b = vec![0x40 | index];
-        integer(&mut b, value.len(), 7, 0);
-        b.extend_from_slice(value);
+        string(&mut b, value);
         b
     }
 
@@ -397,6 +401,21 @@ mod tests {
             assert_eq!(r.replaced, 2);
             // SETTINGS and DATA went through byte for byte.
             assert!(out.windows(14).any(|w| w == frame(0x0, END_STREAM, 1, &[0, 0, 0, 0, 0]).as_slice()));
+        }
+    }
+
+    #[test]
+    fn literals_are_encoded_byte_for_byte_as_before() {
+        // What the shim has always sent h2: 0x00, then each length on a 7-bit prefix (RFC 7541
+        // §5.1: 127 and over take continuation bytes), then the bytes.
+        let mut out = vec![];
+        literal(&mut out, b":authority", b"localhost");
+        assert_eq!(out, [&[0x00, 10][..], b":authority", &[9], b"localhost"].concat());
+        for (len, prefix) in [(126, &[126][..]), (127, &[0x7f, 0]), (200, &[0x7f, 73]), (1337, &[0x7f, 0xba, 9])] {
+            let value = vec![b'v'; len];
+            let mut out = vec![];
+            literal(&mut out, b"x", &value);
+            assert_eq!(out, [&[0x00, 1][..], b"x", prefix, &value].concat(), "{len}");
         }
     }
 

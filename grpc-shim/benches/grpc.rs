@@ -1,0 +1,336 @@
+//! The gRPC shim's benchmark: the release shim in front of the release daemon, on a private
+//! `dbus-daemon` and a scratch sysfs directory, driven by the tonic client of the shim's tests
+//! (the code generated from `proto/ksm.proto`) on its Unix socket. It prints a table and writes
+//! the same figures as JSON.
+//!
+//!   cargo bench -p kata-ksm-throttler-grpc --bench grpc                    # the full run (~15 s)
+//!   cargo bench -p kata-ksm-throttler-grpc --bench grpc -- --smoke         # a few seconds, for CI
+//!   cargo bench -p kata-ksm-throttler-grpc --bench grpc -- --json FILE     # where the JSON goes
+//!                                                                          # (<target>/grpc.json)
+//!
+//! The daemon is built as the shim's tests build it (the test-support crate: the same cargo,
+//! target folder and profile), or taken from `KSM_THROTTLER_DAEMON`. Nothing here touches the
+//! real /sys/kernel/mm/ksm.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
+use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
+use kata_ksm_throttler::names::BUS_NAME;
+use kata_ksm_throttler_grpc::proto::ksm_throttler_client::KsmThrottlerClient;
+use kata_ksm_throttler_test_support::eventually::until_some;
+use kata_ksm_throttler_test_support::{procfs, try_daemon_binary, Daemon, Scratch};
+use serde_json::{json, Value};
+use tokio::net::UnixStream;
+use tonic::transport::Channel;
+
+const SHIM: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler-grpc");
+
+/// How many calls: the figures of docs/performance.md, or a few seconds' worth for CI.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    smoke: bool,
+    /// Kicks over one kept connection.
+    kept: usize,
+    /// Kicks each on a connection of its own.
+    new_connection: usize,
+}
+
+impl Plan {
+    const FULL: Plan = Plan { smoke: false, kept: 20_000, new_connection: 2_000 };
+    const SMOKE: Plan = Plan { smoke: true, kept: 2_000, new_connection: 200 };
+}
+
+struct Options {
+    plan: Plan,
+    json: PathBuf,
+}
+
+fn options() -> Result<Options> {
+    let mut plan = Plan::FULL;
+    let mut json = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--smoke" => plan = Plan::SMOKE,
+            "--json" => json = Some(PathBuf::from(args.next().context("--json needs a file")?)),
+            // cargo bench passes --bench to harness-less benches.
+            "--bench" => {}
+            other => bail!("unknown argument {other:?} (--smoke, --json FILE)"),
+        }
+    }
+    let json = match json {
+        Some(path) => path,
+        // The bench runs as <target>/<profile>/deps/grpc-<hash>, from the shim's folder.
+        None => {
+            let exe = std::env::current_exe().context("the benchmark's executable")?;
+            let target = exe.ancestors().nth(3).with_context(|| format!("no target folder above {}", exe.display()))?;
+            target.join("grpc.json")
+        }
+    };
+    Ok(Options { plan, json })
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("grpc bench: cannot start a runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("grpc bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pieces: the shim process, the client, latency figures.
+
+/// The shim binary, ended by its PID when dropped.
+struct Shim {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Shim {
+    fn serve(bus: &PrivateBus, socket: &Path, log: PathBuf) -> Result<Shim> {
+        let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(SHIM)
+            .arg("--bus")
+            .arg(bus.address())
+            .arg("--uri")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {SHIM}"))?;
+        let mut shim = Shim { child, log };
+        // Until a connection to the socket is accepted.
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(status) = shim.child.try_wait()? {
+                bail!("the shim exited {status} before serving; log:\n{}", shim.log_text());
+            }
+            ensure!(start.elapsed() < Duration::from_secs(10), "no socket after 10 s; log:\n{}", shim.log_text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(shim)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tonic client on the Unix socket, plain HTTP/2, as in `tests/grpc.rs`.
+async fn client(socket: &Path) -> Result<KsmThrottlerClient<Channel>> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    Ok(KsmThrottlerClient::new(channel))
+}
+
+async fn kick(client: &mut KsmThrottlerClient<Channel>) -> Result<()> {
+    client.kick(()).await.context("Kick over gRPC")?;
+    Ok(())
+}
+
+/// Round-trip times of one phase and its wall time.
+struct Latencies {
+    samples: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Latencies {
+    fn new(mut samples: Vec<Duration>, wall: Duration) -> Self {
+        samples.sort_unstable();
+        Latencies { samples, wall }
+    }
+
+    fn quantile(&self, q: f64) -> Duration {
+        if self.samples.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.samples.len() as f64 * q).ceil() as usize).clamp(1, self.samples.len()) - 1;
+        self.samples[i]
+    }
+
+    fn json(&self) -> Value {
+        let us = |d: Duration| d.as_micros() as u64;
+        json!({
+            "calls": self.samples.len(),
+            "p50_us": us(self.quantile(0.50)),
+            "p99_us": us(self.quantile(0.99)),
+            "max_us": us(self.quantile(1.0)),
+            "per_sec": (self.samples.len() as f64 / self.wall.as_secs_f64().max(1e-9)).round(),
+            "wall_s": self.wall.as_secs_f64(),
+        })
+    }
+}
+
+/// `n` calls one after another, each timed.
+async fn sequential<F, Fut>(n: usize, mut call: F) -> Result<Latencies>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut samples = Vec::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        call().await.with_context(|| format!("call {} of {n}", i + 1))?;
+        samples.push(t.elapsed());
+    }
+    Ok(Latencies::new(samples, start.elapsed()))
+}
+
+fn footprint_json(f: procfs::Footprint) -> Value {
+    json!({ "vm_rss_kib": f.vm_rss_kib, "vm_hwm_kib": f.vm_hwm_kib, "threads": f.threads })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async fn run() -> Result<()> {
+    let opts = options()?;
+    let plan = opts.plan;
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+    let bus = PrivateBus::start(&BusConfig { policy_texts: vec![PROJECT_POLICY.into()], ..BusConfig::default() })
+        .context("starting a private dbus-daemon")?;
+    let scratch = Scratch::new().context("making the scratch sysfs")?;
+    // Aggressive lasts through every phase (one transition, on the first kick); no host config.
+    let daemon = Daemon::try_spawn(&bus, &scratch, &["--aggressive-duration", "1h"]).map_err(anyhow::Error::msg)?;
+    let conn = zbus::connection::Builder::address(bus.address()).build().await.context("connecting to the bus")?;
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await.context("the bus's own proxy")?;
+    let owned = async || dbus.name_has_owner(BUS_NAME.try_into().ok()?).await.ok().filter(|&yes| yes);
+    until_some(Duration::from_secs(20), "the daemon to take its name", owned)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", daemon.log_text()))?;
+    let daemon_bin = try_daemon_binary().map_err(anyhow::Error::msg)?;
+
+    let socket = scratch.path().join("ksm.sock");
+    let shim = Shim::serve(&bus, &socket, scratch.path().join("shim.log"))?;
+    println!("daemon pid {} (bus pid {}), shim pid {}", daemon.pid(), bus.pid(), shim.pid());
+    let fresh = procfs::footprint(shim.pid()).context("the shim's footprint")?;
+
+    let measured = async {
+        // The first kick moves to aggressive (sysfs writes, the state file's fsync): not timed.
+        let mut kept = client(&socket).await?;
+        kick(&mut kept).await.context("the first kick")?;
+        let kept = sequential(plan.kept, || {
+            let mut kept = kept.clone();
+            async move { kick(&mut kept).await }
+        })
+        .await
+        .context("kicks over a kept connection")?;
+        // Connect (HTTP/2 handshake included), kick, drop the connection.
+        let new_connection = sequential(plan.new_connection, || async { kick(&mut client(&socket).await?).await })
+            .await
+            .context("kicks on a new connection each")?;
+        Ok::<_, anyhow::Error>((kept, new_connection))
+    }
+    .await;
+    let (kept, new_connection) = measured.with_context(|| format!("shim log:\n{}", shim.log_text()))?;
+    let after = procfs::footprint(shim.pid()).context("the shim's footprint")?;
+
+    let proxy = KsmThrottlerProxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await?;
+    let kicks = proxy.kick_count().await.context("reading KickCount")?;
+    let expected = 1 + plan.kept + plan.new_connection;
+    ensure!(kicks as usize == expected, "the daemon counted {kicks} kicks, {expected} were sent");
+    ensure!(proxy.current_setting().await? == "aggressive", "the daemon is not aggressive after the kicks");
+    drop(shim);
+
+    let out = json!({
+        "smoke": plan.smoke,
+        "shim": SHIM,
+        "daemon": daemon_bin,
+        "client": "tonic (grpc-shim/tests/grpc.rs's generated client)",
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loadavg_before": load_before.trim(),
+        "loadavg_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "kicks_counted": kicks,
+        "kept": kept.json(),
+        "new_connection": new_connection.json(),
+        "shim_fresh": footprint_json(fresh),
+        "shim_after": footprint_json(after),
+    });
+    print!("{}", table(&out));
+    if let Some(dir) = opts.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&opts.json, serde_json::to_string_pretty(&out)? + "\n")
+        .with_context(|| format!("writing {}", opts.json.display()))?;
+    println!("JSON: {}", opts.json.display());
+    Ok(())
+}
+
+/// The figures and targets, one line each (the rows docs/performance.md has).
+fn table(v: &Value) -> String {
+    let n = |path: &str| v.pointer(path).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let mib = |path: &str| n(path) / 1024.0;
+    let lat = |p: &str, unit: &str| {
+        format!(
+            "p50 {} µs, p99 {} µs, max {} µs, {} {unit}/s",
+            n(&format!("{p}/p50_us")),
+            n(&format!("{p}/p99_us")),
+            n(&format!("{p}/max_us")),
+            n(&format!("{p}/per_sec"))
+        )
+    };
+    let mut s = String::new();
+    let mut row = |what: &str, measured: String, target: &str| {
+        let _ = writeln!(s, "| {what} | {measured} | {target} |");
+    };
+    row("figure", "measured".into(), "target");
+    row("---", "---".into(), "---");
+    row(&format!("gRPC shim Kick, kept connection ({})", n("/kept/calls")), lat("/kept", "kicks"), "p99 ≤ 600 µs");
+    row(
+        &format!("gRPC shim Kick, new connection each ({})", n("/new_connection/calls")),
+        lat("/new_connection", "kicks"),
+        "(original's kicker: 3.2 ms)",
+    );
+    row(
+        "gRPC shim footprint: fresh / after",
+        format!(
+            "RSS {:.2} / {:.2} MiB, HWM {:.2} MiB, {} threads",
+            mib("/shim_fresh/vm_rss_kib"),
+            mib("/shim_after/vm_rss_kib"),
+            mib("/shim_after/vm_hwm_kib"),
+            n("/shim_after/threads")
+        ),
+        "",
+    );
+    let _ = writeln!(
+        s,
+        "\nload average before: {}; after: {}",
+        v["loadavg_before"].as_str().unwrap_or(""),
+        v["loadavg_after"].as_str().unwrap_or("")
+    );
+    s
+}
