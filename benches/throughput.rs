@@ -33,16 +33,6 @@ use zbus::Connection;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler");
 
-/// The stock system bus allows 256 connections per uid; the 1,000-client phases need more.
-const BUS_LIMITS: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <limit name="max_completed_connections">4096</limit>
-  <limit name="max_incomplete_connections">4096</limit>
-  <limit name="max_connections_per_user">4096</limit>
-</busconfig>
-"#;
-
 /// How much of everything: the issue's counts, or a few seconds' worth for CI.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -197,7 +187,7 @@ fn signal(pid: u32, sig: Signal) -> Result<()> {
 
 fn start_bus(service_dirs: Vec<PathBuf>) -> Result<PrivateBus> {
     PrivateBus::start(&BusConfig {
-        policy_texts: vec![PROJECT_POLICY.into(), BUS_LIMITS.into()],
+        policy_texts: vec![PROJECT_POLICY.into(), kata_ksm_throttler_test_support::bus::MANY_CONNECTIONS.into()],
         service_dirs,
         ..BusConfig::default()
     })
@@ -692,7 +682,7 @@ fn table(v: &Value) -> String {
             n("/wakeups/step_due_after_s")
         ),
         format!("{} ({} preempted)", n("/wakeups/step_pending"), n("/wakeups/step_pending_involuntary")),
-        "1 per step",
+        "0 idle; a few per scheduled wake-up",
     );
     row(
         "cold start by D-Bus activation to first reply",
