@@ -162,6 +162,8 @@ pub struct Engine {
     stop_requested: bool,
     /// [`Engine::start`] has run.
     started: bool,
+    /// When to apply again a kick that failed (see [`Engine::retry_kick`]).
+    kick_retry: Option<Instant>,
     /// The deadline last shown and its wall-clock form, so that a deadline that has not moved
     /// reads as the same microsecond every time (converting it again jitters by a microsecond).
     shown_deadline: Cell<Option<(Instant, u64)>>,
@@ -196,6 +198,7 @@ impl Engine {
             idle: None,
             stop_requested: false,
             started: false,
+            kick_retry: None,
             shown_deadline: Cell::new(None),
         };
         (engine, Handle { commands: tx }, status_rx)
@@ -354,6 +357,7 @@ impl Engine {
                     None => break Ended::Shutdown,
                 },
                 () = sleep_until(wake) => self.on_wake(),
+                () = sleep_until(self.kick_retry) => self.retry_kick(),
                 () = sleep_until(idle_due) => self.on_idle(),
             }
         };
@@ -366,7 +370,7 @@ impl Engine {
     }
 
     fn at_rest(&self) -> bool {
-        self.saved.is_none() && self.policy.at_rest_in(self.config.mode)
+        self.saved.is_none() && self.kick_retry.is_none() && self.policy.at_rest_in(self.config.mode)
     }
 
     /// Restarts the idle clock: from now if at rest, else not running.
@@ -437,6 +441,18 @@ impl Engine {
                 self.kick_count += 1;
                 let before = self.policy.setting();
                 let result = self.step(|p, now| p.kick(now));
+                // A kick that could not be applied is not lost: it is tried again until it is
+                // (the caller still gets this error).
+                self.kick_retry = match &result {
+                    Err(e) => {
+                        tracing::error!(
+                            "the kick could not be applied, trying again in {}s: {e}",
+                            RETRY_AFTER.as_secs()
+                        );
+                        Some(now() + RETRY_AFTER)
+                    }
+                    Ok(()) => None,
+                };
                 // A kick that moved nothing (a storm, a pinned setting) still means new memory.
                 if result.is_ok() && self.policy.setting() == before {
                     if let Err(e) = self.resize_if_moved() {
@@ -473,6 +489,20 @@ impl Engine {
         self.publish();
         let _ = reply.send(result);
         None
+    }
+
+    /// A kick that failed (meminfo or sysfs unreadable, the record unwritable), applied again.
+    fn retry_kick(&mut self) {
+        self.kick_retry = None;
+        match self.step(|p, now| p.kick(now)) {
+            Ok(()) => tracing::info!("the kick that had failed is applied"),
+            Err(e) => {
+                tracing::error!("the kick still cannot be applied, trying again in {}s: {e}", RETRY_AFTER.as_secs());
+                self.kick_retry = Some(now() + RETRY_AFTER);
+            }
+        }
+        self.note_activity();
+        self.publish();
     }
 
     fn on_wake(&mut self) {

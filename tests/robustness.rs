@@ -602,3 +602,24 @@ async fn a_missing_knob_reads_as_an_error_naming_it_not_as_zero() {
     assert_eq!(s.proxy.current_setting().await.expect("serving"), "aggressive");
     s.scratch.set("pages_to_scan", "100\n");
 }
+
+/// Issue 14, item 6: a kick the throttler received is not lost when it cannot be applied (here
+/// meminfo has no AnonPages): the caller gets the specific error, and the kick is applied once it
+/// can be, without another call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_that_cannot_be_applied_is_applied_once_it_can() {
+    let s = setup(&[]).await;
+    std::fs::write(s.scratch.meminfo(), "MemTotal: 24000000 kB\n").expect("write");
+    let err = s.proxy.kick().await.expect_err("no AnonPages");
+    assert_eq!(error_name(&err), "org.kata.KsmThrottler.Error.Meminfo");
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "initial");
+    let fixed = Instant::now();
+    s.scratch.set_anon_kb(ANON_KB);
+    eventually(Duration::from_secs(20), "the kick applied without another call", async || {
+        s.proxy.current_setting().await.expect("get") == "aggressive"
+    })
+    .await;
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 1, "the one kick, retried");
+    eprintln!("the failed kick applied {:?} after meminfo was mended", fixed.elapsed());
+}

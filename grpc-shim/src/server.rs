@@ -99,9 +99,12 @@ impl KsmThrottler for Forwarder {
             Ok(()) => Ok(Response::new(())),
             Err(e @ KickError::Unreachable(_)) => Err(Status::unavailable(e.to_string())),
             Err(e @ KickError::Denied(_)) => Err(Status::permission_denied(e.to_string())),
+            // The throttler received the kick and keeps it to apply once it can (it retries);
+            // the original daemon never failed a Kick, and its Go trigger exits on an error, so
+            // old clients are answered OK. D-Bus callers still get the specific error.
             Err(e @ KickError::Failed { .. }) => {
-                tracing::warn!("{e}");
-                Err(Status::internal(e.to_string()))
+                tracing::warn!("{e}; answered OK, as the original throttler did: it retries the kick");
+                Ok(Response::new(()))
             }
         }
     }

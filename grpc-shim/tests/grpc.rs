@@ -120,6 +120,26 @@ async fn a_grpc_kick_makes_the_daemon_aggressive() {
     assert_eq!(s.proxy.kick_count().await.expect("get"), 6);
 }
 
+/// Issue 14, item 6: the original throttler never failed a Kick, and its Go trigger exits on an
+/// error: a kick the throttler received but could not apply (no AnonPages in meminfo) is answered
+/// OK over gRPC, and the throttler applies it once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_the_throttler_cannot_apply_yet_is_ok_for_old_clients_and_applied_later() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let shim = Shim::serve(s.bus.address(), &socket, &[]);
+    std::fs::write(s.scratch.meminfo(), "MemTotal: 24000000 kB\n").expect("write");
+    kick(&socket).await.expect("OK, as the original answered");
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "initial", "not applied yet");
+    assert!(shim.log_text().contains("answered OK"), "{}", shim.log_text());
+    s.scratch.set_anon_kb(kata_ksm_throttler_test_support::ANON_KB);
+    eventually(Duration::from_secs(20), "the kick applied once meminfo is back", async || {
+        s.proxy.current_setting().await.expect("get") == "aggressive"
+    })
+    .await;
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+}
+
 /// Reads a whole response body and its trailers.
 async fn read_body(mut body: h2::RecvStream) -> (Vec<u8>, http::HeaderMap) {
     let mut data = vec![];
