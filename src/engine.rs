@@ -597,6 +597,7 @@ impl Engine {
             self.restore_over(have, &format!("{} -> initial", t.from))?
         } else {
             if self.saved.is_none() {
+                self.warn_if_our_own(&have);
                 self.config.state.save(&have)?;
                 self.saved = Some(have.clone());
             }
@@ -616,6 +617,33 @@ impl Engine {
             t.cause
         );
         Ok(())
+    }
+
+    /// Knobs about to be recorded as the administrator's that look like one of the throttler's
+    /// own settings (ksmd running at a profile's pace and a size near the profile's) are most
+    /// likely a crashed instance's whose record was lost: they are recorded all the same (no one
+    /// can tell), but said loudly.
+    fn warn_if_our_own(&self, have: &Knobs) {
+        let Ok(anon) = meminfo::anon_pages(&self.config.meminfo, self.config.page_size) else { return };
+        let own = [Setting::Aggressive, Setting::Standard, Setting::Slow].into_iter().find(|&s| {
+            self.config.profiles.get(s).is_some_and(|p| {
+                let pages = p.pages_to_scan(anon);
+                have.run == 1
+                    && have.sleep_millisecs == u64::from(p.sleep_millisecs)
+                    && have.pages_to_scan >= pages / 2
+                    && have.pages_to_scan <= pages.saturating_mul(2)
+            })
+        });
+        if let Some(setting) = own {
+            tracing::warn!(
+                run = have.run,
+                pages_to_scan = have.pages_to_scan,
+                sleep_millisecs = have.sleep_millisecs,
+                "the KSM settings found look like this throttler's own {setting} setting: an instance may \
+                 have stopped without its record. They are recorded as the administrator's and will be \
+                 put back as such; if they are not, set the intended ones by hand after the cycle"
+            );
+        }
     }
 
     /// Writes `setting` (a throttling one, or `off`) over the knobs `have`, sized on AnonPages as
@@ -678,7 +706,16 @@ impl Engine {
     fn restore_over(&mut self, have: Knobs, why: &str) -> Result<Knobs, EngineError> {
         let Some(saved) = self.saved.clone() else { return Ok(have) };
         let now = self.config.ksm.execute(&plan(&have, &self.target_for(Setting::Initial, None)))?;
-        self.config.state.remove()?;
+        // The knobs are back: a record that cannot be removed (a read-only or full state folder)
+        // must not make the timeline flap between the originals and the last setting. It is said
+        // loudly, since a later start would put these values back over any made by hand since.
+        if let Err(e) = self.config.state.remove() {
+            tracing::error!(
+                path = %self.config.state.path().display(),
+                "the initial KSM settings are back, but their record cannot be removed ({e}): a later \
+                 start would put them back over any setting made by hand since; remove it by hand"
+            );
+        }
         tracing::info!(
             run = saved.run,
             pages_to_scan = saved.pages_to_scan,

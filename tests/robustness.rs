@@ -623,3 +623,49 @@ async fn a_kick_that_cannot_be_applied_is_applied_once_it_can() {
     assert_eq!(s.proxy.kick_count().await.expect("get"), 1, "the one kick, retried");
     eprintln!("the failed kick applied {:?} after meminfo was mended", fixed.elapsed());
 }
+
+/// Issue 14, item 4: a record that cannot be removed (here its folder made immutable mid-cycle)
+/// after the knobs are back does not make the timeline flap between the originals and the last
+/// setting; it is said loudly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_cannot_be_removed_does_not_make_the_timeline_flap() {
+    let fast = ["--aggressive-duration", "300ms", "--standard-duration", "300ms", "--slow-duration", "300ms"];
+    let s = setup(&fast).await;
+    s.proxy.kick().await.expect("kick");
+    assert!(state_file(&s.scratch).exists());
+    let frozen = Immutable::set(&s.scratch.state_dir());
+    eventually(Duration::from_secs(20), "the cycle back to initial", async || {
+        s.proxy.current_setting().await.expect("get") == "initial"
+    })
+    .await;
+    assert_eq!(s.scratch.knobs(), (0, 100, 20), "the originals are back");
+    let mut writes = WriteWatch::new(&s.scratch.ksm()).expect("inotify");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(writes.writes().expect("inotify").files_written(), 0, "no flapping:\n{}", s.daemon.log_text());
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "initial");
+    assert!(s.daemon.log_text().contains("cannot be removed"), "{}", s.daemon.log_text());
+    drop(frozen);
+}
+
+/// Issue 14, item 4: knobs found at the start of a cycle that look like the throttler's own
+/// aggressive setting (a crashed instance whose record was lost) are said loudly, not silently
+/// taken as the administrator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knobs_that_look_like_our_own_setting_are_said_loudly_when_recorded() {
+    let s = setup(&[]).await;
+    let (_, pages, _) = expected(10, 1);
+    s.scratch.set("run", "1\n");
+    s.scratch.set("pages_to_scan", format!("{}\n", pages + 3));
+    s.scratch.set("sleep_millisecs", "1\n");
+    s.proxy.kick().await.expect("kick");
+    assert!(
+        s.daemon.log_text().contains("look like this throttler's own aggressive setting"),
+        "{}",
+        s.daemon.log_text()
+    );
+
+    // The administrator's own values are recorded without a word.
+    let t = setup(&[]).await;
+    t.proxy.kick().await.expect("kick");
+    assert!(!t.daemon.log_text().contains("look like this throttler's own"), "{}", t.daemon.log_text());
+}
