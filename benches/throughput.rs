@@ -27,6 +27,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use kata_ksm_throttler_test_support::bench::Latencies;
 use rustix::process::{kill_process, Pid, Signal};
 use serde_json::{json, Value};
 use zbus::Connection;
@@ -108,20 +109,7 @@ fn options() -> Result<Options> {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("throughput: cannot start a runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("throughput: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    kata_ksm_throttler_test_support::bench::main("throughput", || async { run().await.map_err(|e| format!("{e:#}")) })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,43 +212,6 @@ async fn current_setting(conn: &Connection) -> Result<String> {
     Ok(proxy(conn).await?.current_setting().await?)
 }
 
-/// Round-trip times of one phase and its wall time.
-#[derive(Debug, Clone)]
-struct Latencies {
-    samples: Vec<Duration>,
-    wall: Duration,
-}
-
-impl Latencies {
-    fn new(mut samples: Vec<Duration>, wall: Duration) -> Self {
-        samples.sort_unstable();
-        Latencies { samples, wall }
-    }
-
-    fn quantile(&self, q: f64) -> Duration {
-        if self.samples.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((self.samples.len() as f64 * q).ceil() as usize).clamp(1, self.samples.len()) - 1;
-        self.samples[i]
-    }
-
-    fn per_sec(&self) -> f64 {
-        self.samples.len() as f64 / self.wall.as_secs_f64().max(1e-9)
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "calls": self.samples.len(),
-            "p50_us": us(self.quantile(0.50)),
-            "p99_us": us(self.quantile(0.99)),
-            "max_us": us(self.quantile(1.0)),
-            "per_sec": self.per_sec().round(),
-            "wall_s": self.wall.as_secs_f64(),
-        })
-    }
-}
-
 fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
@@ -290,22 +241,6 @@ impl Cpu {
 
 // ---------------------------------------------------------------------------------------------
 // The phases.
-
-/// `n` calls made one after another over one kept connection.
-async fn sequential<F, Fut>(n: usize, mut call: F) -> Result<Latencies>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = zbus::Result<()>>,
-{
-    let mut samples = Vec::with_capacity(n);
-    let start = Instant::now();
-    for _ in 0..n {
-        let t = Instant::now();
-        call().await?;
-        samples.push(t.elapsed());
-    }
-    Ok(Latencies::new(samples, start.elapsed()))
-}
 
 /// `clients` connections, opened first, then kicking `each` times all at once.
 async fn concurrent(bus: &PrivateBus, clients: usize, each: usize) -> Result<(Latencies, Duration)> {
@@ -411,7 +346,7 @@ async fn activation(plan: Plan) -> Result<Value> {
     let first = samples[0];
     let lat = Latencies::new(samples, Duration::from_secs(1));
     Ok(json!({
-        "starts": lat.samples.len(),
+        "starts": lat.len(),
         "first_ms": ms(first),
         "p50_ms": ms(lat.quantile(0.5)),
         "max_ms": ms(lat.quantile(1.0)),
@@ -486,13 +421,13 @@ async fn run() -> Result<()> {
     kick(&conn_a).await?;
     let first_kick = t.elapsed();
     let cpu = Cpu::start(a.pid(), bus_a.pid())?;
-    let single = sequential(plan.single, || kick(&conn_a)).await?;
+    let single = Latencies::sequential(plan.single, || kick(&conn_a)).await?;
     out.insert("first_kick_us".into(), json!(us(first_kick)));
     out.insert("kick_1_client".into(), json!({ "latency": single.json(), "cpu_per_call": cpu.per_call(plan.single)? }));
 
     // Where the time goes: the bus alone (GetId, answered by dbus-daemon), the bus and the
     // daemon's D-Bus layer (Peer.Ping, answered by zbus), then the whole Kick.
-    let get_id = sequential(plan.single / 2, || async {
+    let get_id = Latencies::sequential(plan.single / 2, || async {
         conn_a
             .call_method(
                 Some("org.freedesktop.DBus"),
@@ -505,7 +440,7 @@ async fn run() -> Result<()> {
             .map(drop)
     })
     .await?;
-    let ping = sequential(plan.single / 2, || async {
+    let ping = Latencies::sequential(plan.single / 2, || async {
         conn_a.call_method(Some(BUS_NAME), OBJECT_PATH, Some("org.freedesktop.DBus.Peer"), "Ping", &()).await.map(drop)
     })
     .await?;
@@ -529,7 +464,7 @@ async fn run() -> Result<()> {
     let cpu = Cpu::start(a.pid(), bus_a.pid())?;
     let (many, open_time) = concurrent(&bus_a, plan.many_clients, plan.many_each).await?;
     let many_calls = plan.many_clients * plan.many_each;
-    ensure!(many.samples.len() == many_calls, "{} of {many_calls} calls answered", many.samples.len());
+    ensure!(many.len() == many_calls, "{} of {many_calls} calls answered", many.len());
     out.insert(
         "kick_many_clients".into(),
         json!({

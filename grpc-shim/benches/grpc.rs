@@ -22,6 +22,7 @@ use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 use kata_ksm_throttler::names::BUS_NAME;
 use kata_ksm_throttler_grpc::proto::ksm_throttler_client::KsmThrottlerClient;
+use kata_ksm_throttler_test_support::bench::Latencies;
 use kata_ksm_throttler_test_support::eventually::until_some;
 use kata_ksm_throttler_test_support::{procfs, try_daemon_binary, Daemon, Scratch};
 use serde_json::{json, Value};
@@ -76,20 +77,7 @@ fn options() -> Result<Options> {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("grpc bench: cannot start a runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("grpc bench: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    kata_ksm_throttler_test_support::bench::main("grpc bench", || async { run().await.map_err(|e| format!("{e:#}")) })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,55 +149,6 @@ async fn kick(client: &mut KsmThrottlerClient<Channel>) -> Result<()> {
     Ok(())
 }
 
-/// Round-trip times of one phase and its wall time.
-struct Latencies {
-    samples: Vec<Duration>,
-    wall: Duration,
-}
-
-impl Latencies {
-    fn new(mut samples: Vec<Duration>, wall: Duration) -> Self {
-        samples.sort_unstable();
-        Latencies { samples, wall }
-    }
-
-    fn quantile(&self, q: f64) -> Duration {
-        if self.samples.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((self.samples.len() as f64 * q).ceil() as usize).clamp(1, self.samples.len()) - 1;
-        self.samples[i]
-    }
-
-    fn json(&self) -> Value {
-        let us = |d: Duration| d.as_micros() as u64;
-        json!({
-            "calls": self.samples.len(),
-            "p50_us": us(self.quantile(0.50)),
-            "p99_us": us(self.quantile(0.99)),
-            "max_us": us(self.quantile(1.0)),
-            "per_sec": (self.samples.len() as f64 / self.wall.as_secs_f64().max(1e-9)).round(),
-            "wall_s": self.wall.as_secs_f64(),
-        })
-    }
-}
-
-/// `n` calls one after another, each timed.
-async fn sequential<F, Fut>(n: usize, mut call: F) -> Result<Latencies>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    let mut samples = Vec::with_capacity(n);
-    let start = Instant::now();
-    for i in 0..n {
-        let t = Instant::now();
-        call().await.with_context(|| format!("call {} of {n}", i + 1))?;
-        samples.push(t.elapsed());
-    }
-    Ok(Latencies::new(samples, start.elapsed()))
-}
-
 fn footprint_json(f: procfs::Footprint) -> Value {
     json!({ "vm_rss_kib": f.vm_rss_kib, "vm_hwm_kib": f.vm_hwm_kib, "threads": f.threads })
 }
@@ -243,16 +182,17 @@ async fn run() -> Result<()> {
         // The first kick moves to aggressive (sysfs writes, the state file's fsync): not timed.
         let mut kept = client(&socket).await?;
         kick(&mut kept).await.context("the first kick")?;
-        let kept = sequential(plan.kept, || {
+        let kept = Latencies::sequential(plan.kept, || {
             let mut kept = kept.clone();
             async move { kick(&mut kept).await }
         })
         .await
         .context("kicks over a kept connection")?;
         // Connect (HTTP/2 handshake included), kick, drop the connection.
-        let new_connection = sequential(plan.new_connection, || async { kick(&mut client(&socket).await?).await })
-            .await
-            .context("kicks on a new connection each")?;
+        let new_connection =
+            Latencies::sequential(plan.new_connection, || async { kick(&mut client(&socket).await?).await })
+                .await
+                .context("kicks on a new connection each")?;
         Ok::<_, anyhow::Error>((kept, new_connection))
     }
     .await;

@@ -11,6 +11,7 @@
 //! - [`writes`]: sysfs writes counted with inotify;
 //! - [`real_ksm`] and [`switch`]: the real KSM's lock, and the environment switches.
 
+pub mod bench;
 pub mod bus;
 pub mod child;
 pub mod daemon;
