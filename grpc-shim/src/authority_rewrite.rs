@@ -89,6 +89,8 @@ pub struct Rewriter {
     block: Option<Block>,
     /// How many `:authority` values were replaced.
     pub replaced: u64,
+    /// How many HEADERS frames (requests, or trailers) came in: the connection's activity.
+    pub headers_seen: u64,
 }
 
 impl Rewriter {
@@ -96,7 +98,7 @@ impl Rewriter {
         let mut decoder = Decoder::new();
         // The client's encoder may use at most the table size h2 allows it: the default.
         decoder.set_max_allowed_table_size(4096);
-        Rewriter { state: State::Preface, bounds, decoder, input: vec![], block: None, replaced: 0 }
+        Rewriter { state: State::Preface, bounds, decoder, input: vec![], block: None, replaced: 0, headers_seen: 0 }
     }
 
     /// Takes bytes read from the client; appends what h2 should read to `out`.
@@ -166,6 +168,7 @@ impl Rewriter {
         let payload = &frame[FRAME_HEADER_LEN..];
         match (kind, &mut self.block) {
             (HEADERS, None) => {
+                self.headers_seen += 1;
                 let Some((priority, fragment)) = headers_fragment(flags, payload) else {
                     // Malformed padding or priority: h2's to refuse.
                     self.input.splice(0..0, frame);

@@ -18,7 +18,7 @@ use crate::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
 /// rewritten, two 4 KiB HPACK tables and h2's buffers.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Open connections at once; more wait in the listen backlog until one closes.
+    /// Open connections at once; when all are taken, a new one closes the one idle the longest.
     pub max_connections: usize,
     /// A peer must send the HTTP/2 preface within this, or is dropped.
     pub handshake_timeout: Duration,
@@ -86,7 +86,9 @@ impl Forwarder {
 
 #[tonic::async_trait]
 impl KsmThrottler for Forwarder {
-    async fn kick(&self, _request: Request<()>) -> Result<Response<()>, Status> {
+    async fn kick(&self, request: Request<()>) -> Result<Response<()>, Status> {
+        // The connection is busy until the call ends: not the one closed to make room.
+        let _busy = request.extensions().get::<conn::ConnInfo>().map(conn::ConnInfo::call);
         let result = self.kicker.kick().await;
         let reachable = !matches!(result, Err(KickError::Unreachable(_)));
         if self.reachable.swap(reachable, Ordering::Relaxed) != reachable {
