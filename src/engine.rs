@@ -324,8 +324,7 @@ impl Engine {
         } else {
             // In force already; applied again so that what the bus shows is what is in force
             // even if something touched KSM in between.
-            let have = self.config.ksm.read()?;
-            self.put_in_force(&have, self.policy.setting())?;
+            self.put_in_force_now(self.policy.setting())?;
         }
         Ok(true)
     }
@@ -441,18 +440,8 @@ impl Engine {
                 self.kick_count += 1;
                 let before = self.policy.setting();
                 let result = self.step(|p, now| p.kick(now));
-                // A kick that could not be applied is not lost: it is tried again until it is
-                // (the caller still gets this error).
-                self.kick_retry = match &result {
-                    Err(e) => {
-                        tracing::error!(
-                            "the kick could not be applied, trying again in {}s: {e}",
-                            RETRY_AFTER.as_secs()
-                        );
-                        Some(now() + RETRY_AFTER)
-                    }
-                    Ok(()) => None,
-                };
+                // A kick that could not be applied is not lost (the caller still gets this error).
+                self.retry_kick_if_failed(&result);
                 // A kick that moved nothing (a storm, a pinned setting) still means new memory.
                 if result.is_ok() && self.policy.setting() == before {
                     if let Err(e) = self.resize_if_moved() {
@@ -468,11 +457,7 @@ impl Engine {
                 // the mode adds differs. The mode has changed by now, so a failure here is logged,
                 // not returned.
                 if result.is_ok() && self.policy.setting() == setting && self.saved.is_some() {
-                    let written = self.config.ksm.read().map_err(EngineError::from).and_then(|have| {
-                        let sized_on = self.sized_on;
-                        self.put_sized(&have, setting, sized_on)
-                    });
-                    if let Err(e) = written {
+                    if let Err(e) = self.put_sized_now(setting, self.sized_on) {
                         tracing::error!(mode = %mode, "{setting} under the new mode: {e}");
                     }
                 }
@@ -493,16 +478,21 @@ impl Engine {
 
     /// A kick that failed (meminfo or sysfs unreadable, the record unwritable), applied again.
     fn retry_kick(&mut self) {
-        self.kick_retry = None;
-        match self.step(|p, now| p.kick(now)) {
-            Ok(()) => tracing::info!("the kick that had failed is applied"),
-            Err(e) => {
-                tracing::error!("the kick still cannot be applied, trying again in {}s: {e}", RETRY_AFTER.as_secs());
-                self.kick_retry = Some(now() + RETRY_AFTER);
-            }
+        let result = self.step(|p, now| p.kick(now));
+        if result.is_ok() {
+            tracing::info!("the kick that had failed is applied");
         }
+        self.retry_kick_if_failed(&result);
         self.note_activity();
         self.publish();
+    }
+
+    /// A kick that could not be applied is tried again [`RETRY_AFTER`] later, until it is.
+    fn retry_kick_if_failed(&mut self, result: &Result<(), EngineError>) {
+        self.kick_retry = result.as_ref().err().map(|e| {
+            tracing::error!("the kick could not be applied, trying again in {}s: {e}", RETRY_AFTER.as_secs());
+            now() + RETRY_AFTER
+        });
     }
 
     fn on_wake(&mut self) {
@@ -563,9 +553,7 @@ impl Engine {
                 // A step that failed half-way may have paused ksmd (run=0) or changed one scan
                 // knob of two: put the setting in force back, so what is shown is what runs.
                 let setting = self.policy.setting();
-                if let Err(e) =
-                    self.config.ksm.read().map_err(EngineError::from).and_then(|have| self.put_in_force(&have, setting))
-                {
+                if let Err(e) = self.put_in_force_now(setting) {
                     tracing::error!(setting = %setting, "putting the setting in force back: {e}");
                 }
             }
@@ -582,8 +570,7 @@ impl Engine {
         self.config.durations = durations;
         tracing::info!("configuration reloaded");
         if changed {
-            let have = self.config.ksm.read()?;
-            self.put_in_force(&have, setting)?;
+            self.put_in_force_now(setting)?;
             tracing::info!(setting = %setting, "new profile applied to the setting in force");
         }
         Ok(())
@@ -646,6 +633,18 @@ impl Engine {
         }
     }
 
+    /// [`Self::put_sized`] over the knobs as they are read now.
+    fn put_sized_now(&mut self, setting: Setting, anon: Option<u64>) -> Result<Knobs, EngineError> {
+        let have = self.config.ksm.read()?;
+        self.put_sized(&have, setting, anon)
+    }
+
+    /// [`Self::put_in_force`] over the knobs as they are read now.
+    fn put_in_force_now(&mut self, setting: Setting) -> Result<Knobs, EngineError> {
+        let have = self.config.ksm.read()?;
+        self.put_in_force(&have, setting)
+    }
+
     /// Writes `setting` (a throttling one, or `off`) over the knobs `have`, sized on AnonPages as
     /// it is now; returns the knobs in force.
     fn put_in_force(&mut self, have: &Knobs, setting: Setting) -> Result<Knobs, EngineError> {
@@ -676,8 +675,7 @@ impl Engine {
         if !resize_needed(sized_on, anon) {
             return Ok(false);
         }
-        let have = self.config.ksm.read()?;
-        self.put_sized(&have, setting, Some(anon))?;
+        self.put_sized_now(setting, Some(anon))?;
         tracing::info!(
             setting = %setting,
             anon_pages_before = sized_on,

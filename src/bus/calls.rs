@@ -121,7 +121,7 @@ impl CallTracker {
     }
 
     fn finished(self: &Arc<Self>, id: CallId) {
-        let mut schedule = false;
+        let mut burst_over = false;
         self.calls.send_modify(|c| {
             if !c.routed.remove(&id) {
                 if c.finished_early.len() >= FINISHED_EARLY_MAX {
@@ -130,27 +130,19 @@ impl CallTracker {
                 c.finished_early.insert(id);
             }
             c.finished += 1;
-            if c.routed.is_empty() && c.peak >= heap::BURST && !c.trim_pending {
-                c.trim_pending = true;
-                schedule = true;
-            }
+            burst_over = c.routed.is_empty() && c.peak >= heap::BURST;
         });
-        // After the burst, not on a timer: one wake-up per burst and none while idle. Not from
-        // inside this call, whose task and the others' queued replies are not freed yet
-        // (trimming here left 1.4 MiB that a later trim released); and only once the callers
-        // have stayed away for a while, as 1,000 clients empty the queue now and then mid-burst
-        // (a trim then, and none at the end, left up to 4 MiB in one run of three).
-        if schedule {
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(Arc::clone(self).trim_when_quiet());
-                }
-                Err(_) => self.trim_now(),
-            }
+        if burst_over {
+            self.schedule_trim();
         }
     }
 
-    /// A trim once callers have stayed away for a while, unless one is already waiting.
+    /// A trim once callers have stayed away for a while, unless one is already waiting. After
+    /// the burst (or the huge message), not on a timer: one wake-up per burst and none while
+    /// idle. Not from inside the call that ended it, whose task and the others' queued replies
+    /// are not freed yet (trimming there left 1.4 MiB that a later trim released); and only once
+    /// the callers have stayed away for a while, as 1,000 clients empty the queue now and then
+    /// mid-burst (a trim then, and none at the end, left up to 4 MiB in one run of three).
     fn schedule_trim(self: &Arc<Self>) {
         let mut schedule = false;
         self.calls.send_if_modified(|c| {
@@ -159,7 +151,12 @@ impl CallTracker {
             false
         });
         if schedule {
-            tokio::spawn(Arc::clone(self).trim_when_quiet());
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(Arc::clone(self).trim_when_quiet());
+                }
+                Err(_) => self.trim_now(),
+            }
         }
     }
 

@@ -70,13 +70,13 @@ impl Ksm {
     }
 
     pub fn read(&self) -> Result<Knobs, SysfsError> {
-        let run = self.read_number(RUN)?;
+        let run = self.read_knob(RUN)?;
         let run =
             u8::try_from(run).map_err(|_| SysfsError::Parse { path: self.path(RUN), content: run.to_string() })?;
         Ok(Knobs {
             run,
-            pages_to_scan: self.read_number(PAGES_TO_SCAN)?,
-            sleep_millisecs: self.read_number(SLEEP_MILLISECS)?,
+            pages_to_scan: self.read_knob(PAGES_TO_SCAN)?,
+            sleep_millisecs: self.read_knob(SLEEP_MILLISECS)?,
             advisor_mode: self.read_advisor()?,
             smart_scan: self.read_smart_scan()?,
         })
@@ -102,10 +102,6 @@ impl Ksm {
 
     /// One of the knobs every KSM kernel has (`run`, `pages_to_scan`, `sleep_millisecs`).
     pub fn read_knob(&self, name: &str) -> Result<u64, SysfsError> {
-        self.read_number(name)
-    }
-
-    fn read_number(&self, name: &str) -> Result<u64, SysfsError> {
         let path = self.path(name);
         let s = small_file::read(&path).map_err(|source| SysfsError::Read { path: path.clone(), source })?;
         s.trim().parse().map_err(|_| SysfsError::Parse { path, content: s })
