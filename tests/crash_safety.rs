@@ -88,6 +88,7 @@ async fn kill_9_at_a_hundred_random_instants_and_every_restart_restores_the_orig
                 daemon.log_text()
             );
             assert!(!scratch.state_dir().join("initial-settings.json").exists(), "cycle {cycle}: record left");
+            assert!(!scratch.state_dir().join("initial-settings.backup.json").exists(), "cycle {cycle}: backup left");
             checked += 1;
 
             // Drive it for a random while, killed at a random instant of it.
@@ -204,4 +205,40 @@ async fn a_knob_left_empty_by_a_crash_is_restored_with_the_rest() {
     assert_eq!(proxy(&conn).await.current_setting().await.expect("serving"), "initial");
     assert!(daemon.log_text().contains("writing every recorded knob"), "{}", daemon.log_text());
     assert!(daemon.terminate().success());
+}
+
+/// Issue 14, item 4: the record deleted (or damaged) mid-cycle, then a crash: the successor
+/// restores the administrator's settings from the record's backup, not the dead instance's
+/// aggressive knobs taken for "initial".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_deleted_or_damaged_mid_cycle_then_a_crash_still_restores_the_originals() {
+    let bus = start_bus();
+    let conn = connect(&bus).await;
+    let p = proxy(&conn).await;
+    for damage in ["deleted", "damaged"] {
+        let scratch = Scratch::fresh();
+        let original = scratch.knobs();
+        let record = scratch.state_dir().join("initial-settings.json");
+        let mut daemon = Daemon::spawn(&bus, &scratch, &[]);
+        wait_for_name(&conn, &daemon).await;
+        p.kick().await.expect("kick");
+        assert_ne!(scratch.knobs(), original, "{damage}: aggressive in force");
+        match damage {
+            "deleted" => std::fs::remove_file(&record).expect("delete the record"),
+            _ => std::fs::write(&record, b"{\"version\":1,\"knobs\":{\"run\":").expect("damage the record"),
+        }
+        daemon.kill9();
+        drop(daemon);
+
+        let mut daemon = Daemon::spawn(&bus, &scratch, &[]);
+        wait_for_name(&conn, &daemon).await;
+        assert_eq!(scratch.knobs(), original, "{damage}: the originals, from the backup\n{}", daemon.log_text());
+        assert!(daemon.log_text().contains("taken from the backup"), "{damage}: said loudly\n{}", daemon.log_text());
+        assert!(!record.exists(), "{damage}: the record goes once the knobs are back");
+        assert!(!scratch.state_dir().join("initial-settings.backup.json").exists(), "{damage}: and its backup");
+        // The next cycle records the true originals again.
+        p.kick().await.expect("kick");
+        assert!(daemon.terminate().success());
+        assert_eq!(scratch.knobs(), original, "{damage}: restored at exit");
+    }
 }

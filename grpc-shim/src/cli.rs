@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub kick_timeout: Duration,
 
-    /// Connections served at once; when all are taken, a new one closes the one idle the longest.
+    /// Connections served at once; when all are taken, a new one closes one of the peer (uid) holding the most, or the one idle the longest.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..), value_name = "N")]
     pub max_connections: u16,
 

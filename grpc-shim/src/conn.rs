@@ -1,13 +1,20 @@
-//! Accepted connections, bounded: at most `max_connections` at once. When every slot is taken and
-//! another connection arrives, the connection idle the longest (no call in flight, and none for
-//! the longest time; one that never completed a call is idle since it was accepted) is closed to
-//! make room, so that peers holding connections open cannot keep a client out. Connections with a
-//! call in flight, or idle for less than [`EVICTION_GRACE`], are not closed. A peer that has
-//! not sent the HTTP/2 preface within the handshake timeout is dropped. Once the preface is in,
-//! HTTP/2 keep-alive and the connection age take over. What the peer sends reaches h2 through the
-//! [`Rewriter`], for the authorities h2 would refuse.
+//! Accepted connections, bounded: at most `max_connections` at once, shared fairly between peers
+//! (a peer is a uid, from the socket's credentials). When every slot is taken and another
+//! connection arrives:
+//! - from a peer holding fewer connections than another (by more than one), that other peer's
+//!   connection idle the longest (no call in flight) is closed at once and its slot handed over:
+//!   one peer holding every slot, however active its connections, keeps no one else out;
+//! - otherwise the connection idle the longest of all is closed once it has been idle for
+//!   [`EVICTION_GRACE`] (a burst of one peer's clients must not close each other's connections
+//!   before their calls), the new connection waiting in a queue meanwhile.
+//!
+//! Accepting never waits: connections that must wait for room queue (at most `max`; beyond, the
+//! one waiting longest is closed), so a connection of another peer behind them in the listen
+//! backlog is taken in at once. A peer that has not sent the HTTP/2 preface within the handshake timeout is
+//! dropped. Once the preface is in, HTTP/2 keep-alive and the connection age take over. What the
+//! peer sends reaches h2 through the [`Rewriter`], for the authorities h2 would refuse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -15,7 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::Stream;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
@@ -53,6 +61,11 @@ struct Entry {
     idle_since: Instant,
     calls_in_flight: usize,
     close: oneshot::Sender<()>,
+    /// The peer's uid (`u32::MAX` when the credentials could not be read: a peer of its own).
+    uid: u32,
+    /// The connection's slot: handed straight to the new connection when this one is closed to
+    /// make room (the closed one goes on its next poll), so no other waiter can take it.
+    permit: OwnedSemaphorePermit,
 }
 
 type Shared = Arc<Mutex<Table>>;
@@ -61,34 +74,55 @@ fn lock(table: &Mutex<Table>) -> MutexGuard<'_, Table> {
     table.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Closes the connection idle the longest, if it has no call in flight (calls end within the call
-/// timeout) and has been idle for [`EVICTION_GRACE`]. If there is none, how long to wait.
-fn close_idlest(table: &Mutex<Table>) -> Result<(), Duration> {
+/// Makes room for a connection of `uid` when every slot is taken, closing one connection and
+/// returning its slot; if none may be closed yet, how long to wait before asking again.
+/// - Fair share: the peer holding the most connections, if it holds more than one more than
+///   `uid` does, gives up its connection idle the longest that has no call in flight, at once.
+/// - Otherwise (unless `share_only`) the connection idle the longest of all (no call in flight;
+///   calls end within the call timeout), once it has been idle for [`EVICTION_GRACE`].
+fn make_room(table: &Mutex<Table>, uid: u32, share_only: bool) -> Result<OwnedSemaphorePermit, Duration> {
     let mut table = lock(table);
     let now = Instant::now();
-    let idlest = table
-        .open
-        .iter()
-        .filter(|(_, e)| e.calls_in_flight == 0 && now.duration_since(e.idle_since) >= EVICTION_GRACE)
-        .min_by_key(|(_, e)| e.idle_since)
-        .map(|(id, _)| *id);
-    let Some(entry) = idlest.and_then(|id| table.open.remove(&id)) else {
-        // Every one is busy, recently active, or already closing: wait for a slot, or until the
-        // one idle the longest has been idle long enough.
+    let mut held: HashMap<u32, usize> = HashMap::new();
+    for e in table.open.values() {
+        *held.entry(e.uid).or_default() += 1;
+    }
+    let mine = held.get(&uid).copied().unwrap_or(0);
+    let over_share = held.iter().filter(|&(&u, &n)| u != uid && n > mine + 1).max_by_key(|&(_, &n)| n).map(|(&u, _)| u);
+    let idlest = |table: &Table, eligible: &dyn Fn(&Entry) -> bool| {
+        table
+            .open
+            .iter()
+            .filter(|(_, e)| e.calls_in_flight == 0 && eligible(e))
+            .min_by_key(|(_, e)| e.idle_since)
+            .map(|(id, _)| *id)
+    };
+    let victim = over_share.and_then(|big| idlest(&table, &|e| e.uid == big)).or_else(|| {
+        (!share_only).then(|| idlest(&table, &|e| now.duration_since(e.idle_since) >= EVICTION_GRACE)).flatten()
+    });
+    let Some(entry) = victim.and_then(|id| table.open.remove(&id)) else {
+        // Every one is busy or recently active: wait for a slot, or until the one idle the
+        // longest has been idle long enough.
         let oldest = table.open.values().filter(|e| e.calls_in_flight == 0).map(|e| e.idle_since).min();
         let grace_left = oldest.map(|t| EVICTION_GRACE.saturating_sub(now.duration_since(t)));
         return Err(grace_left.filter(|d| !d.is_zero()).unwrap_or(EVICTION_WAIT));
     };
-    tracing::debug!("every connection slot is taken: closing the connection idle for {:?}", entry.idle_since.elapsed());
+    tracing::debug!(
+        uid,
+        closed_uid = entry.uid,
+        fair_share = over_share.is_some(),
+        "every connection slot is taken: closing the connection idle for {:?}",
+        entry.idle_since.elapsed()
+    );
     let _ = entry.close.send(());
-    Ok(())
+    Ok(entry.permit)
 }
 
-/// A connection's slot and its entry in the table, both given back when the connection is dropped.
+/// A connection's entry in the table (which holds its slot), given back when the connection is
+/// dropped.
 struct Slot {
     id: u64,
     table: Shared,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Slot {
@@ -259,19 +293,98 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// A slot for a new connection: when every one is taken, the connection idle the longest is
-/// closed, and its slot taken once it is given back.
-async fn take_slot(slots: &Arc<Semaphore>, table: &Mutex<Table>) -> Option<OwnedSemaphorePermit> {
+/// A slot for a connection of `uid` that found every one taken: room is made as
+/// [`make_room`] allows, or a slot given back is taken.
+async fn take_slot(slots: Arc<Semaphore>, table: Shared, uid: u32) -> Option<OwnedSemaphorePermit> {
     loop {
         match slots.clone().try_acquire_owned() {
             Ok(permit) => return Some(permit),
             Err(TryAcquireError::Closed) => return None,
             Err(TryAcquireError::NoPermits) => {}
         }
-        // The semaphore is never closed. If the closed connection is slow to go, close another.
-        let wait = close_idlest(table).err().unwrap_or(EVICTION_WAIT);
+        let wait = match make_room(&table, uid, false) {
+            Ok(permit) => return Some(permit),
+            Err(wait) => wait,
+        };
+        // The semaphore is never closed.
         if let Ok(permit) = tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
             return permit.ok();
+        }
+    }
+}
+
+/// The peer's uid, `u32::MAX` if the socket cannot say.
+fn peer_uid(stream: &UnixStream) -> u32 {
+    stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX)
+}
+
+/// The listener and the connections waiting for room, in order: the first one waits (in
+/// `head`) for [`take_slot`], the rest behind it.
+struct Accepting {
+    listener: tokio::net::UnixListener,
+    slots: Arc<Semaphore>,
+    table: Shared,
+    max: usize,
+    queue: VecDeque<(UnixStream, u32)>,
+    head: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>>,
+}
+
+enum Next {
+    Accepted(io::Result<(UnixStream, tokio::net::unix::SocketAddr)>),
+    Room(Option<OwnedSemaphorePermit>),
+}
+
+impl Accepting {
+    /// The next connection given a slot (`None` when slots can no longer be had), or an accept
+    /// error.
+    async fn next(&mut self) -> Option<io::Result<(UnixStream, OwnedSemaphorePermit)>> {
+        loop {
+            if self.head.is_none() {
+                if let Some(&(_, uid)) = self.queue.front() {
+                    self.head = Some(take_slot(self.slots.clone(), self.table.clone(), uid).boxed());
+                }
+            }
+            let next = match &mut self.head {
+                Some(head) => tokio::select! {
+                    permit = head => Next::Room(permit),
+                    accepted = self.listener.accept() => Next::Accepted(accepted),
+                },
+                None => Next::Accepted(self.listener.accept().await),
+            };
+            match next {
+                Next::Room(permit) => {
+                    self.head = None;
+                    let (stream, _) = self.queue.pop_front()?;
+                    return Some(Ok((stream, permit?)));
+                }
+                Next::Accepted(Err(e)) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    return Some(Err(e));
+                }
+                Next::Accepted(Ok((stream, _))) => {
+                    let uid = peer_uid(&stream);
+                    // Queued ones first, unless this peer may take a slot by its fair share.
+                    if self.queue.is_empty() {
+                        match self.slots.clone().try_acquire_owned() {
+                            Ok(permit) => return Some(Ok((stream, permit))),
+                            Err(TryAcquireError::Closed) => return None,
+                            Err(TryAcquireError::NoPermits) => {}
+                        }
+                    }
+                    if let Ok(permit) = make_room(&self.table, uid, true) {
+                        return Some(Ok((stream, permit)));
+                    }
+                    if self.queue.len() >= self.max {
+                        // The one waiting longest goes (a new client is likelier alive than one
+                        // that has waited all this while).
+                        tracing::debug!(uid, "{} connections wait for room: closing the first", self.queue.len());
+                        self.queue.pop_front();
+                        self.head = None;
+                    }
+                    self.queue.push_back((stream, uid));
+                }
+            }
         }
     }
 }
@@ -283,25 +396,32 @@ pub fn incoming(
     handshake_timeout: Duration,
     bounds: Bounds,
 ) -> impl Stream<Item = io::Result<Conn>> {
-    let slots = Arc::new(Semaphore::new(max));
-    let table = Shared::default();
-    futures_util::stream::unfold((listener, slots, table), move |(listener, slots, table)| async move {
-        let accepted = match listener.accept().await {
-            Ok((stream, _)) => {
-                let permit = take_slot(&slots, &table).await?;
+    let accepting = Accepting {
+        listener,
+        slots: Arc::new(Semaphore::new(max)),
+        table: Shared::default(),
+        max,
+        queue: VecDeque::new(),
+        head: None,
+    };
+    futures_util::stream::unfold(accepting, move |mut accepting| async move {
+        let conn = match accepting.next().await? {
+            Ok((stream, permit)) => {
+                let uid = peer_uid(&stream);
                 let (close_tx, close) = oneshot::channel();
-                let now = Instant::now();
+                let table = accepting.table.clone();
                 let id = {
                     let mut t = lock(&table);
                     let id = t.next_id;
                     t.next_id += 1;
-                    t.open.insert(id, Entry { idle_since: now, calls_in_flight: 0, close: close_tx });
+                    let entry = Entry { idle_since: Instant::now(), calls_in_flight: 0, close: close_tx, uid, permit };
+                    t.open.insert(id, entry);
                     id
                 };
                 let deadline = Box::pin(tokio::time::sleep(handshake_timeout));
                 Ok(Conn {
                     stream,
-                    slot: Slot { id, table: table.clone(), _permit: permit },
+                    slot: Slot { id, table },
                     close,
                     closing: false,
                     preface: Some((PREFACE_LEN, deadline)),
@@ -311,12 +431,8 @@ pub fn incoming(
                     eof: false,
                 })
             }
-            Err(e) => {
-                tracing::warn!("accepting a connection: {e}");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                Err(e)
-            }
+            Err(e) => Err(e),
         };
-        Some((accepted, (listener, slots, table)))
+        Some((conn, accepting))
     })
 }

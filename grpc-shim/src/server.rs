@@ -18,7 +18,7 @@ use crate::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
 /// rewritten, two 4 KiB HPACK tables and h2's buffers.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Open connections at once; when all are taken, a new one closes the one idle the longest.
+    /// Open connections at once; when all are taken, a new one closes one of the peer (uid) holding the most, or the one idle the longest.
     pub max_connections: usize,
     /// A peer must send the HTTP/2 preface within this, or is dropped.
     pub handshake_timeout: Duration,

@@ -557,6 +557,61 @@ async fn a_kick_gets_in_while_hostile_connections_hold_every_slot() {
     closed_by_peer(&mut hostile[0], Duration::from_secs(5)).await;
 }
 
+/// Issue 14, item 5: another uid holding 1,000 connections, every one kept active (a request every
+/// half second, so none is ever idle for the eviction grace), does not keep a client out: by its
+/// fair share, the client's connection closes one of that peer's at once, and accepting never
+/// waits behind that peer's queued connections. Without the share, no connection of the peer is
+/// ever idle long enough to be closed, and the Kick waits for the peer to let go (the 20 s guard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_peers_thousand_busy_connections_do_not_keep_a_kick_out() {
+    let s = setup(&[]).await;
+    let socket = sock_in(s.scratch.dir.path());
+    let shim = Shim::serve(s.bus.address(), &socket, &[]);
+    // The peer is "nobody", allowed to connect as a member of the socket's group would be.
+    std::fs::set_permissions(s.scratch.dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod dir");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod socket");
+    const HELD: usize = 1000;
+    const SLOTS: usize = 256; // the default --max-connections
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/busy_holder.py");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", script])
+        .arg(&socket)
+        .arg(HELD.to_string());
+    let mut holder = Guarded::spawn_logged(&mut cmd, "the busy holder", log.path()).expect("spawn the holder");
+    let holder_log = log.path().to_owned();
+    let taken_in = || log_text_last_number(&std::fs::read_to_string(&holder_log).unwrap_or_default());
+    let t0 = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        || {
+            let holder = std::fs::read_to_string(&holder_log).unwrap_or_default();
+            let tail: Vec<_> = holder.lines().rev().take(20).collect();
+            format!("the holder to hold every slot; holder (last lines):\n{tail:?}\nshim:\n{}", shim.log_text())
+        },
+        async || taken_in() >= SLOTS,
+    )
+    .await;
+    eprintln!("{} busy connections taken in by the shim after {:?}", taken_in(), t0.elapsed());
+    // Held for a while: by now every one of them has been active within the last second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(holder.is_running().expect("try_wait"), "the holder runs:\n{}", holder.log_text());
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), kick(&socket))
+        .await
+        .unwrap_or_else(|_| panic!("no Kick within 20 s beside {HELD} busy connections of another uid"))
+        .expect("Kick beside another peer's busy connections");
+    let took = started.elapsed();
+    eprintln!("Kick beside {HELD} busy connections of another uid (holding {} slots): {took:?}", taken_in());
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 1);
+    holder.kill().expect("end the holder");
+}
+
+/// The last whole number the holder printed (one a line), 0 before its first.
+fn log_text_last_number(text: &str) -> usize {
+    text.lines().rev().find_map(|l| l.trim().parse().ok()).unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_concurrent_clients_are_all_served() {
     let s = setup(&[]).await;

@@ -1,6 +1,10 @@
 //! The crash-safe record of the administrator's settings: written before the throttler first
 //! changes a knob, removed once they are back. Finding it at start-up means the last instance
 //! died mid-cycle.
+//!
+//! The record is kept twice in the folder (the record, then a backup, each written atomically):
+//! one copy deleted or corrupted mid-cycle, then a crash, would otherwise make the successor
+//! take the dead instance's aggressive knobs for the administrator's, for good.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -12,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::knobs::Knobs;
 
 const FILE_NAME: &str = "initial-settings.json";
+const BACKUP_FILE_NAME: &str = "initial-settings.backup.json";
 const HANDOVER_FILE_NAME: &str = "handover.json";
 const FORMAT_VERSION: u32 = 1;
 
@@ -61,11 +66,18 @@ impl StateFile {
         self.dir.join(FILE_NAME)
     }
 
-    /// Records `knobs` atomically: write a temporary file, fsync, rename over, fsync the folder.
+    /// The second copy of the record, read only when the record is missing or corrupt.
+    pub fn backup_path(&self) -> PathBuf {
+        self.dir.join(BACKUP_FILE_NAME)
+    }
+
+    /// Records `knobs` atomically (write a temporary file, fsync, rename over, fsync the
+    /// folder), the record first and then its backup.
     pub fn save(&self, knobs: &Knobs) -> Result<(), StateError> {
         let body = serde_json::to_vec(&Record { version: FORMAT_VERSION, knobs: knobs.clone() })
             .map_err(|e| StateError::Io { path: self.path(), source: e.into() })?;
-        self.write_atomic(&self.path(), &body)
+        self.write_atomic(&self.path(), &body)?;
+        self.write_atomic(&self.backup_path(), &body)
     }
 
     fn write_atomic(&self, path: &Path, body: &[u8]) -> Result<(), StateError> {
@@ -126,13 +138,48 @@ impl StateFile {
     }
 
     /// The recorded settings, if a previous cycle did not finish. A file that cannot be trusted
-    /// is moved aside rather than written into sysfs.
+    /// is moved aside rather than written into sysfs. The backup stands in for a record that is
+    /// missing or corrupt (said loudly: someone or something removed or damaged it); a record
+    /// and backup both present and different mean a kill between the two writes of a save, and
+    /// the record, written first, is the newer.
     pub fn load(&self) -> Result<Option<Knobs>, StateError> {
-        let path = self.path();
-        let bytes = match fs::read(&path) {
+        let primary = Self::load_one(&self.path(), FILE_NAME, &self.dir);
+        if let Ok(Some(knobs)) = primary {
+            return Ok(Some(knobs));
+        }
+        if let Err(StateError::Io { .. }) = primary {
+            return primary;
+        }
+        match Self::load_one(&self.backup_path(), BACKUP_FILE_NAME, &self.dir) {
+            Ok(Some(knobs)) => {
+                let why = match &primary {
+                    Err(e) => e.to_string(),
+                    _ => format!("{} is missing", self.path().display()),
+                };
+                tracing::error!(
+                    backup = %self.backup_path().display(),
+                    "{why}: the administrator's settings are taken from the backup of the record"
+                );
+                Ok(Some(knobs))
+            }
+            // No backup (nothing recorded, or a record from a version without one): what the
+            // record said stands.
+            Ok(None) => primary,
+            Err(backup_err) => match primary {
+                Err(e) => {
+                    tracing::error!("{backup_err}");
+                    Err(e)
+                }
+                Ok(_) => Err(backup_err),
+            },
+        }
+    }
+
+    fn load_one(path: &Path, name: &str, dir: &Path) -> Result<Option<Knobs>, StateError> {
+        let bytes = match fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path, source }),
+            Err(source) => return Err(StateError::Io { path: path.to_owned(), source }),
         };
         let reason = match serde_json::from_slice::<Record>(&bytes) {
             Ok(r) if r.version != FORMAT_VERSION => format!("unknown format version {}", r.version),
@@ -142,9 +189,9 @@ impl StateFile {
             },
             Err(e) => e.to_string(),
         };
-        let kept_as = self.dir.join(format!("{FILE_NAME}.corrupt"));
-        fs::rename(&path, &kept_as).map_err(|source| StateError::Io { path: path.clone(), source })?;
-        Err(StateError::Corrupt { path, kept_as, reason })
+        let kept_as = dir.join(format!("{name}.corrupt"));
+        fs::rename(path, &kept_as).map_err(|source| StateError::Io { path: path.to_owned(), source })?;
+        Err(StateError::Corrupt { path: path.to_owned(), kept_as, reason })
     }
 
     /// Takes the folder's lock for the life of the returned file, so that two throttlers never
@@ -179,11 +226,16 @@ impl StateFile {
         }
     }
 
+    /// Removes the backup, then the record: a kill between the two leaves the record, which
+    /// is what a start after a kill at any other instant of the restore finds too.
     pub fn remove(&self) -> Result<(), StateError> {
-        match fs::remove_file(self.path()) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StateError::Io { path: self.path(), source: e }),
-            _ => Ok(()),
+        for path in [self.backup_path(), self.path()] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(StateError::Io { path, source: e }),
+                _ => {}
+            }
         }
+        Ok(())
     }
 }
 
@@ -256,7 +308,7 @@ mod tests {
         for _ in 0..3 {
             state.save(&knobs()).expect("save");
         }
-        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 3, "lock, keep.me and the record");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 4, "lock, keep.me, the record and its backup");
         drop(lock);
     }
 
@@ -279,6 +331,7 @@ mod tests {
         let bad_run = String::from_utf8(good.clone()).expect("utf8").replace("\"run\":0", "\"run\":7");
         for bad in [&good[..good.len() / 2], b"", b"\xff\xfe", bad_run.as_bytes()] {
             fs::write(state.path(), bad).expect("write");
+            fs::write(state.backup_path(), bad).expect("write");
             match state.load() {
                 Err(StateError::Corrupt { kept_as, .. }) => {
                     assert_eq!(fs::read(&kept_as).expect("kept"), bad);
@@ -286,6 +339,40 @@ mod tests {
                 other => panic!("expected Corrupt, got {other:?}"),
             }
             assert!(!state.path().exists());
+            assert!(!state.backup_path().exists());
+            assert_eq!(fs::read(dir.path().join("initial-settings.backup.json.corrupt")).expect("kept"), bad);
         }
+    }
+
+    /// Issue 14, item 4: one copy deleted or damaged mid-cycle still leaves the originals.
+    #[test]
+    fn the_backup_stands_in_for_a_record_deleted_or_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateFile::new(dir.path());
+        state.save(&knobs()).expect("save");
+        fs::remove_file(state.path()).expect("someone deletes the record");
+        assert_eq!(state.load().expect("load"), Some(knobs()), "from the backup");
+
+        state.save(&knobs()).expect("save");
+        fs::write(state.path(), b"{\"version\":1,\"kn").expect("a damaged record");
+        assert_eq!(state.load().expect("load"), Some(knobs()), "from the backup");
+        assert!(dir.path().join("initial-settings.json.corrupt").exists(), "the damaged one kept aside");
+
+        state.save(&knobs()).expect("save");
+        fs::remove_file(state.backup_path()).expect("the backup deleted");
+        assert_eq!(state.load().expect("load"), Some(knobs()), "the record alone");
+
+        // A kill between the two writes of a save: the record is the newer.
+        let mut newer = knobs();
+        newer.pages_to_scan = 4242;
+        state.save(&knobs()).expect("save");
+        let old_backup = fs::read(state.backup_path()).expect("read");
+        state.save(&newer).expect("save");
+        fs::write(state.backup_path(), old_backup).expect("as if killed before the backup");
+        assert_eq!(state.load().expect("load"), Some(newer));
+
+        state.remove().expect("remove");
+        assert!(!state.path().exists() && !state.backup_path().exists(), "both removed");
+        assert_eq!(state.load().expect("load"), None);
     }
 }
