@@ -28,6 +28,8 @@ BINARY ?= $(CARGO_TARGET_DIR)/release/kata-ksm-throttler
 GRPC_BINARY ?= $(dir $(BINARY))kata-ksm-throttler-grpc
 TRIGGER_BINARY ?= $(dir $(BINARY))kata-vc-throttler
 CTL_BINARY ?= $(dir $(BINARY))ksmtctl
+# The Prometheus exporter (metrics-exporter/).
+EXPORTER_BINARY ?= $(dir $(BINARY))kata-ksm-throttler-exporter
 # Man pages and shell completions, generated from the clap definitions by `cargo run -p xtask`.
 DOCS ?= $(CARGO_TARGET_DIR)/docs
 COMPLETED = $(NAME) ksmtctl $(KATA_BINARIES)
@@ -36,15 +38,16 @@ INSTALL ?= install
 NAME := kata-ksm-throttler
 BUS_NAME := org.kata.KsmThrottler
 SHIPPED_EXEC := /usr/libexec/$(NAME)
-KATA_BINARIES := kata-ksm-throttler-grpc kata-vc-throttler
-KATA_UNITS := kata-ksm-throttler-grpc.socket kata-ksm-throttler-grpc.service kata-vc-throttler.service
+KATA_BINARIES := kata-ksm-throttler-grpc kata-vc-throttler kata-ksm-throttler-exporter
+KATA_UNITS := kata-ksm-throttler-grpc.socket kata-ksm-throttler-grpc.service kata-vc-throttler.service \
+	kata-ksm-throttler-exporter.socket kata-ksm-throttler-exporter.service
 
 .PHONY: all build install uninstall
 
 all: build
 
 build:
-	$(CARGO) build --release --locked -p kata-ksm-throttler -p kata-ksm-throttler-grpc -p kata-vc-throttler
+	$(CARGO) build --release --locked -p kata-ksm-throttler -p kata-ksm-throttler-grpc -p kata-vc-throttler -p kata-ksm-throttler-exporter
 	$(CARGO) run --release --locked -q -p xtask -- docs "$(DOCS)" >/dev/null
 
 # Installs what is built; it does not build, so that `sudo make install` never runs cargo as root.
@@ -52,6 +55,7 @@ install:
 	@test -x "$(BINARY)" || { echo "$(BINARY) is missing: run make first (or pass BINARY=...)" >&2; exit 1; }
 	@test -x "$(GRPC_BINARY)" || { echo "$(GRPC_BINARY) is missing: run make first (or pass GRPC_BINARY=...)" >&2; exit 1; }
 	@test -x "$(TRIGGER_BINARY)" || { echo "$(TRIGGER_BINARY) is missing: run make first (or pass TRIGGER_BINARY=...)" >&2; exit 1; }
+	@test -x "$(EXPORTER_BINARY)" || { echo "$(EXPORTER_BINARY) is missing: run make first (or pass EXPORTER_BINARY=...)" >&2; exit 1; }
 	$(INSTALL) -D -m 0755 "$(BINARY)" "$(DESTDIR)$(LIBEXECDIR)/$(NAME)"
 	$(INSTALL) -D -m 0644 dbus/$(BUS_NAME).conf "$(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf"
 	$(INSTALL) -D -m 0644 polkit/$(BUS_NAME).policy "$(DESTDIR)$(POLKIT_ACTIONDIR)/$(BUS_NAME).policy"
@@ -63,6 +67,7 @@ install:
 	chmod 0644 "$(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service" "$(DESTDIR)$(UNITDIR)/$(NAME).service"
 	$(INSTALL) -D -m 0755 "$(GRPC_BINARY)" "$(DESTDIR)$(LIBEXECDIR)/kata-ksm-throttler-grpc"
 	$(INSTALL) -D -m 0755 "$(TRIGGER_BINARY)" "$(DESTDIR)$(LIBEXECDIR)/kata-vc-throttler"
+	$(INSTALL) -D -m 0755 "$(EXPORTER_BINARY)" "$(DESTDIR)$(LIBEXECDIR)/kata-ksm-throttler-exporter"
 	for unit in $(KATA_UNITS); do \
 		sed 's|/usr/libexec/|$(LIBEXECDIR)/|' systemd/$$unit > "$(DESTDIR)$(UNITDIR)/$$unit" && \
 		chmod 0644 "$(DESTDIR)$(UNITDIR)/$$unit" || exit 1; \

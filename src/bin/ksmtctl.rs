@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -9,6 +10,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::client::ctl::{self, exit, Cli, Command, Status};
+use kata_ksm_throttler::client::metrics;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use serde_json::json;
 use zbus::fdo::PropertiesProxy;
@@ -67,6 +69,9 @@ async fn connect(bus: &BusArg) -> Result<Connection, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Metrics { output, sysfs_root, openmetrics } = &cli.command {
+        return metrics(&cli.bus, output.as_deref(), sysfs_root, *openmetrics).await;
+    }
     let conn = connect(&cli.bus).await?;
     let props = PropertiesProxy::builder(&conn)
         .destination(BUS_NAME)
@@ -98,6 +103,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             throttler.inner().call_with_flags::<_, _, ()>("SetMode", flags, &(mode.as_str(),)).await?;
         }
         Command::Watch { json, interval } => watch(&props, json, interval).await?,
+        Command::Metrics { .. } => unreachable!("answered before connecting"),
     }
     Ok(())
 }
@@ -109,6 +115,22 @@ async fn read_status(props: &PropertiesProxy<'_>, flags: MethodFlags) -> Result<
         .await?
         .ok_or_else(|| Failure(exit::FAILED, "GetAll returned nothing".into()))?;
     Ok(Status::from_properties(&all))
+}
+
+/// `ksmtctl metrics`: no bus or no throttler is a metric saying so, and still exit 0, so that a
+/// timer's file keeps saying what is known.
+async fn metrics(bus: &BusArg, output: Option<&Path>, sysfs_root: &Path, openmetrics: bool) -> Result<(), Failure> {
+    let conn = connect(bus).await.map_err(|Failure(_, message)| message);
+    let snapshot = metrics::gather(conn.as_ref().map_err(Clone::clone), sysfs_root).await;
+    let format = if openmetrics { metrics::Format::OpenMetrics } else { metrics::Format::Prometheus };
+    let text = metrics::encode(&snapshot, format).map_err(|e| Failure(exit::FAILED, e.to_string()))?;
+    match output {
+        Some(path) => metrics::write_atomically(path, &text).map_err(|e| Failure(exit::FAILED, e.to_string())),
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(text.as_bytes()).map_err(|e| Failure(exit::FAILED, format!("writing: {e}")))
+        }
+    }
 }
 
 fn now_stamp() -> String {

@@ -2,6 +2,7 @@
 //! The binary (src/bin/ksmtctl.rs) is the I/O; this is the part worth testing on its own.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,6 +54,21 @@ pub enum Command {
         /// How often to print the statistics (e.g. 5s, 1m).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         interval: Duration,
+    },
+    /// The throttler and KSM as Prometheus metrics (text format 0.0.4, for node_exporter's
+    /// textfile collector). A throttler that is down is a metric, not an error, and is never
+    /// started by this.
+    Metrics {
+        /// Write to FILE atomically (a temporary file in its folder, renamed over it) instead of
+        /// standard output, e.g. /var/lib/prometheus/node-exporter/kata-ksm-throttler.prom.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The KSM sysfs folder read for the files the throttler has no property for.
+        #[arg(long, value_name = "DIR", default_value = "/sys/kernel/mm/ksm")]
+        sysfs_root: PathBuf,
+        /// OpenMetrics 1.0 instead (what the HTTP exporter serves when asked).
+        #[arg(long)]
+        openmetrics: bool,
     },
 }
 

@@ -4,4 +4,6 @@
 pub mod address;
 pub mod ctl;
 pub mod kicker;
+pub mod ksm_files;
+pub mod metrics;
 pub mod proxy;

@@ -8,6 +8,8 @@
 //!   binary on one;
 //! - [`engine`]: the engine loop on a task, for tests on tokio's paused clock;
 //! - [`procfs`]: memory, threads, context switches and CPU time of a process;
+//! - [`http`] and [`prometheus`]: a plain HTTP/1.1 client, and a real Prometheus server with its
+//!   query API (the metrics exporter's tests);
 //! - [`writes`]: sysfs writes counted with inotify;
 //! - [`real_ksm`] and [`switch`]: the real KSM's lock, and the environment switches.
 
@@ -17,7 +19,9 @@ pub mod child;
 pub mod daemon;
 pub mod engine;
 pub mod eventually;
+pub mod http;
 pub mod procfs;
+pub mod prometheus;
 pub mod real_ksm;
 pub mod scratch;
 pub mod switch;

@@ -15,6 +15,7 @@ fn binaries() -> Vec<(&'static str, &'static str, Command)> {
         ("ksmtctl", "1", kata_ksm_throttler::client::ctl::Cli::command()),
         ("kata-ksm-throttler-grpc", "8", kata_ksm_throttler_grpc::cli::Args::command()),
         ("kata-vc-throttler", "8", kata_vc_throttler::cli::Args::command()),
+        ("kata-ksm-throttler-exporter", "8", kata_ksm_throttler_exporter::cli::Args::command()),
     ]
 }
 
@@ -69,8 +70,8 @@ mod tests {
     fn every_binary_gets_a_man_page_and_three_completions_naming_its_flags() {
         let dir = tempfile_dir();
         let written = docs(&dir).expect("docs");
-        // 4 binaries x 3 completions, 4 main pages, 4 ksmtctl subcommand pages.
-        assert_eq!(written.len(), 4 * 3 + 4 + 4, "{written:?}");
+        // 5 binaries x 3 completions, 5 main pages, 5 ksmtctl subcommand pages.
+        assert_eq!(written.len(), 5 * 3 + 5 + 5, "{written:?}");
         assert!(dir.join("man/ksmtctl-set-mode.1").exists());
         let man = std::fs::read_to_string(dir.join("man/kata-ksm-throttler.8")).expect("man page");
         assert!(man.contains("exit\\-idle\\-after") && man.contains("check\\-config"), "flags documented");

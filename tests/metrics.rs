@@ -1,0 +1,186 @@
+//! `ksmtctl metrics` against the real daemon on a private bus with the project's policy: read as
+//! `nobody` (the properties are public), checked by the real `promtool check metrics`, the
+//! values those of the throttler's properties; a throttler not running is a metric and is never
+//! started by D-Bus activation; no bus at all is a metric too.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use kata_ksm_throttler::bus::private::BusConfig;
+use kata_ksm_throttler_test_support::bus::has_owner;
+use kata_ksm_throttler_test_support::*;
+
+const CTL: &str = env!("CARGO_BIN_EXE_ksmtctl");
+
+/// The value of the sample `series` (name and labels exactly as written) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn promtool_check(text: &[u8]) -> Output {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(text).expect("feed promtool");
+    child.wait_with_output().expect("promtool")
+}
+
+/// Lets `nobody` read the scratch sysfs, as anyone may read /sys/kernel/mm/ksm.
+fn world_readable(dir: &Path) {
+    for d in [dir.to_owned(), dir.join("ksm")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+}
+
+fn as_nobody(bus: &str, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", CTL, "--bus", bus, "metrics"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ksmtctl as nobody")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_of_a_running_throttler_read_by_nobody_pass_promtool() {
+    let s = setup(&[]).await;
+    world_readable(s.scratch.path());
+    for (file, value) in [
+        ("pages_sharing", "2560\n"),
+        ("pages_shared", "40\n"),
+        ("full_scans", "7\n"),
+        ("pages_scanned", "123456\n"),
+        ("general_profit", "-4096\n"),
+    ] {
+        s.scratch.set(file, value);
+    }
+    s.proxy.kick().await.expect("kick");
+    s.proxy.kick().await.expect("kick");
+    let ksm = s.scratch.ksm().display().to_string();
+
+    let out = as_nobody(s.bus.address(), &["--sysfs-root", &ksm]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout.clone()).expect("UTF-8");
+    let check = promtool_check(&out.stdout);
+    assert!(
+        check.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let p = &s.proxy;
+    let want = [
+        ("ksm_throttler_bus_up", 1.0),
+        ("ksm_throttler_up", 1.0),
+        ("ksm_throttler_setting{setting=\"aggressive\"}", 1.0),
+        ("ksm_throttler_setting{setting=\"initial\"}", 0.0),
+        ("ksm_throttler_mode{mode=\"throttle\"}", 1.0),
+        ("ksm_throttler_kicks_total", p.kick_count().await.expect("KickCount") as f64),
+        ("ksm_pages_sharing", p.pages_sharing().await.expect("PagesSharing") as f64),
+        ("ksm_pages_shared", p.pages_shared().await.expect("PagesShared") as f64),
+        ("ksm_full_scans_total", p.full_scans().await.expect("FullScans") as f64),
+        ("ksm_general_profit_bytes", p.general_profit().await.expect("GeneralProfit") as f64),
+        ("ksm_saved_bytes", p.saved_bytes().await.expect("SavedBytes") as f64),
+        ("ksm_pages_to_scan", p.pages_to_scan().await.expect("PagesToScan") as f64),
+        ("ksm_sleep_seconds", p.sleep_millisecs().await.expect("SleepMillisecs") as f64 / 1000.0),
+        ("ksm_run", 1.0),
+        ("ksm_pages_scanned_total", 123456.0),
+        ("ksm_smart_scan", 1.0),
+        ("ksm_advisor_mode{mode=\"none\"}", 1.0),
+        ("ksm_sysfs_file_present{file=\"pages_scanned\"}", 1.0),
+        ("ksm_sysfs_file_present{file=\"use_zero_pages\"}", 0.0),
+        ("ksm_throttler_property_present{property=\"KickCount\"}", 1.0),
+    ];
+    for (series, value) in want {
+        assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");
+    }
+    assert_eq!(sample(&text, "ksm_throttler_kicks_total"), Some(2.0));
+    let next = sample(&text, "ksm_throttler_next_step_down_timestamp_seconds").expect("next step");
+    assert_eq!(next, p.next_step_down().await.expect("NextStepDown") as f64 / 1e6);
+    assert!(text.contains("# HELP ksm_throttler_up "), "help text:\n{text}");
+    assert!(sample(&text, "ksm_use_zero_pages").is_none(), "a missing file has no metric");
+
+    // --output: the same text, written whole.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("kata-ksm-throttler.prom");
+    let out = Command::new(CTL)
+        .args(["--bus", s.bus.address(), "metrics", "--sysfs-root", &ksm, "--output"])
+        .arg(&file)
+        .output()
+        .expect("ksmtctl");
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    let written = std::fs::read(&file).expect("the file");
+    assert!(promtool_check(&written).status.success());
+    assert_eq!(sample(&String::from_utf8_lossy(&written), "ksm_throttler_kicks_total"), Some(2.0));
+    assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1, "no temporary file left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttler_not_running_is_a_metric_and_is_never_activated() {
+    // The bus would start the throttler on the first call: its activation file runs a command
+    // that leaves a mark.
+    let services = tempfile::tempdir().expect("tempdir");
+    let mark = services.path().join("activated");
+    let shipped = std::fs::read_to_string(bus::project_file("dbus/org.kata.KsmThrottler.service")).expect("read");
+    let exec = format!("Exec=/usr/bin/touch {}", mark.display());
+    let copy: String =
+        shipped.lines().map(|l| if l.starts_with("Exec=") { exec.clone() } else { l.to_owned() } + "\n").collect();
+    std::fs::write(services.path().join("org.kata.KsmThrottler.service"), copy).expect("write .service");
+    let bus = start_bus_with(BusConfig { service_dirs: vec![services.path().to_owned()], ..BusConfig::default() });
+    let scratch = Scratch::with_counters();
+    world_readable(scratch.path());
+    scratch.set("pages_sharing", "99\n");
+
+    let out = as_nobody(bus.address(), &["--sysfs-root", &scratch.ksm().display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout.clone()).expect("UTF-8");
+    assert!(promtool_check(&out.stdout).status.success(), "{text}");
+    assert_eq!(sample(&text, "ksm_throttler_bus_up"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "ksm_throttler_up"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "ksm_throttler_activatable"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "ksm_pages_sharing"), Some(99.0), "the kernel's figures from sysfs: {text}");
+    assert!(!text.contains("ksm_throttler_setting"), "nothing is said of a setting nobody knows");
+    let conn = connect(&bus).await;
+    assert!(!has_owner(&conn, kata_ksm_throttler::names::BUS_NAME).await);
+    assert!(!mark.exists(), "the scrape activated the throttler; bus log:\n{}", bus.log_text());
+    // The control: a plain call does activate it (and waits for a reply the mark never gives).
+    let call = tokio::spawn(async move {
+        let _ = conn
+            .call_method(
+                Some("org.kata.KsmThrottler"),
+                "/org/kata/KsmThrottler",
+                Some("org.freedesktop.DBus.Peer"),
+                "Ping",
+                &(),
+            )
+            .await;
+    });
+    eventually(bus::STARTUP_LIMIT, "the activation mark of a plain call", async || mark.exists()).await;
+    call.abort();
+}
+
+#[test]
+fn no_bus_is_a_metric_and_exit_0() {
+    let scratch = Scratch::with_counters();
+    let out = Command::new(CTL)
+        .args(["--bus", "unix:path=/nonexistent/bus", "metrics", "--sysfs-root", &scratch.ksm().display().to_string()])
+        .output()
+        .expect("ksmtctl");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(sample(&text, "ksm_throttler_bus_up"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "ksm_throttler_up"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "ksm_full_scans_total"), Some(0.0), "{text}");
+
+    let out = Command::new(CTL).args(["metrics", "--output", "/nonexistent/dir/ksm.prom"]).output().expect("ksmtctl");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.trim().lines().count() == 1 && err.contains("/nonexistent/dir/ksm.prom"), "{err}");
+}
