@@ -3,5 +3,6 @@
 
 pub mod address;
 pub mod ctl;
+pub mod inspect;
 pub mod kicker;
 pub mod proxy;

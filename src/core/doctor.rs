@@ -36,6 +36,14 @@ pub struct Finding {
     pub fix: String,
 }
 
+/// The answer of `Doctor()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorAnswer {
+    /// Whether a finding is an error (ksmtctl doctor then exits non-zero).
+    pub failed: bool,
+    pub findings: Vec<Finding>,
+}
+
 /// The KSM knobs the rules look at; `None` where this kernel does not have one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KsmKnobs {

@@ -75,6 +75,18 @@ pub fn list_sandboxes(roots: &Roots) -> (Vec<(String, String)>, Folders) {
     (found, folders)
 }
 
+/// NUMA nodes of this host (`/sys/devices/system/node/node<N>`); 1 where that cannot be read.
+pub fn numa_nodes() -> u32 {
+    let Ok(entries) = std::fs::read_dir("/sys/devices/system/node") else { return 1 };
+    let n = entries
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_str().and_then(|n| n.strip_prefix("node")).is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX).max(1)
+}
+
 /// Opens a proc file without blocking on a FIFO (a fake /proc in a test may hold one).
 fn open(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)

@@ -7,6 +7,7 @@
 //! - [`bus`] and [`daemon`]: private buses with the project's policy, and the real daemon
 //!   binary on one;
 //! - [`engine`]: the engine loop on a task, for tests on tokio's paused clock;
+//! - [`fakeproc`]: a fake `/proc` for the Inspect interface's walk;
 //! - [`procfs`]: memory, threads, context switches and CPU time of a process;
 //! - [`writes`]: sysfs writes counted with inotify;
 //! - [`real_ksm`] and [`switch`]: the real KSM's lock, and the environment switches.
@@ -17,6 +18,7 @@ pub mod child;
 pub mod daemon;
 pub mod engine;
 pub mod eventually;
+pub mod fakeproc;
 pub mod procfs;
 pub mod real_ksm;
 pub mod scratch;

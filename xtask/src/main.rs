@@ -69,9 +69,11 @@ mod tests {
     fn every_binary_gets_a_man_page_and_three_completions_naming_its_flags() {
         let dir = tempfile_dir();
         let written = docs(&dir).expect("docs");
-        // 4 binaries x 3 completions, 4 main pages, 4 ksmtctl subcommand pages.
-        assert_eq!(written.len(), 4 * 3 + 4 + 4, "{written:?}");
-        assert!(dir.join("man/ksmtctl-set-mode.1").exists());
+        // 4 binaries x 3 completions, 4 main pages, 7 ksmtctl subcommand pages.
+        assert_eq!(written.len(), 4 * 3 + 4 + 7, "{written:?}");
+        for page in ["set-mode", "sandboxes", "top", "doctor"] {
+            assert!(dir.join(format!("man/ksmtctl-{page}.1")).exists(), "{page}");
+        }
         let man = std::fs::read_to_string(dir.join("man/kata-ksm-throttler.8")).expect("man page");
         assert!(man.contains("exit\\-idle\\-after") && man.contains("check\\-config"), "flags documented");
         let shim = std::fs::read_to_string(dir.join("man/kata-ksm-throttler-grpc.8")).expect("shim page");
