@@ -8,11 +8,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use kata_ksm_throttler::bus::authorize::Authority;
 use kata_ksm_throttler::bus::idle_exit;
+use kata_ksm_throttler::bus::inspect::Inspector;
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::bus::service::{self, Throttler};
 use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::engine::{Config, Ended, Engine};
 use kata_ksm_throttler::io::meminfo;
+use kata_ksm_throttler::io::procwalk::Roots;
 use kata_ksm_throttler::io::state_file::{StateError, StateFile};
 use kata_ksm_throttler::io::sysfs::Ksm;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
@@ -100,11 +102,24 @@ async fn run(args: Args) -> Result<()> {
     };
     let (mut engine, handle, status) = Engine::new(config);
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
+    // Its own polkit proxy on the same connection: the Inspect interface is a second object
+    // server entry, not a member of the throttler's.
+    let inspect_authority = Authority::new(&conn).await.context("setting up authorization")?;
+    let roots = Roots { vc_root: settings.vc_root.clone(), kata_root: settings.kata_root.clone() };
+    let inspector = Inspector::new(
+        args.proc_root.clone(),
+        roots,
+        ksm.clone(),
+        meminfo::page_size(),
+        status.clone(),
+        inspect_authority,
+    );
     let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size());
     let calls = throttler.calls();
     // Before the name is taken, so that every call routed here is counted.
     tokio::spawn(calls.clone().watch(conn.clone()));
     conn.object_server().at(OBJECT_PATH, throttler).await.context("exporting the object")?;
+    conn.object_server().at(OBJECT_PATH, inspector).await.context("exporting the Inspect interface")?;
 
     // Restored (after a crash) and in its start-up mode before the name is taken: a caller
     // never reads the previous instance's knobs as this one's setting.

@@ -3,3 +3,4 @@
 pub const BUS_NAME: &str = "org.kata.KsmThrottler";
 pub const OBJECT_PATH: &str = "/org/kata/KsmThrottler";
 pub const INTERFACE: &str = "org.kata.KsmThrottler";
+pub const INSPECT_INTERFACE: &str = "org.kata.KsmThrottler.Inspect";

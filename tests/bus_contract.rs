@@ -1,7 +1,7 @@
 //! The XML in dbus/ is the contract: the live object must introspect to exactly it (docs aside).
 
 use kata_ksm_throttler::bus::error::BusError;
-use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use kata_ksm_throttler::names::{BUS_NAME, INSPECT_INTERFACE, INTERFACE, OBJECT_PATH};
 use kata_ksm_throttler_test_support::*;
 use zbus_xml::{Interface, Node};
 
@@ -34,8 +34,8 @@ fn shape(iface: &Interface<'_>) -> Vec<String> {
     out
 }
 
-fn find<'a>(node: &'a Node<'a>) -> &'a Interface<'a> {
-    node.interfaces().iter().find(|i| i.name() == INTERFACE).expect("the interface is there")
+fn find<'a>(node: &'a Node<'a>, name: &str) -> &'a Interface<'a> {
+    node.interfaces().iter().find(|i| i.name() == name).unwrap_or_else(|| panic!("{name} is there"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,9 +52,11 @@ async fn live_introspection_matches_the_xml_contract() {
     let file = std::fs::read(project_file("dbus/org.kata.KsmThrottler.xml")).expect("contract file");
     let contract = Node::from_reader(&file[..]).expect("contract parses");
 
-    let (live, contract) = (shape(find(&live)), shape(find(&contract)));
-    assert!(contract.len() >= 7, "the contract is not empty: {contract:#?}");
-    assert_eq!(live, contract);
+    for name in [INTERFACE, INSPECT_INTERFACE] {
+        let (live, contract) = (shape(find(&live, name)), shape(find(&contract, name)));
+        assert!(contract.len() >= 2, "the contract of {name} is not empty: {contract:#?}");
+        assert_eq!(live, contract, "{name}");
+    }
 }
 
 #[test]

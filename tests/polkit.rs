@@ -204,6 +204,13 @@ fn nobody_client() {
                 throttler.inner().call_with_flags::<_, _, ()>("SetMode", flags, &("off",)).await.map(|_| String::new())
             }
             "read" => throttler.current_setting().await,
+            "sandboxes" => {
+                let inspect = kata_ksm_throttler::client::proxy::InspectProxy::new(&conn).await?;
+                inspect.inner().call_with_flags::<_, _, String>("Sandboxes", flags, &()).await.map(|a| match a {
+                    Some(json) if json.starts_with('{') => "json".to_owned(),
+                    other => format!("{other:?}"),
+                })
+            }
             "own" => conn.request_name(BUS_NAME).await.map(|()| String::new()),
             other => panic!("unknown call {other}"),
         }
@@ -241,6 +248,12 @@ async fn with_no_rule_nobody_is_refused_both_actions_and_root_is_served() {
     assert_eq!(s.scratch.snapshot(), before, "nothing done for refused calls");
     assert_eq!(s.proxy.kick_count().await.expect("get"), 0, "refused kicks are not counted");
     assert_eq!(as_nobody(&s.bus, "read", false), Outcome::Ok("initial".into()), "properties are open");
+    // inspect: read-only but auth_admin_keep, like set-mode.
+    let look = as_nobody(&s.bus, "sandboxes", false);
+    assert_eq!(look.error_name(), INTERACTIVE_REQUIRED, "{look:?}");
+    assert!(format!("{look:?}").contains("org.kata.KsmThrottler.inspect"), "{look:?}");
+    let inspect = kata_ksm_throttler::client::proxy::InspectProxy::new(&s.conn).await.expect("proxy");
+    assert!(inspect.sandboxes().await.expect("root inspects").starts_with('{'));
 
     // Root is not asked about.
     s.proxy.kick().await.expect("root kicks");
@@ -252,7 +265,8 @@ async fn with_no_rule_nobody_is_refused_both_actions_and_root_is_served() {
 
 const GRANT_NOBODY: &str = r#"// Test rule of kata-ksm-throttler's tests/polkit.rs; removed after the test.
 polkit.addRule(function(action, subject) {
-    if ((action.id == "org.kata.KsmThrottler.kick" || action.id == "org.kata.KsmThrottler.set-mode")
+    if ((action.id == "org.kata.KsmThrottler.kick" || action.id == "org.kata.KsmThrottler.set-mode"
+         || action.id == "org.kata.KsmThrottler.inspect")
         && subject.user == "nobody") {
         return polkit.Result.YES;
     }
@@ -272,6 +286,7 @@ async fn a_rule_granting_the_actions_lets_nobody_kick_and_set_the_mode() {
     assert_eq!(as_nobody(&s.bus, "set-mode-off", false), Outcome::Ok(String::new()));
     assert_eq!(s.proxy.mode().await.expect("get"), "off");
     assert_eq!(s.scratch.knob("run"), "0\n");
+    assert_eq!(as_nobody(&s.bus, "sandboxes", false), Outcome::Ok("json".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@ use futures_util::StreamExt;
 use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::client::ctl::{self, exit, Cli, Command, Status};
 use kata_ksm_throttler::client::metrics;
+use kata_ksm_throttler::client::inspect;
+use kata_ksm_throttler::client::proxy::InspectProxy;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use serde_json::json;
 use zbus::fdo::PropertiesProxy;
@@ -104,8 +106,57 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Watch { json, interval } => watch(&props, json, interval).await?,
         Command::Metrics { .. } => unreachable!("answered before connecting"),
+        Command::Sandboxes { json } => {
+            let answer = inspect_proxy(&conn).await?.sandboxes().await?;
+            if json {
+                println!("{answer}");
+            } else {
+                let report = inspect::parse_report(&answer).map_err(|e| Failure(exit::FAILED, e))?;
+                print!("{}", inspect::render_sandboxes(&report, usize::MAX));
+            }
+        }
+        Command::Top { interval, processes } => top(&conn, interval, processes).await?,
+        Command::Doctor { json } => {
+            let answer = inspect_proxy(&conn).await?.doctor().await?;
+            let doctor = inspect::parse_doctor(&answer).map_err(|e| Failure(exit::FAILED, e))?;
+            if json {
+                println!("{answer}");
+            } else {
+                print!("{}", inspect::render_doctor(&doctor));
+            }
+            if doctor.failed {
+                return Err(Failure(exit::DOCTOR_ERROR, "the doctor found an error (see above)".into()));
+            }
+        }
     }
     Ok(())
+}
+
+async fn inspect_proxy(conn: &Connection) -> Result<InspectProxy<'_>, Failure> {
+    Ok(InspectProxy::builder(conn).cache_properties(zbus::proxy::CacheProperties::No).build().await?)
+}
+
+/// `sandboxes` again every `interval`, the screen cleared between, until Ctrl-C.
+async fn top(conn: &Connection, interval: Duration, processes: usize) -> Result<(), Failure> {
+    let proxy = inspect_proxy(conn).await?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut tick = tokio::time::interval(interval);
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => return Ok(()),
+            _ = tick.tick() => {
+                let answer = proxy.sandboxes().await?;
+                let report = inspect::parse_report(&answer).map_err(|e| Failure(exit::FAILED, e))?;
+                if terminal {
+                    print!("\x1b[H\x1b[2J");
+                }
+                println!("{}  (every {}; Ctrl-C ends)", now_stamp(), humantime::format_duration(interval));
+                print!("{}", inspect::render_sandboxes(&report, processes));
+            }
+        }
+    }
 }
 
 async fn read_status(props: &PropertiesProxy<'_>, flags: MethodFlags) -> Result<Status, Failure> {

@@ -17,6 +17,8 @@ use crate::bus::error::BusError;
 pub enum Action {
     Kick,
     SetMode,
+    /// Sandboxes and Doctor: read-only, but they tell what merged in whose memory.
+    Inspect,
 }
 
 impl Action {
@@ -24,6 +26,7 @@ impl Action {
         match self {
             Action::Kick => "org.kata.KsmThrottler.kick",
             Action::SetMode => "org.kata.KsmThrottler.set-mode",
+            Action::Inspect => "org.kata.KsmThrottler.inspect",
         }
     }
 }

@@ -22,13 +22,16 @@ pub enum BusError {
     /// The crash-safe record of the initial settings could not be written.
     StateFile(String),
     ShuttingDown(String),
+    /// The /proc walk behind Sandboxes or Doctor failed as a whole (not one process: those are
+    /// skipped rows).
+    Inspect(String),
 }
 
 impl BusError {
     /// Every error, with an empty message: for lists that must not miss one (the contract's
     /// documentation, the tests). `all_lists_every_variant_once` fails when a variant is added
     /// here and not there.
-    pub const ALL: [BusError; 7] = [
+    pub const ALL: [BusError; 8] = [
         BusError::InvalidArgs(String::new()),
         BusError::AccessDenied(String::new()),
         BusError::InteractiveAuthorizationRequired(String::new()),
@@ -36,6 +39,7 @@ impl BusError {
         BusError::Meminfo(String::new()),
         BusError::StateFile(String::new()),
         BusError::ShuttingDown(String::new()),
+        BusError::Inspect(String::new()),
     ];
 
     pub fn message(&self) -> &str {
@@ -46,7 +50,8 @@ impl BusError {
             | BusError::Sysfs(m)
             | BusError::Meminfo(m)
             | BusError::StateFile(m)
-            | BusError::ShuttingDown(m) => m,
+            | BusError::ShuttingDown(m)
+            | BusError::Inspect(m) => m,
         }
     }
 
@@ -61,6 +66,7 @@ impl BusError {
             BusError::Meminfo(_) => "org.kata.KsmThrottler.Error.Meminfo",
             BusError::StateFile(_) => "org.kata.KsmThrottler.Error.StateFile",
             BusError::ShuttingDown(_) => "org.kata.KsmThrottler.Error.ShuttingDown",
+            BusError::Inspect(_) => "org.kata.KsmThrottler.Error.Inspect",
         }
     }
 }
@@ -129,7 +135,8 @@ mod tests {
             BusError::Meminfo(_) => 4,
             BusError::StateFile(_) => 5,
             BusError::ShuttingDown(_) => 6,
+            BusError::Inspect(_) => 7,
         };
-        assert_eq!(BusError::ALL.each_ref().map(at), [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(BusError::ALL.each_ref().map(at), [0, 1, 2, 3, 4, 5, 6, 7]);
     }
 }

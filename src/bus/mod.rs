@@ -5,5 +5,6 @@ pub mod authorize;
 pub mod calls;
 pub mod error;
 pub mod idle_exit;
+pub mod inspect;
 pub mod private;
 pub mod service;

@@ -15,7 +15,7 @@ use zbus::OwnedVariant;
 /// Read, drive and watch kata-ksm-throttler (org.kata.KsmThrottler) over D-Bus.
 ///
 /// Exit codes: 0 done; 1 failed; 2 bad usage; 3 the throttler is not running (or no bus);
-/// 4 access denied (polkit); 5 invalid argument (e.g. an unknown mode).
+/// 4 access denied (polkit); 5 invalid argument (e.g. an unknown mode); 6 the doctor found an error.
 #[derive(Debug, Parser)]
 #[command(name = "ksmtctl", version)]
 pub struct Cli {
@@ -70,6 +70,28 @@ pub enum Command {
         #[arg(long)]
         openmetrics: bool,
     },
+    /// KSM's savings per Kata sandbox and per process, most first, with the host's totals
+    /// (needs org.kata.KsmThrottler.inspect).
+    Sandboxes {
+        /// The throttler's JSON answer, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// `sandboxes`, refreshed every --interval until Ctrl-C.
+    Top {
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// How many processes outside sandboxes to show.
+        #[arg(long, default_value_t = 10)]
+        processes: usize,
+    },
+    /// Why KSM saves what it saves: findings with a severity and what to do; exits 6 when one
+    /// is an error (needs org.kata.KsmThrottler.inspect).
+    Doctor {
+        /// The throttler's JSON answer, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Exit codes, documented in the README and the man page.
@@ -82,6 +104,8 @@ pub mod exit {
     pub const ACCESS_DENIED: u8 = 4;
     /// The throttler refused an argument (an unknown mode).
     pub const INVALID: u8 = 5;
+    /// `ksmtctl doctor` found an error.
+    pub const DOCTOR_ERROR: u8 = 6;
 }
 
 /// Everything `status` shows, as read in one `GetAll`.

@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod ctl;
+pub mod inspect;
 pub mod kicker;
 pub mod ksm_files;
 pub mod metrics;

@@ -45,3 +45,14 @@ pub trait KsmThrottler {
     #[zbus(property(emits_changed_signal = "false"))]
     fn sleep_millisecs(&self) -> zbus::Result<u64>;
 }
+
+/// `org.kata.KsmThrottler.Inspect` on the same object: the answers are JSON (see the XML).
+#[proxy(
+    interface = "org.kata.KsmThrottler.Inspect",
+    default_service = "org.kata.KsmThrottler",
+    default_path = "/org/kata/KsmThrottler"
+)]
+pub trait Inspect {
+    fn sandboxes(&self) -> zbus::Result<String>;
+    fn doctor(&self) -> zbus::Result<String>;
+}

@@ -1,7 +1,10 @@
 //! What the throttler does, as plain values: no files, no bus, no runtime, no clock of its own
 //! (every function is given the time).
 
+pub mod accounting;
+pub mod doctor;
 pub mod knobs;
 pub(crate) mod plan;
 pub mod policy;
+pub mod sandbox;
 pub mod setting;

@@ -2,6 +2,7 @@
 
 pub mod heap;
 pub mod meminfo;
+pub mod procwalk;
 pub mod small_file;
 pub mod state_file;
 pub mod sysfs;

@@ -42,6 +42,10 @@ pub struct Args {
     #[arg(long, default_value = "/sys/kernel/mm/ksm", value_name = "DIR")]
     pub sysfs_root: PathBuf,
 
+    /// The proc file system walked by the Inspect interface (Sandboxes, Doctor).
+    #[arg(long, default_value = "/proc", value_name = "DIR")]
+    pub proc_root: PathBuf,
+
     /// Where AnonPages is read from.
     #[arg(long, default_value = "/proc/meminfo", value_name = "FILE")]
     pub meminfo: PathBuf,

@@ -7,6 +7,7 @@
 //! - [`bus`] and [`daemon`]: private buses with the project's policy, and the real daemon
 //!   binary on one;
 //! - [`engine`]: the engine loop on a task, for tests on tokio's paused clock;
+//! - [`fakeproc`]: a fake `/proc` for the Inspect interface's walk;
 //! - [`procfs`]: memory, threads, context switches and CPU time of a process;
 //! - [`http`] and [`prometheus`]: a plain HTTP/1.1 client, and a real Prometheus server with its
 //!   query API (the metrics exporter's tests);
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod engine;
 pub mod eventually;
 pub mod http;
+pub mod fakeproc;
 pub mod procfs;
 pub mod prometheus;
 pub mod real_ksm;

@@ -70,9 +70,11 @@ mod tests {
     fn every_binary_gets_a_man_page_and_three_completions_naming_its_flags() {
         let dir = tempfile_dir();
         let written = docs(&dir).expect("docs");
-        // 5 binaries x 3 completions, 5 main pages, 5 ksmtctl subcommand pages.
-        assert_eq!(written.len(), 5 * 3 + 5 + 5, "{written:?}");
-        assert!(dir.join("man/ksmtctl-set-mode.1").exists());
+        // 5 binaries x 3 completions, 5 main pages, 8 ksmtctl subcommand pages.
+        assert_eq!(written.len(), 5 * 3 + 5 + 8, "{written:?}");
+        for page in ["set-mode", "sandboxes", "top", "doctor", "metrics"] {
+            assert!(dir.join(format!("man/ksmtctl-{page}.1")).exists(), "{page}");
+        }
         let man = std::fs::read_to_string(dir.join("man/kata-ksm-throttler.8")).expect("man page");
         assert!(man.contains("exit\\-idle\\-after") && man.contains("check\\-config"), "flags documented");
         let shim = std::fs::read_to_string(dir.join("man/kata-ksm-throttler-grpc.8")).expect("shim page");
