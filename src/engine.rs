@@ -26,6 +26,7 @@ use crate::core::plan::{self, plan};
 use crate::core::policy::{resize_needed, Counters, Durations, Policy, Transition};
 use crate::core::setting::Profiles;
 use crate::core::setting::{Mode, Setting};
+use crate::io::ksmd::Ksmd;
 use crate::io::meminfo::{self, MeminfoError};
 use crate::io::state_file::{Handover, StateError, StateFile};
 use crate::io::sysfs::{Ksm, SysfsError};
@@ -46,6 +47,8 @@ pub struct Config {
     pub mode: Mode,
     pub durations: Durations,
     pub profiles: Profiles,
+    /// Where ksmd's thread and /proc/pressure/memory are read (`/proc`).
+    pub proc_root: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,19 @@ pub struct Status {
     /// CLOCK_REALTIME microseconds of the next scheduled step, 0 when none.
     pub next_step_down_us: u64,
     pub kick_count: u64,
+    /// ksmd's CPU time at the start of the cycle under way or the last one (and at its end),
+    /// for the bus to show ksmd's share of a CPU over it; `None` before any cycle, or where
+    /// ksmd could not be read when it began.
+    pub cycle_cpu: Option<CycleCpu>,
+}
+
+/// ksmd's CPU time (since boot) when a cycle left the initial settings, and when it came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CycleCpu {
+    pub started: Instant,
+    pub cpu_at_start: Duration,
+    /// When the cycle ended and ksmd's CPU time then; `None` while it runs.
+    pub ended: Option<(Instant, Duration)>,
 }
 
 /// A handle to send commands to a running engine.
@@ -167,6 +183,8 @@ pub struct Engine {
     /// The deadline last shown and its wall-clock form, so that a deadline that has not moved
     /// reads as the same microsecond every time (converting it again jitters by a microsecond).
     shown_deadline: Cell<Option<(Instant, u64)>>,
+    ksmd: Ksmd,
+    cycle_cpu: Option<CycleCpu>,
 }
 
 struct IdleExit {
@@ -183,10 +201,17 @@ impl Engine {
     /// can be serving (and queueing calls) before it touches KSM.
     pub fn new(config: Config) -> (Engine, Handle, watch::Receiver<Status>) {
         let policy = Policy::new(config.mode, config.durations);
-        let status = Status { mode: policy.mode(), setting: policy.setting(), next_step_down_us: 0, kick_count: 0 };
+        let status = Status {
+            mode: policy.mode(),
+            setting: policy.setting(),
+            next_step_down_us: 0,
+            kick_count: 0,
+            cycle_cpu: None,
+        };
         let (status_tx, status_rx) = watch::channel(status);
         // Bounded: a flood of callers waits here instead of growing memory.
         let (tx, rx) = mpsc::channel(256);
+        let ksmd = Ksmd::new(&config.proc_root);
         let engine = Engine {
             config,
             policy,
@@ -200,6 +225,8 @@ impl Engine {
             started: false,
             kick_retry: None,
             shown_deadline: Cell::new(None),
+            ksmd,
+            cycle_cpu: None,
         };
         (engine, Handle { commands: tx }, status_rx)
     }
@@ -587,6 +614,7 @@ impl Engine {
                 self.warn_if_our_own(&have);
                 self.config.state.save(&have)?;
                 self.saved = Some(have.clone());
+                self.cycle_began();
             }
             self.put_in_force(&have, t.to)?
         };
@@ -722,7 +750,28 @@ impl Engine {
         );
         self.saved = None;
         self.sized_on = None;
+        self.cycle_ended();
         Ok(now)
+    }
+
+    /// ksmd's CPU time as a cycle leaves the initial settings; unknown where ksmd is not found.
+    fn cycle_began(&mut self) {
+        self.cycle_cpu = match self.ksmd.cpu_time() {
+            Ok(cpu) => Some(CycleCpu { started: now(), cpu_at_start: cpu, ended: None }),
+            Err(e) => {
+                tracing::debug!("ksmd's CPU time at the start of a cycle: {e}");
+                None
+            }
+        };
+    }
+
+    fn cycle_ended(&mut self) {
+        if let Some(c) = &mut self.cycle_cpu {
+            c.ended = self.ksmd.cpu_time().ok().map(|cpu| (now(), cpu));
+            if c.ended.is_none() {
+                self.cycle_cpu = None;
+            }
+        }
     }
 
     fn next_step_down_us(&self) -> u64 {
@@ -750,6 +799,7 @@ impl Engine {
         let next_step_down_us = self.shown_next_step_down_us();
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
         let kick_count = self.kick_count;
+        let cycle_cpu = self.cycle_cpu;
         self.status.send_if_modified(|s| {
             // A kick storm moves the deadline on every kick: the value is kept current for Get,
             // but only a move of more than a second (or a real change) is worth a signal. The
@@ -760,6 +810,7 @@ impl Engine {
             s.setting = setting;
             s.next_step_down_us = next_step_down_us;
             s.kick_count = kick_count;
+            s.cycle_cpu = cycle_cpu;
             changed
         });
     }

@@ -9,7 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use kata_ksm_throttler::bus::authorize::Authority;
 use kata_ksm_throttler::bus::idle_exit;
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::bus::service::{self, Throttler};
+use kata_ksm_throttler::bus::service::{self, Readers, Throttler};
 use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::engine::{Config, Ended, Engine};
 use kata_ksm_throttler::io::meminfo;
@@ -97,10 +97,12 @@ async fn run(args: Args) -> Result<()> {
         mode: settings.mode,
         durations: settings.durations,
         profiles: settings.profiles,
+        proc_root: args.proc_root.clone(),
     };
     let (mut engine, handle, status) = Engine::new(config);
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
-    let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size());
+    let readers = Readers::new(&args.proc_root, &args.meminfo);
+    let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size(), readers);
     let calls = throttler.calls();
     // Before the name is taken, so that every call routed here is counted.
     tokio::spawn(calls.clone().watch(conn.clone()));

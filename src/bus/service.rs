@@ -4,7 +4,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use zbus::fdo::Properties;
@@ -17,8 +19,10 @@ use crate::bus::authorize::{Action, Authority};
 use crate::bus::calls::CallTracker;
 use crate::bus::error::BusError;
 use crate::core::setting::Mode;
-use crate::engine::{Handle, Status};
+use crate::engine::{CycleCpu, Handle, Status};
+use crate::io::ksmd::Ksmd;
 use crate::io::sysfs::Ksm;
+use crate::io::{meminfo, pressure};
 use crate::names::{INTERFACE, OBJECT_PATH};
 
 pub struct Throttler {
@@ -29,6 +33,43 @@ pub struct Throttler {
     ksm: Ksm,
     page_size: u64,
     calls: Arc<CallTracker>,
+    readers: Readers,
+}
+
+/// What the live cost and need properties read: ksmd's thread, meminfo and the PSI file.
+#[derive(Debug)]
+pub struct Readers {
+    ksmd: Ksmd,
+    meminfo: PathBuf,
+    pressure: PathBuf,
+    /// When the daemon started and ksmd's CPU time then: the share shown before any cycle.
+    started: (Instant, Option<Duration>),
+}
+
+impl Readers {
+    pub fn new(proc_root: &Path, meminfo: &Path) -> Readers {
+        let ksmd = Ksmd::new(proc_root);
+        let started = (Instant::now(), ksmd.cpu_time().ok());
+        Readers { ksmd, meminfo: meminfo.to_owned(), pressure: pressure::path_under(proc_root), started }
+    }
+
+    /// ksmd's share of one CPU over the cycle under way or the last one, else since start-up;
+    /// `None` where ksmd cannot be read.
+    pub fn ksmd_share(&self, cycle: Option<CycleCpu>, now: Instant) -> Option<f64> {
+        let (from, cpu_from, to, cpu_to) = match cycle {
+            Some(CycleCpu { started, cpu_at_start, ended: Some((at, cpu)) }) => (started, cpu_at_start, at, cpu),
+            Some(CycleCpu { started, cpu_at_start, ended: None }) => {
+                (started, cpu_at_start, now, self.ksmd.cpu_time().ok()?)
+            }
+            None => (self.started.0, self.started.1?, now, self.ksmd.cpu_time().ok()?),
+        };
+        share(cpu_to.saturating_sub(cpu_from), to.saturating_duration_since(from))
+    }
+}
+
+/// CPU time over wall time; `None` over no time at all.
+fn share(cpu: Duration, wall: Duration) -> Option<f64> {
+    (!wall.is_zero()).then(|| cpu.as_secs_f64() / wall.as_secs_f64())
 }
 
 impl Throttler {
@@ -38,8 +79,9 @@ impl Throttler {
         authority: Authority,
         ksm: Ksm,
         page_size: u64,
+        readers: Readers,
     ) -> Self {
-        Throttler { engine, status, authority, ksm, page_size, calls: CallTracker::new() }
+        Throttler { engine, status, authority, ksm, page_size, calls: CallTracker::new(), readers }
     }
 
     /// The count of `Kick` and `SetMode` calls in flight, for exiting on idle.
@@ -176,6 +218,38 @@ impl Throttler {
     #[zbus(property(emits_changed_signal = "false"))]
     fn sleep_millisecs(&self) -> zbus::fdo::Result<u64> {
         self.knob("sleep_millisecs")
+    }
+
+    /// ksmd's CPU time since boot in seconds, read live; -1 where ksmd cannot be found.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cpu_seconds(&self) -> f64 {
+        self.readers.ksmd.cpu_time().map_or(-1.0, |d| d.as_secs_f64())
+    }
+
+    /// ksmd's share of one CPU over the cycle under way or the last one (since start-up before
+    /// any); -1 where unknown.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cpu_share(&self) -> f64 {
+        let cycle = self.status.borrow().cycle_cpu;
+        self.readers.ksmd_share(cycle, Instant::now()).unwrap_or(-1.0)
+    }
+
+    /// MemAvailable / MemTotal, read live; -1 where meminfo lacks them.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn mem_available_ratio(&self) -> f64 {
+        meminfo::mem_available(&self.readers.meminfo).map_or(-1.0, |m| m.ratio())
+    }
+
+    /// Memory PSI `some avg10` (percent), read live; -1 without PSI.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_pressure_some(&self) -> f64 {
+        pressure::read(&self.readers.pressure).ok().flatten().map_or(-1.0, |p| p.some_avg10)
+    }
+
+    /// Memory PSI `full avg10` (percent), read live; -1 without PSI.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_pressure_full(&self) -> f64 {
+        pressure::read(&self.readers.pressure).ok().flatten().map_or(-1.0, |p| p.full_avg10)
     }
 }
 

@@ -44,4 +44,14 @@ pub trait KsmThrottler {
     fn pages_to_scan(&self) -> zbus::Result<u64>;
     #[zbus(property(emits_changed_signal = "false"))]
     fn sleep_millisecs(&self) -> zbus::Result<u64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cpu_seconds(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cpu_share(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn mem_available_ratio(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_pressure_some(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_pressure_full(&self) -> zbus::Result<f64>;
 }

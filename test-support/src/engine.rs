@@ -33,6 +33,7 @@ fn config(scratch: &Scratch, mode: Mode) -> Config {
         mode,
         durations: Durations::default(),
         profiles: Profiles::default(),
+        proc_root: scratch.proc_root(),
     }
 }
 
