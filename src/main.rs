@@ -98,6 +98,8 @@ async fn run(args: Args) -> Result<()> {
         durations: settings.durations,
         profiles: settings.profiles,
         proc_root: args.proc_root.clone(),
+        gate: settings.gate,
+        need: settings.need,
     };
     let (mut engine, handle, status) = Engine::new(config);
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
@@ -143,7 +145,7 @@ async fn run(args: Args) -> Result<()> {
         while sighup.recv().await.is_some() {
             match self::settings(&args) {
                 Ok(s) => {
-                    if let Err(e) = reload_handle.reload(s.durations, s.profiles).await {
+                    if let Err(e) = reload_handle.reload(s.durations, s.profiles, s.need).await {
                         tracing::error!("applying the reloaded configuration: {e}");
                     }
                 }

@@ -18,6 +18,7 @@ use zbus::{interface, Connection, Variant};
 use crate::bus::authorize::{Action, Authority};
 use crate::bus::calls::CallTracker;
 use crate::bus::error::BusError;
+use crate::core::need::Gate;
 use crate::core::setting::Mode;
 use crate::engine::{CycleCpu, Handle, Status};
 use crate::io::ksmd::Ksmd;
@@ -121,6 +122,33 @@ impl Throttler {
         let mode: Mode = mode.parse()?;
         self.authority.check(&header, Action::SetMode).await?;
         Ok(self.engine.set_mode(mode).await?)
+    }
+
+    /// Sets the need gate: `always` or `when-needed`; anything else is InvalidArgs. Under the
+    /// set-mode polkit action.
+    async fn set_need_gate(&self, gate: &str, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
+        let _call = self.calls.enter(&header);
+        let gate: Gate = gate.parse()?;
+        self.authority.check(&header, Action::SetMode).await?;
+        Ok(self.engine.set_need_gate(gate).await?)
+    }
+
+    /// The need gate: always or when-needed.
+    #[zbus(property)]
+    fn need_gate(&self) -> String {
+        self.status.borrow().gate.as_str().to_owned()
+    }
+
+    /// The gate's state: not-gated, needed or not-needed.
+    #[zbus(property)]
+    fn need(&self) -> String {
+        self.status.borrow().need.as_str().to_owned()
+    }
+
+    /// The figure that decided the gate's state.
+    #[zbus(property)]
+    fn need_reason(&self) -> String {
+        self.status.borrow().need_reason.clone()
     }
 
     /// The setting in force: initial, aggressive, standard, slow or off.
@@ -269,6 +297,15 @@ pub async fn signal_changes(conn: Connection, mut status: watch::Receiver<Status
         }
         if now.next_step_down_us != last.next_step_down_us {
             changed.insert("NextStepDown", Variant::from(now.next_step_down_us));
+        }
+        if now.gate != last.gate {
+            changed.insert("NeedGate", Variant::from(now.gate.as_str()));
+        }
+        if now.need != last.need {
+            changed.insert("Need", Variant::from(now.need.as_str()));
+        }
+        if now.need_reason != last.need_reason {
+            changed.insert("NeedReason", Variant::from(now.need_reason.clone()));
         }
         if !changed.is_empty() {
             if let Err(e) = Properties::properties_changed(&emitter, iface.clone(), changed, Cow::Borrowed(&[])).await {

@@ -94,6 +94,9 @@ pub struct Status {
     pub mem_available_ratio: f64,
     pub memory_pressure_some: f64,
     pub memory_pressure_full: f64,
+    pub need_gate: String,
+    pub need: String,
+    pub need_reason: String,
 }
 
 fn get<T: TryFrom<OwnedVariant>>(all: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
@@ -125,6 +128,9 @@ impl Status {
             mem_available_ratio: get(all, "MemAvailableRatio").unwrap_or(-1.0),
             memory_pressure_some: get(all, "MemoryPressureSome").unwrap_or(-1.0),
             memory_pressure_full: get(all, "MemoryPressureFull").unwrap_or(-1.0),
+            need_gate: get(all, "NeedGate").unwrap_or_default(),
+            need: get(all, "Need").unwrap_or_default(),
+            need_reason: get(all, "NeedReason").unwrap_or_default(),
         }
     }
 
@@ -170,7 +176,7 @@ impl Status {
         };
         format!(
             "mode:     {}\nsetting:  {}{next}\nknobs:    run={} pages_to_scan={} sleep_millisecs={}\n\
-             saved:    {} (pages_sharing {}, ksm_zero_pages {})\nksmd:     {}\nprofit:   {}\nmemory:   {}\n\
+             saved:    {} (pages_sharing {}, ksm_zero_pages {})\nksmd:     {}\nprofit:   {}\nmemory:   {}\nneed:     {} (gate {}: {})\n\
              scanning: {} full scans; pages shared {}, unshared {}, volatile {}\n\
              kicks:    {}\nversion:  {}\n",
             self.mode,
@@ -184,6 +190,9 @@ impl Status {
             self.ksmd_line(),
             mib(self.general_profit as f64),
             self.memory_line(),
+            self.need,
+            self.need_gate,
+            self.need_reason,
             self.full_scans,
             self.pages_shared,
             self.pages_unshared,
@@ -280,9 +289,13 @@ mod tests {
         put(&mut all, "MemAvailableRatio", 0.125f64.into());
         put(&mut all, "MemoryPressureSome", 5.5f64.into());
         put(&mut all, "MemoryPressureFull", 0.0f64.into());
+        put(&mut all, "NeedGate", "when-needed".into());
+        put(&mut all, "Need", "needed".into());
+        put(&mut all, "NeedReason", "MemAvailable 12.5% < 20.0%".into());
         let text = Status::from_properties(&all).render(UNIX_EPOCH);
         assert!(text.contains("ksmd:     25.0 % of a CPU, 1.5 CPU-s since boot, 2.0 MiB saved per CPU-s"), "{text}");
         assert!(text.contains("memory:   MemAvailable 12.5 % of RAM, pressure some 5.50 % full 0.00 %"), "{text}");
+        assert!(text.contains("need:     needed (gate when-needed: MemAvailable 12.5% < 20.0%)"), "{text}");
     }
 
     #[test]

@@ -10,6 +10,14 @@ use zbus::proxy;
 pub trait KsmThrottler {
     fn kick(&self) -> zbus::Result<()>;
     fn set_mode(&self, mode: &str) -> zbus::Result<()>;
+    fn set_need_gate(&self, gate: &str) -> zbus::Result<()>;
+
+    #[zbus(property)]
+    fn need_gate(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn need(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn need_reason(&self) -> zbus::Result<String>;
 
     #[zbus(property)]
     fn current_setting(&self) -> zbus::Result<String>;

@@ -2,6 +2,7 @@
 //! (every function is given the time).
 
 pub mod knobs;
+pub mod need;
 pub(crate) mod plan;
 pub mod policy;
 pub mod setting;

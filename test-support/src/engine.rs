@@ -34,6 +34,8 @@ fn config(scratch: &Scratch, mode: Mode) -> Config {
         durations: Durations::default(),
         profiles: Profiles::default(),
         proc_root: scratch.proc_root(),
+        gate: kata_ksm_throttler::core::need::Gate::Always,
+        need: kata_ksm_throttler::core::need::Thresholds::default(),
     }
 }
 
