@@ -22,11 +22,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::core::knobs::{Knobs, Target};
+use crate::core::need::{Figure, Gate, Need, NeedGate, Readings, Thresholds};
 use crate::core::plan::{self, plan};
 use crate::core::policy::{resize_needed, Counters, Durations, Policy, Transition};
 use crate::core::setting::Profiles;
 use crate::core::setting::{Mode, Setting};
+use crate::io::ksmd::Ksmd;
 use crate::io::meminfo::{self, MeminfoError};
+use crate::io::pressure;
 use crate::io::state_file::{Handover, StateError, StateFile};
 use crate::io::sysfs::{Ksm, SysfsError};
 
@@ -46,6 +49,11 @@ pub struct Config {
     pub mode: Mode,
     pub durations: Durations,
     pub profiles: Profiles,
+    /// Where ksmd's thread and /proc/pressure/memory are read (`/proc`).
+    pub proc_root: PathBuf,
+    /// The need gate at start-up and its thresholds (see [`crate::core::need`]).
+    pub gate: Gate,
+    pub need: Thresholds,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +74,10 @@ pub type Reply = oneshot::Sender<Result<(), EngineError>>;
 pub enum Command {
     Kick(Reply),
     SetMode(Mode, Reply),
-    /// New durations and profiles from a re-read configuration; the cycle goes on.
-    Reload(Durations, Profiles, Reply),
+    /// New durations, profiles and need thresholds from a re-read configuration; the cycle
+    /// goes on, and the running gate stays.
+    Reload(Durations, Profiles, Thresholds, Reply),
+    SetNeedGate(Gate, Reply),
     ConcludeIdle(Drain, oneshot::Sender<Verdict>),
 }
 
@@ -111,6 +121,23 @@ pub struct Status {
     /// CLOCK_REALTIME microseconds of the next scheduled step, 0 when none.
     pub next_step_down_us: u64,
     pub kick_count: u64,
+    /// ksmd's CPU time at the start of the cycle under way or the last one (and at its end),
+    /// for the bus to show ksmd's share of a CPU over it; `None` before any cycle, or where
+    /// ksmd could not be read when it began.
+    pub cycle_cpu: Option<CycleCpu>,
+    pub gate: Gate,
+    pub need: Need,
+    /// The figure that decided the gate's state ("MemAvailable 12.0% < 20.0%").
+    pub need_reason: String,
+}
+
+/// ksmd's CPU time (since boot) when a cycle left the initial settings, and when it came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CycleCpu {
+    pub started: Instant,
+    pub cpu_at_start: Duration,
+    /// When the cycle ended and ksmd's CPU time then; `None` while it runs.
+    pub ended: Option<(Instant, Duration)>,
 }
 
 /// A handle to send commands to a running engine.
@@ -128,8 +155,12 @@ impl Handle {
         self.call(|reply| Command::SetMode(mode, reply)).await
     }
 
-    pub async fn reload(&self, durations: Durations, profiles: Profiles) -> Result<(), EngineError> {
-        self.call(|reply| Command::Reload(durations, profiles, reply)).await
+    pub async fn reload(&self, durations: Durations, profiles: Profiles, need: Thresholds) -> Result<(), EngineError> {
+        self.call(|reply| Command::Reload(durations, profiles, need, reply)).await
+    }
+
+    pub async fn set_need_gate(&self, gate: Gate) -> Result<(), EngineError> {
+        self.call(|reply| Command::SetNeedGate(gate, reply)).await
     }
 
     /// Answers an idle notice: see the module documentation.
@@ -167,6 +198,13 @@ pub struct Engine {
     /// The deadline last shown and its wall-clock form, so that a deadline that has not moved
     /// reads as the same microsecond every time (converting it again jitters by a microsecond).
     shown_deadline: Cell<Option<(Instant, u64)>>,
+    ksmd: Ksmd,
+    cycle_cpu: Option<CycleCpu>,
+    need: NeedGate,
+    /// When meminfo and PSI are read next: only while the gate applies.
+    need_poll_at: Option<Instant>,
+    /// A figure could not be read and that was logged: said once, not at every poll.
+    need_garbled: bool,
 }
 
 struct IdleExit {
@@ -183,10 +221,21 @@ impl Engine {
     /// can be serving (and queueing calls) before it touches KSM.
     pub fn new(config: Config) -> (Engine, Handle, watch::Receiver<Status>) {
         let policy = Policy::new(config.mode, config.durations);
-        let status = Status { mode: policy.mode(), setting: policy.setting(), next_step_down_us: 0, kick_count: 0 };
+        let status = Status {
+            mode: policy.mode(),
+            setting: policy.setting(),
+            next_step_down_us: 0,
+            kick_count: 0,
+            cycle_cpu: None,
+            gate: Gate::Always,
+            need: Need::NotGated,
+            need_reason: String::new(),
+        };
         let (status_tx, status_rx) = watch::channel(status);
         // Bounded: a flood of callers waits here instead of growing memory.
         let (tx, rx) = mpsc::channel(256);
+        let ksmd = Ksmd::new(&config.proc_root);
+        let need = NeedGate::new(config.need);
         let engine = Engine {
             config,
             policy,
@@ -200,6 +249,11 @@ impl Engine {
             started: false,
             kick_retry: None,
             shown_deadline: Cell::new(None),
+            ksmd,
+            cycle_cpu: None,
+            need,
+            need_poll_at: None,
+            need_garbled: false,
         };
         (engine, Handle { commands: tx }, status_rx)
     }
@@ -229,6 +283,7 @@ impl Engine {
     /// would record the wrong "initial" settings.
     fn startup(&mut self) -> Result<(), EngineError> {
         if self.resume()? {
+            self.start_gate();
             self.publish();
             return Ok(());
         }
@@ -258,8 +313,90 @@ impl Engine {
         if let Some(t) = self.policy.start(now()) {
             self.apply(t)?;
         }
+        self.start_gate();
         self.publish();
         Ok(())
+    }
+
+    /// Puts the configured gate in place and, if it applies, reads the need at once.
+    fn start_gate(&mut self) {
+        let gate = self.config.gate;
+        if let Err(e) = self.step(|p, now| p.set_gate(gate, now)) {
+            tracing::error!("the need gate at start-up: {e}");
+        }
+        self.poll_need();
+    }
+
+    /// Reads meminfo and PSI, lets the gate decide, and acts on it; schedules the next read
+    /// while the gate applies (never otherwise: an ungated idle throttler never wakes).
+    fn poll_need(&mut self) {
+        if !self.policy.gated() {
+            self.need_poll_at = None;
+            return;
+        }
+        let now = now();
+        let readings = self.read_need();
+        let observed = self.need.observe(now, readings);
+        if observed.garbled && !self.need_garbled {
+            tracing::error!(?readings, "a need figure cannot be read: the gate keeps its last decision");
+        } else if !observed.garbled && self.need_garbled {
+            tracing::info!("the need figures read again");
+        }
+        self.need_garbled = observed.garbled;
+        if let Some(needed) = observed.changed {
+            tracing::info!(
+                needed,
+                reason = self.need.reason(),
+                "memory {}",
+                if needed { "needed" } else { "no longer needed" }
+            );
+        }
+        // Every time, not only on a change: a step that failed is tried again at the next read.
+        let needed = self.need.needed();
+        if let Err(e) = self.step(|p, now| p.need(needed, now)) {
+            tracing::error!(
+                "acting on the need gate, again in {}s: {e}",
+                self.need.thresholds().poll_interval.as_secs()
+            );
+        }
+        self.need_poll_at = Some(now + self.need.thresholds().poll_interval);
+    }
+
+    fn on_need_poll(&mut self) {
+        let before = self.policy.setting();
+        self.poll_need();
+        if self.policy.setting() != before {
+            self.note_activity();
+        }
+        self.publish();
+    }
+
+    fn read_need(&self) -> Readings {
+        let t = self.need.thresholds();
+        let mem_available = if t.mem_available_below > 0.0 {
+            match meminfo::mem_available(&self.config.meminfo) {
+                Ok(m) => Figure::Value(m.ratio()),
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    Figure::Garbled
+                }
+            }
+        } else {
+            Figure::Absent
+        };
+        let psi_some = if t.psi_some_above > 0.0 {
+            match pressure::read(&pressure::path_under(&self.config.proc_root)) {
+                Ok(Some(p)) => Figure::Value(p.some_avg10),
+                Ok(None) => Figure::Absent,
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    Figure::Garbled
+                }
+            }
+        } else {
+            Figure::Absent
+        };
+        Readings { mem_available, psi_some }
     }
 
     /// Puts a previous instance's record back; `Ok(false)` if some knob could not be, which is
@@ -357,6 +494,7 @@ impl Engine {
                 },
                 () = sleep_until(wake) => self.on_wake(),
                 () = sleep_until(self.kick_retry) => self.retry_kick(),
+                () = sleep_until(self.need_poll_at) => self.on_need_poll(),
                 () = sleep_until(idle_due) => self.on_idle(),
             }
         };
@@ -368,8 +506,12 @@ impl Engine {
         }
     }
 
+    /// With the gate applying, never: the throttler has memory to watch.
     fn at_rest(&self) -> bool {
-        self.saved.is_none() && self.kick_retry.is_none() && self.policy.at_rest_in(self.config.mode)
+        self.saved.is_none()
+            && self.kick_retry.is_none()
+            && self.policy.at_rest_in(self.config.mode)
+            && !self.policy.gated()
     }
 
     /// Restarts the idle clock: from now if at rest, else not running.
@@ -461,9 +603,24 @@ impl Engine {
                         tracing::error!(mode = %mode, "{setting} under the new mode: {e}");
                     }
                 }
+                // The gate applies in throttle and adaptive only: reading starts or stops.
+                if self.policy.gated() != self.need_poll_at.is_some() {
+                    self.poll_need();
+                }
                 (result, reply)
             }
-            Command::Reload(durations, profiles, reply) => (self.reload(durations, profiles), reply),
+            Command::Reload(durations, profiles, need, reply) => {
+                self.need.set_thresholds(need);
+                (self.reload(durations, profiles), reply)
+            }
+            Command::SetNeedGate(gate, reply) => {
+                let result = self.step(|p, now| p.set_gate(gate, now));
+                if result.is_ok() {
+                    tracing::info!(gate = %gate, "need gate set");
+                    self.poll_need();
+                }
+                (result, reply)
+            }
             Command::ConcludeIdle(drain, reply) => {
                 let (verdict, ended) = self.conclude_idle(drain);
                 let _ = reply.send(verdict);
@@ -587,6 +744,7 @@ impl Engine {
                 self.warn_if_our_own(&have);
                 self.config.state.save(&have)?;
                 self.saved = Some(have.clone());
+                self.cycle_began();
             }
             self.put_in_force(&have, t.to)?
         };
@@ -722,7 +880,28 @@ impl Engine {
         );
         self.saved = None;
         self.sized_on = None;
+        self.cycle_ended();
         Ok(now)
+    }
+
+    /// ksmd's CPU time as a cycle leaves the initial settings; unknown where ksmd is not found.
+    fn cycle_began(&mut self) {
+        self.cycle_cpu = match self.ksmd.cpu_time() {
+            Ok(cpu) => Some(CycleCpu { started: now(), cpu_at_start: cpu, ended: None }),
+            Err(e) => {
+                tracing::debug!("ksmd's CPU time at the start of a cycle: {e}");
+                None
+            }
+        };
+    }
+
+    fn cycle_ended(&mut self) {
+        if let Some(c) = &mut self.cycle_cpu {
+            c.ended = self.ksmd.cpu_time().ok().map(|cpu| (now(), cpu));
+            if c.ended.is_none() {
+                self.cycle_cpu = None;
+            }
+        }
     }
 
     fn next_step_down_us(&self) -> u64 {
@@ -750,16 +929,35 @@ impl Engine {
         let next_step_down_us = self.shown_next_step_down_us();
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
         let kick_count = self.kick_count;
+        let cycle_cpu = self.cycle_cpu;
+        let gate = self.policy.gate();
+        let (need, need_reason) = if self.policy.gated() {
+            let need = if self.need.needed() { Need::Needed } else { Need::NotNeeded };
+            (need, self.need.reason().to_owned())
+        } else if gate == Gate::Always {
+            (Need::NotGated, "the gate is always".to_owned())
+        } else {
+            (Need::NotGated, format!("mode {mode} ignores the gate"))
+        };
         self.status.send_if_modified(|s| {
             // A kick storm moves the deadline on every kick: the value is kept current for Get,
             // but only a move of more than a second (or a real change) is worth a signal. The
             // kick count changes without one.
             let moved = s.next_step_down_us.abs_diff(next_step_down_us) > SIGNAL_DEADLINE_MOVES_OVER_US;
-            let changed = s.mode != mode || s.setting != setting || moved;
+            let changed = s.mode != mode
+                || s.setting != setting
+                || moved
+                || s.gate != gate
+                || s.need != need
+                || s.need_reason != need_reason;
             s.mode = mode;
             s.setting = setting;
             s.next_step_down_us = next_step_down_us;
             s.kick_count = kick_count;
+            s.cycle_cpu = cycle_cpu;
+            s.gate = gate;
+            s.need = need;
+            s.need_reason = need_reason;
             changed
         });
     }

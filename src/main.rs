@@ -10,7 +10,7 @@ use kata_ksm_throttler::bus::authorize::Authority;
 use kata_ksm_throttler::bus::idle_exit;
 use kata_ksm_throttler::bus::inspect::Inspector;
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::bus::service::{self, Throttler};
+use kata_ksm_throttler::bus::service::{self, Readers, Throttler};
 use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::engine::{Config, Ended, Engine};
 use kata_ksm_throttler::io::meminfo;
@@ -99,6 +99,9 @@ async fn run(args: Args) -> Result<()> {
         mode: settings.mode,
         durations: settings.durations,
         profiles: settings.profiles,
+        proc_root: args.proc_root.clone(),
+        gate: settings.gate,
+        need: settings.need,
     };
     let (mut engine, handle, status) = Engine::new(config);
     let authority = Authority::new(&conn).await.context("setting up authorization")?;
@@ -114,7 +117,8 @@ async fn run(args: Args) -> Result<()> {
         status.clone(),
         inspect_authority,
     );
-    let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size());
+    let readers = Readers::new(&args.proc_root, &args.meminfo);
+    let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size(), readers);
     let calls = throttler.calls();
     // Before the name is taken, so that every call routed here is counted.
     tokio::spawn(calls.clone().watch(conn.clone()));
@@ -156,7 +160,7 @@ async fn run(args: Args) -> Result<()> {
         while sighup.recv().await.is_some() {
             match self::settings(&args) {
                 Ok(s) => {
-                    if let Err(e) = reload_handle.reload(s.durations, s.profiles).await {
+                    if let Err(e) = reload_handle.reload(s.durations, s.profiles, s.need).await {
                         tracing::error!("applying the reloaded configuration: {e}");
                     }
                 }

@@ -203,6 +203,11 @@ fn nobody_client() {
             "set-mode-off" => {
                 throttler.inner().call_with_flags::<_, _, ()>("SetMode", flags, &("off",)).await.map(|_| String::new())
             }
+            "set-need-gate" => throttler
+                .inner()
+                .call_with_flags::<_, _, ()>("SetNeedGate", flags, &("when-needed",))
+                .await
+                .map(|_| String::new()),
             "read" => throttler.current_setting().await,
             "sandboxes" => {
                 let inspect = kata_ksm_throttler::client::proxy::InspectProxy::new(&conn).await?;
@@ -244,6 +249,11 @@ async fn with_no_rule_nobody_is_refused_both_actions_and_root_is_served() {
     // Allowed to ask, polkit finds no authentication agent to ask with: refused.
     let set = as_nobody(&s.bus, "set-mode-off", true);
     assert_eq!(set.error_name(), ACCESS_DENIED, "{set:?}");
+    // SetNeedGate is under the same action.
+    let gate = as_nobody(&s.bus, "set-need-gate", false);
+    assert_eq!(gate.error_name(), INTERACTIVE_REQUIRED, "{gate:?}");
+    assert!(format!("{gate:?}").contains("org.kata.KsmThrottler.set-mode"), "{gate:?}");
+    assert_eq!(s.proxy.need_gate().await.expect("get"), "always", "refused: unchanged");
 
     assert_eq!(s.scratch.snapshot(), before, "nothing done for refused calls");
     assert_eq!(s.proxy.kick_count().await.expect("get"), 0, "refused kicks are not counted");
@@ -287,6 +297,8 @@ async fn a_rule_granting_the_actions_lets_nobody_kick_and_set_the_mode() {
     assert_eq!(s.proxy.mode().await.expect("get"), "off");
     assert_eq!(s.scratch.knob("run"), "0\n");
     assert_eq!(as_nobody(&s.bus, "sandboxes", false), Outcome::Ok("json".into()));
+    assert_eq!(as_nobody(&s.bus, "set-need-gate", false), Outcome::Ok(String::new()));
+    assert_eq!(s.proxy.need_gate().await.expect("get"), "when-needed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

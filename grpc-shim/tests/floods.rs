@@ -90,7 +90,7 @@ async fn grpc_kick(socket: &Path) -> Result<(), String> {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let request = http::Request::post("http://localhost/ksm.KSMThrottler/Kick")
+    let request = ::http::Request::post("http://localhost/ksm.KSMThrottler/Kick")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())

@@ -141,7 +141,7 @@ async fn a_kick_the_throttler_cannot_apply_yet_is_ok_for_old_clients_and_applied
 }
 
 /// Reads a whole response body and its trailers.
-async fn read_body(mut body: h2::RecvStream) -> (Vec<u8>, http::HeaderMap) {
+async fn read_body(mut body: h2::RecvStream) -> (Vec<u8>, ::http::HeaderMap) {
     let mut data = vec![];
     while let Some(chunk) = body.data().await {
         let chunk = chunk.expect("data");
@@ -152,11 +152,11 @@ async fn read_body(mut body: h2::RecvStream) -> (Vec<u8>, http::HeaderMap) {
     (data, trailers)
 }
 
-async fn raw_call(socket: &Path, path: &str) -> (http::StatusCode, http::HeaderMap, Vec<u8>, http::HeaderMap) {
+async fn raw_call(socket: &Path, path: &str) -> (::http::StatusCode, ::http::HeaderMap, Vec<u8>, ::http::HeaderMap) {
     let io = UnixStream::connect(socket).await.expect("connect");
     let (mut h2, conn) = h2::client::handshake(io).await.expect("HTTP/2 handshake");
     tokio::spawn(conn);
-    let request = http::Request::builder()
+    let request = ::http::Request::builder()
         .method("POST")
         .uri(format!("http://localhost{path}"))
         .header("content-type", "application/grpc")

@@ -10,8 +10,8 @@ use clap::Parser;
 use futures_util::StreamExt;
 use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::client::ctl::{self, exit, Cli, Command, Status};
-use kata_ksm_throttler::client::metrics;
 use kata_ksm_throttler::client::inspect;
+use kata_ksm_throttler::client::metrics;
 use kata_ksm_throttler::client::proxy::InspectProxy;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use serde_json::json;
@@ -194,6 +194,7 @@ fn value_json(v: &Value<'_>) -> serde_json::Value {
         Value::U64(n) => json!(n),
         Value::U32(n) => json!(n),
         Value::I64(n) => json!(n),
+        Value::F64(n) => json!(n),
         other => json!(other.to_string()),
     }
 }
@@ -228,9 +229,9 @@ async fn watch(props: &PropertiesProxy<'_>, json: bool, interval: Duration) -> R
                 match read_status(props, MethodFlags::NO_AUTO_START).await {
                     Ok(s) if json => println!("{}", json!({"time": now_stamp(), "event": "stats", "status": s})),
                     Ok(s) => println!(
-                        "{} stats mode={} setting={} saved={} pages_sharing={} full_scans={} run={} pages_to_scan={} sleep_millisecs={}",
+                        "{} stats mode={} setting={} saved={} pages_sharing={} full_scans={} run={} pages_to_scan={} sleep_millisecs={} ksmd: {}",
                         now_stamp(), s.mode, s.current_setting, ctl::mib(s.saved_bytes as f64), s.pages_sharing,
-                        s.full_scans, s.run, s.pages_to_scan, s.sleep_millisecs,
+                        s.full_scans, s.run, s.pages_to_scan, s.sleep_millisecs, s.ksmd_line(),
                     ),
                     Err(Failure(_, message)) if json => println!("{}", json!({"time": now_stamp(), "event": "unavailable", "reason": message})),
                     Err(Failure(_, message)) => println!("{} unavailable: {message}", now_stamp()),

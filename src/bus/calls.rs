@@ -248,7 +248,7 @@ fn counted_call(msg: &Message) -> Option<CallId> {
     }
     let signature = match header.member()?.as_str() {
         "Kick" => "",
-        "SetMode" => "s",
+        "SetMode" | "SetNeedGate" => "s",
         _ => return None,
     };
     if msg.body().signature().to_string() != signature {

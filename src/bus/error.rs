@@ -105,6 +105,12 @@ impl From<EngineError> for BusError {
     }
 }
 
+impl From<crate::core::need::UnknownGate> for BusError {
+    fn from(e: crate::core::need::UnknownGate) -> Self {
+        BusError::InvalidArgs(e.to_string())
+    }
+}
+
 impl From<UnknownMode> for BusError {
     fn from(e: UnknownMode) -> Self {
         BusError::InvalidArgs(e.to_string())

@@ -4,7 +4,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use zbus::fdo::Properties;
@@ -16,9 +18,12 @@ use zbus::{interface, Connection, Variant};
 use crate::bus::authorize::{Action, Authority};
 use crate::bus::calls::CallTracker;
 use crate::bus::error::BusError;
+use crate::core::need::Gate;
 use crate::core::setting::Mode;
-use crate::engine::{Handle, Status};
+use crate::engine::{CycleCpu, Handle, Status};
+use crate::io::ksmd::Ksmd;
 use crate::io::sysfs::Ksm;
+use crate::io::{meminfo, pressure};
 use crate::names::{INTERFACE, OBJECT_PATH};
 
 pub struct Throttler {
@@ -29,6 +34,43 @@ pub struct Throttler {
     ksm: Ksm,
     page_size: u64,
     calls: Arc<CallTracker>,
+    readers: Readers,
+}
+
+/// What the live cost and need properties read: ksmd's thread, meminfo and the PSI file.
+#[derive(Debug)]
+pub struct Readers {
+    ksmd: Ksmd,
+    meminfo: PathBuf,
+    pressure: PathBuf,
+    /// When the daemon started and ksmd's CPU time then: the share shown before any cycle.
+    started: (Instant, Option<Duration>),
+}
+
+impl Readers {
+    pub fn new(proc_root: &Path, meminfo: &Path) -> Readers {
+        let ksmd = Ksmd::new(proc_root);
+        let started = (Instant::now(), ksmd.cpu_time().ok());
+        Readers { ksmd, meminfo: meminfo.to_owned(), pressure: pressure::path_under(proc_root), started }
+    }
+
+    /// ksmd's share of one CPU over the cycle under way or the last one, else since start-up;
+    /// `None` where ksmd cannot be read.
+    pub fn ksmd_share(&self, cycle: Option<CycleCpu>, now: Instant) -> Option<f64> {
+        let (from, cpu_from, to, cpu_to) = match cycle {
+            Some(CycleCpu { started, cpu_at_start, ended: Some((at, cpu)) }) => (started, cpu_at_start, at, cpu),
+            Some(CycleCpu { started, cpu_at_start, ended: None }) => {
+                (started, cpu_at_start, now, self.ksmd.cpu_time().ok()?)
+            }
+            None => (self.started.0, self.started.1?, now, self.ksmd.cpu_time().ok()?),
+        };
+        share(cpu_to.saturating_sub(cpu_from), to.saturating_duration_since(from))
+    }
+}
+
+/// CPU time over wall time; `None` over no time at all.
+fn share(cpu: Duration, wall: Duration) -> Option<f64> {
+    (!wall.is_zero()).then(|| cpu.as_secs_f64() / wall.as_secs_f64())
 }
 
 impl Throttler {
@@ -38,8 +80,9 @@ impl Throttler {
         authority: Authority,
         ksm: Ksm,
         page_size: u64,
+        readers: Readers,
     ) -> Self {
-        Throttler { engine, status, authority, ksm, page_size, calls: CallTracker::new() }
+        Throttler { engine, status, authority, ksm, page_size, calls: CallTracker::new(), readers }
     }
 
     /// The count of `Kick` and `SetMode` calls in flight, for exiting on idle.
@@ -79,6 +122,33 @@ impl Throttler {
         let mode: Mode = mode.parse()?;
         self.authority.check(&header, Action::SetMode).await?;
         Ok(self.engine.set_mode(mode).await?)
+    }
+
+    /// Sets the need gate: `always` or `when-needed`; anything else is InvalidArgs. Under the
+    /// set-mode polkit action.
+    async fn set_need_gate(&self, gate: &str, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
+        let _call = self.calls.enter(&header);
+        let gate: Gate = gate.parse()?;
+        self.authority.check(&header, Action::SetMode).await?;
+        Ok(self.engine.set_need_gate(gate).await?)
+    }
+
+    /// The need gate: always or when-needed.
+    #[zbus(property)]
+    fn need_gate(&self) -> String {
+        self.status.borrow().gate.as_str().to_owned()
+    }
+
+    /// The gate's state: not-gated, needed or not-needed.
+    #[zbus(property)]
+    fn need(&self) -> String {
+        self.status.borrow().need.as_str().to_owned()
+    }
+
+    /// The figure that decided the gate's state.
+    #[zbus(property)]
+    fn need_reason(&self) -> String {
+        self.status.borrow().need_reason.clone()
     }
 
     /// The setting in force: initial, aggressive, standard, slow or off.
@@ -177,6 +247,38 @@ impl Throttler {
     fn sleep_millisecs(&self) -> zbus::fdo::Result<u64> {
         self.knob("sleep_millisecs")
     }
+
+    /// ksmd's CPU time since boot in seconds, read live; -1 where ksmd cannot be found.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cpu_seconds(&self) -> f64 {
+        self.readers.ksmd.cpu_time().map_or(-1.0, |d| d.as_secs_f64())
+    }
+
+    /// ksmd's share of one CPU over the cycle under way or the last one (since start-up before
+    /// any); -1 where unknown.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cpu_share(&self) -> f64 {
+        let cycle = self.status.borrow().cycle_cpu;
+        self.readers.ksmd_share(cycle, Instant::now()).unwrap_or(-1.0)
+    }
+
+    /// MemAvailable / MemTotal, read live; -1 where meminfo lacks them.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn mem_available_ratio(&self) -> f64 {
+        meminfo::mem_available(&self.readers.meminfo).map_or(-1.0, |m| m.ratio())
+    }
+
+    /// Memory PSI `some avg10` (percent), read live; -1 without PSI.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_pressure_some(&self) -> f64 {
+        pressure::read(&self.readers.pressure).ok().flatten().map_or(-1.0, |p| p.some_avg10)
+    }
+
+    /// Memory PSI `full avg10` (percent), read live; -1 without PSI.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_pressure_full(&self) -> f64 {
+        pressure::read(&self.readers.pressure).ok().flatten().map_or(-1.0, |p| p.full_avg10)
+    }
 }
 
 /// Emits one `PropertiesChanged` per published change, holding every property that changed.
@@ -195,6 +297,15 @@ pub async fn signal_changes(conn: Connection, mut status: watch::Receiver<Status
         }
         if now.next_step_down_us != last.next_step_down_us {
             changed.insert("NextStepDown", Variant::from(now.next_step_down_us));
+        }
+        if now.gate != last.gate {
+            changed.insert("NeedGate", Variant::from(now.gate.as_str()));
+        }
+        if now.need != last.need {
+            changed.insert("Need", Variant::from(now.need.as_str()));
+        }
+        if now.need_reason != last.need_reason {
+            changed.insert("NeedReason", Variant::from(now.need_reason.clone()));
         }
         if !changed.is_empty() {
             if let Err(e) = Properties::properties_changed(&emitter, iface.clone(), changed, Cow::Borrowed(&[])).await {

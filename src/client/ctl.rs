@@ -128,6 +128,15 @@ pub struct Status {
     pub ksm_zero_pages: u64,
     pub general_profit: i64,
     pub saved_bytes: u64,
+    /// -1 where ksmd cannot be found (or an older throttler that lacks it).
+    pub ksmd_cpu_seconds: f64,
+    pub ksmd_cpu_share: f64,
+    pub mem_available_ratio: f64,
+    pub memory_pressure_some: f64,
+    pub memory_pressure_full: f64,
+    pub need_gate: String,
+    pub need: String,
+    pub need_reason: String,
 }
 
 fn get<T: TryFrom<OwnedVariant>>(all: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
@@ -154,7 +163,49 @@ impl Status {
             ksm_zero_pages: get(all, "KsmZeroPages").unwrap_or_default(),
             general_profit: get(all, "GeneralProfit").unwrap_or_default(),
             saved_bytes: get(all, "SavedBytes").unwrap_or_default(),
+            ksmd_cpu_seconds: get(all, "KsmdCpuSeconds").unwrap_or(-1.0),
+            ksmd_cpu_share: get(all, "KsmdCpuShare").unwrap_or(-1.0),
+            mem_available_ratio: get(all, "MemAvailableRatio").unwrap_or(-1.0),
+            memory_pressure_some: get(all, "MemoryPressureSome").unwrap_or(-1.0),
+            memory_pressure_full: get(all, "MemoryPressureFull").unwrap_or(-1.0),
+            need_gate: get(all, "NeedGate").unwrap_or_default(),
+            need: get(all, "Need").unwrap_or_default(),
+            need_reason: get(all, "NeedReason").unwrap_or_default(),
         }
+    }
+
+    /// ksmd's cost beside what it saved: its share of a CPU over the cycle, and MiB saved now
+    /// per CPU-second it has used since boot; says so where ksmd cannot be found.
+    pub fn ksmd_line(&self) -> String {
+        if self.ksmd_cpu_seconds < 0.0 {
+            return "ksmd not found (no KSM, or another pid namespace)".into();
+        }
+        let share = if self.ksmd_cpu_share < 0.0 {
+            "CPU share unknown".to_owned()
+        } else {
+            format!("{:.1} % of a CPU", self.ksmd_cpu_share * 100.0)
+        };
+        let per_s = if self.ksmd_cpu_seconds > 0.0 {
+            format!("{:.1} MiB saved per CPU-s", self.saved_bytes as f64 / (1024.0 * 1024.0) / self.ksmd_cpu_seconds)
+        } else {
+            "no CPU used yet".to_owned()
+        };
+        format!("{share}, {:.1} CPU-s since boot, {per_s}", self.ksmd_cpu_seconds)
+    }
+
+    /// MemAvailable's share of RAM and the PSI figures, or that they are unknown.
+    pub fn memory_line(&self) -> String {
+        let avail = if self.mem_available_ratio < 0.0 {
+            "MemAvailable unknown".to_owned()
+        } else {
+            format!("MemAvailable {:.1} % of RAM", self.mem_available_ratio * 100.0)
+        };
+        let psi = if self.memory_pressure_some < 0.0 {
+            "no PSI".to_owned()
+        } else {
+            format!("pressure some {:.2} % full {:.2} %", self.memory_pressure_some, self.memory_pressure_full)
+        };
+        format!("{avail}, {psi}")
     }
 
     /// The human form of `status`.
@@ -165,7 +216,7 @@ impl Status {
         };
         format!(
             "mode:     {}\nsetting:  {}{next}\nknobs:    run={} pages_to_scan={} sleep_millisecs={}\n\
-             saved:    {} (pages_sharing {}, ksm_zero_pages {})\nprofit:   {}\n\
+             saved:    {} (pages_sharing {}, ksm_zero_pages {})\nksmd:     {}\nprofit:   {}\nmemory:   {}\nneed:     {} (gate {}: {})\n\
              scanning: {} full scans; pages shared {}, unshared {}, volatile {}\n\
              kicks:    {}\nversion:  {}\n",
             self.mode,
@@ -176,7 +227,12 @@ impl Status {
             mib(self.saved_bytes as f64),
             self.pages_sharing,
             self.ksm_zero_pages,
+            self.ksmd_line(),
             mib(self.general_profit as f64),
+            self.memory_line(),
+            self.need,
+            self.need_gate,
+            self.need_reason,
             self.full_scans,
             self.pages_shared,
             self.pages_unshared,
@@ -266,6 +322,20 @@ mod tests {
         assert!(text.contains("setting:  standard (next step in 2m 5s)"), "{text}");
         assert!(text.contains("saved:    3.0 MiB"), "{text}");
         assert!(text.contains("profit:   -1.0 MiB"), "{text}");
+        assert!(text.contains("ksmd:     ksmd not found"), "absent is said, never 0: {text}");
+        assert!(text.contains("memory:   MemAvailable unknown, no PSI"), "{text}");
+        put(&mut all, "KsmdCpuSeconds", 1.5f64.into());
+        put(&mut all, "KsmdCpuShare", 0.25f64.into());
+        put(&mut all, "MemAvailableRatio", 0.125f64.into());
+        put(&mut all, "MemoryPressureSome", 5.5f64.into());
+        put(&mut all, "MemoryPressureFull", 0.0f64.into());
+        put(&mut all, "NeedGate", "when-needed".into());
+        put(&mut all, "Need", "needed".into());
+        put(&mut all, "NeedReason", "MemAvailable 12.5% < 20.0%".into());
+        let text = Status::from_properties(&all).render(UNIX_EPOCH);
+        assert!(text.contains("ksmd:     25.0 % of a CPU, 1.5 CPU-s since boot, 2.0 MiB saved per CPU-s"), "{text}");
+        assert!(text.contains("memory:   MemAvailable 12.5 % of RAM, pressure some 5.50 % full 0.00 %"), "{text}");
+        assert!(text.contains("need:     needed (gate when-needed: MemAvailable 12.5% < 20.0%)"), "{text}");
     }
 
     #[test]

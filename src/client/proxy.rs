@@ -10,6 +10,14 @@ use zbus::proxy;
 pub trait KsmThrottler {
     fn kick(&self) -> zbus::Result<()>;
     fn set_mode(&self, mode: &str) -> zbus::Result<()>;
+    fn set_need_gate(&self, gate: &str) -> zbus::Result<()>;
+
+    #[zbus(property)]
+    fn need_gate(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn need(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn need_reason(&self) -> zbus::Result<String>;
 
     #[zbus(property)]
     fn current_setting(&self) -> zbus::Result<String>;
@@ -44,6 +52,16 @@ pub trait KsmThrottler {
     fn pages_to_scan(&self) -> zbus::Result<u64>;
     #[zbus(property(emits_changed_signal = "false"))]
     fn sleep_millisecs(&self) -> zbus::Result<u64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cpu_seconds(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cpu_share(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn mem_available_ratio(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_pressure_some(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_pressure_full(&self) -> zbus::Result<f64>;
 }
 
 /// `org.kata.KsmThrottler.Inspect` on the same object: the answers are JSON (see the XML).

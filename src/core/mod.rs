@@ -4,6 +4,7 @@
 pub mod accounting;
 pub mod doctor;
 pub mod knobs;
+pub mod need;
 pub(crate) mod plan;
 pub mod policy;
 pub mod sandbox;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use std::time::Instant;
 
+use crate::core::need::Gate;
 use crate::core::setting::{Mode, Setting};
 
 /// How long each throttling setting lasts with no further kick.
@@ -36,6 +37,10 @@ pub enum Cause {
     Startup,
     /// Adaptive: full scans added almost nothing to pages_sharing or to the memory under scan.
     Settled,
+    /// The need gate found memory needed: as if kicked.
+    Need,
+    /// Adaptive: general_profit stayed negative over the configured full scans.
+    Unprofitable,
 }
 
 impl fmt::Display for Cause {
@@ -46,6 +51,8 @@ impl fmt::Display for Cause {
             Cause::ModeChange => "mode-change",
             Cause::Startup => "startup",
             Cause::Settled => "merging-settled",
+            Cause::Need => "memory-needed",
+            Cause::Unprofitable => "no-profit",
         })
     }
 }
@@ -216,12 +223,98 @@ pub struct Policy {
     durations: Durations,
     watch: Option<Watch>,
     resize: Option<Resize>,
+    gate: Gate,
+    /// The need gate's last decision (see [`crate::core::need`]).
+    needed: bool,
 }
 
 impl Policy {
     /// A policy that has touched nothing yet; call [`Policy::start`] to enter its mode.
     pub fn new(mode: Mode, durations: Durations) -> Self {
-        Policy { mode, setting: Setting::Initial, deadline: None, durations, watch: None, resize: None }
+        Policy {
+            mode,
+            setting: Setting::Initial,
+            deadline: None,
+            durations,
+            watch: None,
+            resize: None,
+            gate: Gate::Always,
+            needed: false,
+        }
+    }
+
+    pub fn gate(&self) -> Gate {
+        self.gate
+    }
+
+    /// Whether the gate applies: `when-needed` in a mode that reacts to kicks (pinned settings,
+    /// `off` and `initial` ignore it).
+    pub fn gated(&self) -> bool {
+        self.gate == Gate::WhenNeeded && self.mode.reacts_to_kicks()
+    }
+
+    /// The gate is closed: kicks are counted and answered, and KSM stays as it is.
+    fn closed(&self) -> bool {
+        self.gated() && !self.needed
+    }
+
+    /// While memory is needed the cycle ends in `slow`, held, instead of the initial settings.
+    fn holds_slow(&self) -> bool {
+        self.gated() && self.needed
+    }
+
+    /// Changes the gate. Opening it (`always`) lets a held `slow` step down at the mode's pace.
+    pub fn set_gate(&mut self, gate: Gate, now: Instant) -> Option<Transition> {
+        self.gate = gate;
+        if gate == Gate::Always {
+            // Not read while open: the gate's next reading says again.
+            self.needed = false;
+        }
+        self.release_hold(now);
+        self.act_on_need(None, now)
+    }
+
+    /// The need gate decided: memory is needed (act as if kicked) or no longer (a held `slow`
+    /// steps down at the mode's pace). Never anything below the initial settings: the gate
+    /// never writes `run`=2, which unmerges everything at once.
+    pub fn need(&mut self, needed: bool, now: Instant) -> Option<Transition> {
+        let appeared = needed && !self.needed;
+        self.needed = needed;
+        if appeared && self.gated() {
+            let t = self.kick(now);
+            return t.map(|t| Transition { cause: Cause::Need, ..t });
+        }
+        self.release_hold(now);
+        None
+    }
+
+    /// A `slow` held by need (no deadline) gets the slow duration once it is no longer held.
+    fn release_hold(&mut self, now: Instant) {
+        if !self.holds_slow() && self.mode.reacts_to_kicks() && self.setting == Setting::Slow && self.deadline.is_none()
+        {
+            self.deadline = Some(now + self.durations.slow);
+            self.watch_from(now);
+            self.resize_carry_on(now);
+        }
+    }
+
+    /// Where a cycle ends: the initial settings, or `slow` held while memory is needed.
+    fn floor(&mut self, cause: Cause) -> Option<Transition> {
+        let to = if self.holds_slow() { Setting::Slow } else { Setting::Initial };
+        let t = self.move_to(to, None, cause);
+        self.watch = None;
+        self.resize = None;
+        t
+    }
+
+    /// In the initial settings while memory is needed (the gate or the mode just changed): as
+    /// if kicked. `t`: the transition that brought it there, if any.
+    fn act_on_need(&mut self, t: Option<Transition>, now: Instant) -> Option<Transition> {
+        if !(self.holds_slow() && self.setting == Setting::Initial) {
+            return t;
+        }
+        let from = t.map_or(self.setting, |t| t.from);
+        self.kick(now).map(|k| Transition { from, to: k.to, cause: Cause::Need }).filter(|k| k.from != k.to)
     }
 
     pub fn mode(&self) -> Mode {
@@ -278,7 +371,9 @@ impl Policy {
         let consistent = match mode {
             Mode::Throttle | Mode::Adaptive => match setting {
                 Setting::Initial => deadline.is_none(),
-                Setting::Aggressive | Setting::Standard | Setting::Slow => deadline.is_some(),
+                Setting::Aggressive | Setting::Standard => deadline.is_some(),
+                // Without a deadline: held by the need gate.
+                Setting::Slow => true,
                 Setting::Off => false,
             },
             Mode::Initial => setting == Setting::Initial && deadline.is_none(),
@@ -286,7 +381,15 @@ impl Policy {
             Mode::Pinned(p) => setting == p.setting() && deadline.is_none(),
         };
         consistent.then(|| {
-            let mut p = Policy { mode, setting, deadline, durations, watch: None, resize: None };
+            let mut p = Policy {
+                mode,
+                setting,
+                deadline,
+                durations,
+                watch: None,
+                resize: None,
+                ..Policy::new(mode, durations)
+            };
             p.watch_from(now);
             p.resize_from(now);
             p
@@ -312,7 +415,7 @@ impl Policy {
     /// New VMs are starting. Only `throttle` reacts; a kick while aggressive only restarts the
     /// timer, so a storm of kicks costs one transition.
     pub fn kick(&mut self, now: Instant) -> Option<Transition> {
-        if !self.mode.reacts_to_kicks() {
+        if !self.mode.reacts_to_kicks() || self.closed() {
             return None;
         }
         let deadline = Some(now + self.durations.aggressive);
@@ -343,7 +446,7 @@ impl Policy {
         let t = self.move_to(target, deadline, Cause::ModeChange);
         self.watch_from(now);
         self.resize_from(now);
-        t
+        self.act_on_need(t, now)
     }
 
     /// The timer fired: step down if the deadline has passed (an early wake-up changes nothing).
@@ -355,7 +458,7 @@ impl Policy {
         let next = match self.setting {
             Setting::Aggressive => Setting::Standard,
             Setting::Standard => Setting::Slow,
-            Setting::Slow => Setting::Initial,
+            Setting::Slow => return self.floor(Cause::Timer),
             // Nothing is scheduled from these; a stale deadline is simply dropped.
             Setting::Initial | Setting::Off => {
                 self.deadline = None;
@@ -425,10 +528,7 @@ impl Policy {
             Setting::Standard | Setting::Slow
                 if settling.scans >= CONFIRM_SCANS && settling.span(now) >= SETTLED_FOR =>
             {
-                let t = self.move_to(Setting::Initial, None, Cause::Settled);
-                self.watch = None;
-                self.resize = None;
-                t
+                self.floor(Cause::Settled)
             }
             _ => None,
         }
@@ -637,6 +737,135 @@ mod tests {
         p.set_mode(Mode::Off, t0 + 5 * S);
         assert_eq!(to(p.set_mode(Mode::Throttle, t0 + 6 * S)), Some(Setting::Initial));
         assert_eq!(to(p.kick(t0 + 7 * S)), Some(Setting::Aggressive));
+    }
+
+    fn gated(mode: Mode) -> (Policy, Instant) {
+        let mut p = Policy::new(mode, Durations::default());
+        let t0 = Instant::now();
+        p.start(t0);
+        assert_eq!(p.set_gate(Gate::WhenNeeded, t0), None, "not needed yet: nothing to do");
+        (p, t0)
+    }
+
+    #[test]
+    fn a_closed_gate_answers_kicks_and_touches_nothing() {
+        for mode in [Mode::Throttle, Mode::Adaptive] {
+            let (mut p, t0) = gated(mode);
+            assert!(p.gated());
+            for i in 0..5 {
+                assert_eq!(p.kick(t0 + i * S), None, "{mode}");
+            }
+            assert_eq!((p.setting(), p.deadline(), p.wake_at()), (Setting::Initial, None, None), "{mode}");
+        }
+    }
+
+    #[test]
+    fn need_appearing_acts_as_a_kick_and_holds_slow_while_it_lasts() {
+        let (mut p, t0) = gated(Mode::Throttle);
+        let t = p.need(true, t0).expect("as if kicked");
+        assert_eq!((t.from, t.to, t.cause), (Setting::Initial, Setting::Aggressive, Cause::Need));
+        assert_eq!(p.deadline(), Some(t0 + 30 * S));
+        assert_eq!(p.need(true, t0 + S), None, "still needed: nothing new");
+        assert_eq!(to(p.timer(t0 + 30 * S)), Some(Setting::Standard));
+        assert_eq!(to(p.timer(t0 + 150 * S)), Some(Setting::Slow));
+        // The slow step's end: held, not the initial settings, and nothing scheduled.
+        assert_eq!(p.timer(t0 + 270 * S), None);
+        assert_eq!((p.setting(), p.deadline()), (Setting::Slow, None));
+        assert_eq!(p.timer(t0 + 1000 * S), None, "held for as long as need lasts");
+        // A kick while needed goes aggressive as usual.
+        assert_eq!(to(p.kick(t0 + 1001 * S)), Some(Setting::Aggressive));
+        // Need gone mid-cycle: the cycle goes on at the mode's pace, down to initial.
+        assert_eq!(p.need(false, t0 + 1002 * S), None);
+        assert_eq!(to(p.timer(t0 + 1031 * S)), Some(Setting::Standard));
+        assert_eq!(to(p.timer(t0 + 1151 * S)), Some(Setting::Slow));
+        assert_eq!(to(p.timer(t0 + 1271 * S)), Some(Setting::Initial));
+        assert_eq!(p.kick(t0 + 1300 * S), None, "closed again");
+    }
+
+    #[test]
+    fn need_gone_while_slow_is_held_steps_down_after_the_slow_duration() {
+        let (mut p, t0) = gated(Mode::Throttle);
+        p.need(true, t0);
+        p.timer(t0 + 30 * S);
+        p.timer(t0 + 150 * S);
+        p.timer(t0 + 270 * S);
+        assert_eq!((p.setting(), p.deadline()), (Setting::Slow, None));
+        assert_eq!(p.need(false, t0 + 500 * S), None);
+        assert_eq!(p.deadline(), Some(t0 + 620 * S), "slow's own pace");
+        assert_eq!(p.timer(t0 + 619 * S), None);
+        let t = p.timer(t0 + 620 * S).expect("down");
+        assert_eq!((t.to, t.cause), (Setting::Initial, Cause::Timer));
+        // Never below initial: no step writes run=2.
+        assert_eq!(p.timer(t0 + 1000 * S), None);
+    }
+
+    #[test]
+    fn opening_the_gate_releases_a_held_slow_and_closing_it_while_needed_acts() {
+        let (mut p, t0) = gated(Mode::Throttle);
+        p.need(true, t0);
+        for at in [30, 150, 270] {
+            p.timer(t0 + at * S);
+        }
+        assert_eq!(p.set_gate(Gate::Always, t0 + 300 * S), None);
+        assert_eq!(p.deadline(), Some(t0 + 420 * S));
+        assert_eq!(to(p.timer(t0 + 420 * S)), Some(Setting::Initial));
+        // Closed again: the next reading decides, and acts at once if memory is needed.
+        assert_eq!(p.set_gate(Gate::WhenNeeded, t0 + 500 * S), None);
+        assert_eq!(p.kick(t0 + 501 * S), None, "closed until a reading says needed");
+        let t = p.need(true, t0 + 502 * S).expect("needed");
+        assert_eq!((t.to, t.cause), (Setting::Aggressive, Cause::Need));
+    }
+
+    #[test]
+    fn pinned_off_and_initial_ignore_the_gate() {
+        for mode in [Mode::Initial, Mode::Off, Mode::Pinned(Pinned::Slow)] {
+            let (mut p, t0) = gated(mode);
+            let setting = p.setting();
+            assert!(!p.gated(), "{mode}");
+            assert_eq!(p.need(true, t0), None, "{mode}");
+            assert_eq!(p.need(false, t0 + S), None, "{mode}");
+            assert_eq!(p.setting(), setting, "{mode}");
+        }
+        // Back to throttle while needed: as if kicked.
+        let (mut p, t0) = gated(Mode::Initial);
+        p.need(true, t0);
+        let t = p.set_mode(Mode::Throttle, t0 + S).expect("acts");
+        assert_eq!((t.from, t.to, t.cause), (Setting::Initial, Setting::Aggressive, Cause::Need));
+    }
+
+    #[test]
+    fn adaptive_settling_while_needed_holds_slow_instead_of_initial() {
+        let (mut p, t0) = gated(Mode::Adaptive);
+        p.need(true, t0);
+        assert_eq!(p.setting(), Setting::Aggressive);
+        // Merging that settles at once: the synthetic case.
+        let mut at = t0;
+        let mut scans = 0;
+        let mut seen = vec![];
+        while at < t0 + 60 * S {
+            at += Duration::from_millis(50);
+            if (at - t0).as_millis() % 500 == 0 {
+                scans += 1;
+            }
+            if p.sample_at().is_some_and(|s| s <= at) {
+                if let Some(t) = p.counters(at, c(scans, 5000)) {
+                    seen.push(t.to);
+                }
+            }
+            if let Some(t) = p.timer(at) {
+                seen.push(t.to);
+            }
+        }
+        assert_eq!(seen.first(), Some(&Setting::Standard), "{seen:?}");
+        assert!(!seen.contains(&Setting::Initial), "{seen:?}");
+        assert_eq!(p.setting(), Setting::Slow, "{seen:?}");
+        assert_eq!((p.deadline(), p.wake_at()), (None, None), "held without wake-ups");
+    }
+
+    #[test]
+    fn a_held_slow_resumes_from_a_hand_over() {
+        let p = Policy::resume(Mode::Throttle, Setting::Slow, None, Durations::default(), Instant::now());
+        assert!(p.is_some(), "slow with no deadline is the gate's hold");
     }
 
     #[test]

@@ -42,13 +42,14 @@ pub struct Args {
     #[arg(long, default_value = "/sys/kernel/mm/ksm", value_name = "DIR")]
     pub sysfs_root: PathBuf,
 
-    /// The proc file system walked by the Inspect interface (Sandboxes, Doctor).
-    #[arg(long, default_value = "/proc", value_name = "DIR")]
-    pub proc_root: PathBuf,
-
     /// Where AnonPages is read from.
     #[arg(long, default_value = "/proc/meminfo", value_name = "FILE")]
     pub meminfo: PathBuf,
+
+    /// The proc root: where ksmd's CPU time (`PID/stat`, `PID/schedstat`) and memory pressure
+    /// (`pressure/memory`) are read, and what the Inspect interface walks (Sandboxes, Doctor).
+    #[arg(long, default_value = "/proc", value_name = "DIR")]
+    pub proc_root: PathBuf,
 
     /// Where the administrator's settings are kept while changed (survives a crash, not a reboot).
     #[arg(long, default_value = "/run/kata-ksm-throttler", value_name = "DIR")]

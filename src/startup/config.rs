@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::need::{Gate, Thresholds};
 use crate::core::policy::Durations;
 use crate::core::setting::{Mode, Profile, Profiles};
 
@@ -23,6 +24,9 @@ pub struct Settings {
     pub vc_root: Option<PathBuf>,
     /// runtime-rs's sandbox root (`DIR/<id>`); `None` turns watching it off.
     pub kata_root: Option<PathBuf>,
+    /// The need gate at start-up (SetNeedGate changes it at run time) and its thresholds.
+    pub gate: Gate,
+    pub need: Thresholds,
 }
 
 impl Default for Settings {
@@ -34,6 +38,8 @@ impl Default for Settings {
             exit_idle_after: None,
             vc_root: Some(PathBuf::from("/run/vc")),
             kata_root: Some(PathBuf::from("/run/kata")),
+            gate: Gate::Always,
+            need: Thresholds::default(),
         }
     }
 }
@@ -57,7 +63,23 @@ struct Layer {
     standard: Option<ProfileLayer>,
     slow: Option<ProfileLayer>,
     trigger: Option<TriggerLayer>,
+    need: Option<NeedLayer>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct NeedLayer {
+    gate: Option<String>,
+    mem_available_below: Option<f64>,
+    psi_some_above: Option<f64>,
+    hysteresis: Option<f64>,
+    min_dwell: Option<String>,
+    poll_interval: Option<String>,
+}
+
+/// The need gate's poll interval: often enough to see a shortage come, never a busy loop.
+const MIN_POLL: Duration = Duration::from_millis(100);
+const MAX_POLL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -175,6 +197,9 @@ impl Settings {
                 profile.sleep_millisecs = ms;
             }
         }
+        if let Some(n) = &layer.need {
+            self.apply_need(file, n)?;
+        }
         if let Some(t) = &layer.trigger {
             let dir = |s: &String| (!s.is_empty()).then(|| PathBuf::from(s));
             if let Some(s) = &t.vc_root {
@@ -183,6 +208,48 @@ impl Settings {
             if let Some(s) = &t.kata_root {
                 self.kata_root = dir(s);
             }
+        }
+        Ok(())
+    }
+
+    /// `[need]`: each value checked against its range, naming the key.
+    fn apply_need(&mut self, file: &Path, n: &NeedLayer) -> Result<(), ConfigError> {
+        let err = |key: &str, reason: String| ConfigError { file: file.to_owned(), key: format!("need.{key}"), reason };
+        if let Some(g) = &n.gate {
+            self.gate = g.parse().map_err(|e: crate::core::need::UnknownGate| err("gate", e.to_string()))?;
+        }
+        let range = |key: &str, v: f64, lo: f64, hi: f64, what: &str| {
+            if v.is_finite() && (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(err(key, format!("{v} is out of range: {what}")))
+            }
+        };
+        if let Some(v) = n.mem_available_below {
+            self.need.mem_available_below =
+                range("mem-available-below", v, 0.0, 1.0, "a share of RAM from 0 (off) to 1, e.g. 0.2")?;
+        }
+        if let Some(v) = n.psi_some_above {
+            self.need.psi_some_above = range("psi-some-above", v, 0.0, 100.0, "a percentage from 0 (off) to 100")?;
+        }
+        if let Some(v) = n.hysteresis {
+            self.need.hysteresis = range("hysteresis", v, 0.0, 0.9, "a share of the threshold from 0 to 0.9")?;
+        }
+        if let Some(d) = &n.min_dwell {
+            self.need.min_dwell = duration(file, "need.min-dwell", d)?;
+        }
+        if let Some(d) = &n.poll_interval {
+            let d = duration(file, "need.poll-interval", d)?;
+            if !(MIN_POLL..=MAX_POLL).contains(&d) {
+                return Err(err(
+                    "poll-interval",
+                    format!("{} is out of range: 100ms to 10m", humantime::format_duration(d)),
+                ));
+            }
+            self.need.poll_interval = d;
+        }
+        if self.gate == Gate::WhenNeeded && self.need.mem_available_below == 0.0 && self.need.psi_some_above == 0.0 {
+            return Err(err("gate", "when-needed with both thresholds off (0) could never find memory needed".into()));
         }
         Ok(())
     }
@@ -204,6 +271,16 @@ impl Settings {
         }
         #[derive(Serialize)]
         #[serde(rename_all = "kebab-case")]
+        struct N {
+            gate: String,
+            mem_available_below: f64,
+            psi_some_above: f64,
+            hysteresis: f64,
+            min_dwell: String,
+            poll_interval: String,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "kebab-case")]
         struct Out {
             mode: String,
             exit_idle_after: String,
@@ -211,6 +288,7 @@ impl Settings {
             standard: P,
             slow: P,
             trigger: T,
+            need: N,
         }
         let p = |d: Duration, p: Profile| P {
             duration: humantime::format_duration(d).to_string(),
@@ -225,6 +303,14 @@ impl Settings {
             standard: p(self.durations.standard, self.profiles.standard),
             slow: p(self.durations.slow, self.profiles.slow),
             trigger: T { vc_root: path(&self.vc_root), kata_root: path(&self.kata_root) },
+            need: N {
+                gate: self.gate.to_string(),
+                mem_available_below: self.need.mem_available_below,
+                psi_some_above: self.need.psi_some_above,
+                hysteresis: self.need.hysteresis,
+                min_dwell: humantime::format_duration(self.need.min_dwell).to_string(),
+                poll_interval: humantime::format_duration(self.need.poll_interval).to_string(),
+            },
         };
         toml::to_string(&out).unwrap_or_else(|e| format!("# cannot be shown: {e}\n"))
     }
@@ -305,6 +391,43 @@ kata-root = "/run/kata2"
     }
 
     #[test]
+    fn the_need_table_and_its_ranges() {
+        let s = apply(
+            "[need]\ngate = \"when-needed\"\nmem-available-below = 0.1\npsi-some-above = 0\nhysteresis = 0.5\n\
+             min-dwell = \"1m\"\npoll-interval = \"2s\"\n",
+        )
+        .expect("ok");
+        assert_eq!(s.gate, Gate::WhenNeeded);
+        assert_eq!(
+            s.need,
+            Thresholds {
+                mem_available_below: 0.1,
+                psi_some_above: 0.0,
+                hysteresis: 0.5,
+                min_dwell: Duration::from_secs(60),
+                poll_interval: Duration::from_secs(2),
+            }
+        );
+        for (text, key) in [
+            ("mem-available-below = 1.5", "need.mem-available-below"),
+            ("mem-available-below = -0.1", "need.mem-available-below"),
+            ("mem-available-below = nan", "need.mem-available-below"),
+            ("psi-some-above = 101.0", "need.psi-some-above"),
+            ("hysteresis = 1.0", "need.hysteresis"),
+            ("min-dwell = \"soon\"", "need.min-dwell"),
+            ("poll-interval = \"10ms\"", "need.poll-interval"),
+            ("poll-interval = \"1h\"", "need.poll-interval"),
+            ("gate = \"sometimes\"", "need.gate"),
+            ("gate = \"when-needed\"\nmem-available-below = 0\npsi-some-above = 0", "need.gate"),
+        ] {
+            let e = apply(&format!("[need]\n{text}\n")).unwrap_err();
+            assert_eq!((e.file.as_path(), e.key.as_str()), (Path::new("/etc/x.toml"), key), "{text}: {e}");
+        }
+        let e = apply("[need]\npsi-some-above = 101.0\n").unwrap_err();
+        assert!(e.to_string().starts_with("/etc/x.toml: need.psi-some-above: 101 is out of range"), "{e}");
+    }
+
+    #[test]
     fn drop_ins_override_the_main_file_in_name_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let main = dir.path().join("config.toml");
@@ -328,8 +451,11 @@ kata-root = "/run/kata2"
 
     #[test]
     fn the_printed_configuration_reads_back_the_same() {
-        let s =
-            apply("mode = \"adaptive\"\n[standard]\nduration = \"90s\"\n[trigger]\nkata-root = \"\"\n").expect("ok");
+        let s = apply(
+            "mode = \"adaptive\"\n[standard]\nduration = \"90s\"\n[trigger]\nkata-root = \"\"\n\
+             [need]\ngate = \"when-needed\"\nmem-available-below = 0.35\nmin-dwell = \"45s\"\n",
+        )
+        .expect("ok");
         let printed = s.to_toml();
         assert_eq!(apply(&printed).expect("reads back"), s, "{printed}");
     }

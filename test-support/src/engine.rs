@@ -33,6 +33,9 @@ fn config(scratch: &Scratch, mode: Mode) -> Config {
         mode,
         durations: Durations::default(),
         profiles: Profiles::default(),
+        proc_root: scratch.proc_root(),
+        gate: kata_ksm_throttler::core::need::Gate::Always,
+        need: kata_ksm_throttler::core::need::Thresholds::default(),
     }
 }
 

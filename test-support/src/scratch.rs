@@ -90,6 +90,11 @@ impl Scratch {
         self.dir.path().join("meminfo")
     }
 
+    /// A fake proc root (absent until a test writes into it: no ksmd, no PSI).
+    pub fn proc_root(&self) -> PathBuf {
+        self.dir.path().join("proc")
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
@@ -119,6 +124,40 @@ impl Scratch {
         let path = self.meminfo();
         std::fs::write(&path, format!("AnonPages: {kb} kB\n"))
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
+    /// Writes the whole scratch meminfo.
+    pub fn set_meminfo(&self, text: &str) {
+        let path = self.meminfo();
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
+    /// Puts a `ksmd` kernel thread (parent kthreadd) in the fake proc root with `cpu` of CPU
+    /// time in its `schedstat`.
+    pub fn set_ksmd(&self, pid: u32, cpu: std::time::Duration) {
+        let dir = self.proc_root().join(pid.to_string());
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        };
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("making {}: {e}", dir.display()));
+        write("comm", "ksmd\n".into());
+        write("stat", format!("{pid} (ksmd) S 2 0 0 0 -1 2097216 0 0 0 0 0 0 0 0 25 5 1 0 26\n"));
+        write("schedstat", format!("{} 1000 10\n", cpu.as_nanos()));
+    }
+
+    /// Writes the fake proc root's `pressure/memory` (raw text, so a test can garble it).
+    pub fn set_pressure_text(&self, text: &str) {
+        let dir = self.proc_root().join("pressure");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("making {}: {e}", dir.display()));
+        std::fs::write(dir.join("memory"), text).unwrap_or_else(|e| panic!("writing the PSI file: {e}"));
+    }
+
+    /// [`Scratch::set_pressure_text`] with these avg10 percentages.
+    pub fn set_pressure(&self, some: f64, full: f64) {
+        self.set_pressure_text(&format!(
+            "some avg10={some:.2} avg60=0.00 avg300=0.00 total=0\nfull avg10={full:.2} avg60=0.00 avg300=0.00 total=0\n"
+        ));
     }
 
     pub fn try_knob(&self, name: &str) -> io::Result<String> {
