@@ -160,14 +160,19 @@ proptest! {
         state.save(&k).expect("save");
         let good = std::fs::read(state.path()).expect("read");
         let at = cut.index(good.len());
-        // Cut short anywhere: never read as a (different) record.
+        // The record cut short anywhere: its backup stands in, never a (different) record.
         std::fs::write(state.path(), &good[..at]).expect("write");
+        prop_assert_eq!(state.load().expect("from the backup"), Some(k.clone()), "cut at {}", at);
+        // Both cut short: refused.
+        std::fs::write(state.path(), &good[..at]).expect("write");
+        std::fs::write(state.backup_path(), &good[..at]).expect("write");
         let refused = matches!(state.load(), Err(StateError::Corrupt { .. }));
         prop_assert!(refused, "cut at {}", at);
-        // One byte changed: refused, or a record that is still valid.
+        // One byte changed in both: refused, or a record that is still valid.
         let mut changed = good.clone();
         changed[at] ^= flip.max(1);
         std::fs::write(state.path(), &changed).expect("write");
+        std::fs::write(state.backup_path(), &changed).expect("write");
         match state.load() {
             Ok(Some(other)) => prop_assert_eq!(other.validate(), Ok(())),
             Ok(None) => prop_assert!(false, "read as absent"),
