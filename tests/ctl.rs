@@ -56,6 +56,26 @@ async fn status_json_parses_and_matches_the_bus() {
     assert_eq!(v["next_step_down_us"], 0);
 }
 
+/// Issue 14, item 8: a knob the throttler cannot read (zbus's GetAll then leaves it out) is shown
+/// as unknown, never as 0 beside the setting, and `status` exits 1 saying which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_knob_the_throttler_cannot_read_is_unknown_and_status_fails() {
+    let s = setup(&[]).await;
+    s.proxy.kick().await.expect("kick");
+    std::fs::remove_file(s.scratch.ksm().join("pages_to_scan")).expect("rm");
+    let out = ctl(&s, &["status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("run=1 pages_to_scan=unknown sleep_millisecs=1"), "{text}");
+    assert!(stderr_line(&out).contains("could not read pages_to_scan"), "{out:?}");
+    let out = ctl(&s, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["unreadable"], serde_json::json!(["pages_to_scan"]));
+    s.scratch.set("pages_to_scan", "100\n");
+    assert!(ctl(&s, &["status"]).status.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_one_line_with_documented_exit_codes() {
     let s = setup(&[]).await;

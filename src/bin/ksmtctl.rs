@@ -93,6 +93,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 print!("{}", status.render(SystemTime::now()));
             }
+            if !status.unreadable.is_empty() {
+                let knobs = status.unreadable.join(", ");
+                return Err(Failure(exit::FAILED, format!("the throttler could not read {knobs} (see its log)")));
+            }
         }
         Command::Kick => throttler.kick().await?,
         Command::SetMode { mode, no_ask } => {

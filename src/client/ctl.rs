@@ -137,7 +137,14 @@ pub struct Status {
     pub need_gate: String,
     pub need: String,
     pub need_reason: String,
+    /// Knobs every throttler has that the answer left out (zbus's `GetAll` skips a property
+    /// whose read failed: a knob gone or unreadable): shown as unknown, never as 0.
+    pub unreadable: Vec<&'static str>,
 }
+
+/// The knob properties every throttler answers; one missing means it could not read it.
+const KNOBS: [(&str, &str); 3] =
+    [("Run", "run"), ("PagesToScan", "pages_to_scan"), ("SleepMillisecs", "sleep_millisecs")];
 
 fn get<T: TryFrom<OwnedVariant>>(all: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
     all.get(name).and_then(|v| v.try_clone().ok()).and_then(|v| T::try_from(v).ok())
@@ -171,6 +178,20 @@ impl Status {
             need_gate: get(all, "NeedGate").unwrap_or_default(),
             need: get(all, "Need").unwrap_or_default(),
             need_reason: get(all, "NeedReason").unwrap_or_default(),
+            unreadable: KNOBS
+                .iter()
+                .filter(|(property, _)| get::<u64>(all, property).is_none() && get::<u32>(all, property).is_none())
+                .map(|&(_, knob)| knob)
+                .collect(),
+        }
+    }
+
+    /// A knob as shown: its value, or `unknown` when the throttler could not read it.
+    fn knob(&self, name: &str, value: u64) -> String {
+        if self.unreadable.contains(&name) {
+            "unknown".to_owned()
+        } else {
+            value.to_string()
         }
     }
 
@@ -221,9 +242,9 @@ impl Status {
              kicks:    {}\nversion:  {}\n",
             self.mode,
             self.current_setting,
-            self.run,
-            self.pages_to_scan,
-            self.sleep_millisecs,
+            self.knob("run", u64::from(self.run)),
+            self.knob("pages_to_scan", self.pages_to_scan),
+            self.knob("sleep_millisecs", self.sleep_millisecs),
             mib(self.saved_bytes as f64),
             self.pages_sharing,
             self.ksm_zero_pages,
