@@ -41,6 +41,8 @@ SHIPPED_EXEC := /usr/libexec/$(NAME)
 KATA_BINARIES := kata-ksm-throttler-grpc kata-vc-throttler kata-ksm-throttler-exporter
 KATA_UNITS := kata-ksm-throttler-grpc.socket kata-ksm-throttler-grpc.service kata-vc-throttler.service \
 	kata-ksm-throttler-exporter.socket kata-ksm-throttler-exporter.service
+# ksmtctl metrics for node_exporter's textfile collector, every 30 s (they name ksmtctl's path).
+METRICS_UNITS := kata-ksm-throttler-metrics.service kata-ksm-throttler-metrics.timer
 
 .PHONY: all build install uninstall
 
@@ -75,6 +77,10 @@ install:
 	@test -x "$(CTL_BINARY)" || { echo "$(CTL_BINARY) is missing: run make first (or pass CTL_BINARY=...)" >&2; exit 1; }
 	@test -d "$(DOCS)/man" || { echo "$(DOCS) is missing: run make first (or cargo run -p xtask -- docs $(DOCS))" >&2; exit 1; }
 	$(INSTALL) -D -m 0755 "$(CTL_BINARY)" "$(DESTDIR)$(BINDIR)/ksmtctl"
+	for unit in $(METRICS_UNITS); do \
+		sed 's|/usr/bin/ksmtctl|$(BINDIR)/ksmtctl|' systemd/$$unit > "$(DESTDIR)$(UNITDIR)/$$unit" && \
+		chmod 0644 "$(DESTDIR)$(UNITDIR)/$$unit" || exit 1; \
+	done
 	# The administrator's file is never overwritten.
 	test -e "$(DESTDIR)$(SYSCONFDIR)/$(NAME)/config.toml" || \
 		$(INSTALL) -D -m 0644 config/config.toml "$(DESTDIR)$(SYSCONFDIR)/$(NAME)/config.toml"
@@ -95,7 +101,7 @@ uninstall:
 		"$(DESTDIR)$(POLKIT_ACTIONDIR)/$(BUS_NAME).policy" \
 		"$(DESTDIR)$(UNITDIR)/$(NAME).service" \
 		$(foreach b,$(KATA_BINARIES),"$(DESTDIR)$(LIBEXECDIR)/$(b)") \
-		$(foreach u,$(KATA_UNITS),"$(DESTDIR)$(UNITDIR)/$(u)") \
+		$(foreach u,$(KATA_UNITS) $(METRICS_UNITS),"$(DESTDIR)$(UNITDIR)/$(u)") \
 		"$(DESTDIR)$(BINDIR)/ksmtctl" \
 		$(foreach b,$(COMPLETED),"$(DESTDIR)$(DATADIR)/bash-completion/completions/$(b)") \
 		$(foreach b,$(COMPLETED),"$(DESTDIR)$(DATADIR)/zsh/vendor-completions/_$(b)") \

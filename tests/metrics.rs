@@ -184,3 +184,35 @@ fn no_bus_is_a_metric_and_exit_0() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.trim().lines().count() == 1 && err.contains("/nonexistent/dir/ksm.prom"), "{err}");
 }
+
+/// The textfile timer's service runs exactly this command: it writes where node_exporter's
+/// textfile collector reads (Debian's folder), which is the one folder the unit may write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_textfile_unit_s_command_writes_a_file_promtool_accepts() {
+    let unit =
+        std::fs::read_to_string(bus::project_file("systemd/kata-ksm-throttler-metrics.service")).expect("the unit");
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart=");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(argv[..3], ["/usr/bin/ksmtctl", "metrics", "--output"], "{exec}");
+    let target = Path::new(argv[3]);
+    assert_eq!(target.parent(), Some(Path::new("/var/lib/prometheus/node-exporter")), "Debian's textfile folder");
+    assert!(target.extension().is_some_and(|e| e == "prom"), "the collector reads *.prom only");
+    let writable = unit.lines().find_map(|l| l.strip_prefix("ReadWritePaths=")).expect("ReadWritePaths=");
+    assert_eq!(Path::new(writable), target.parent().expect("folder"));
+
+    let s = setup(&[]).await;
+    s.proxy.kick().await.expect("kick");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join(target.file_name().expect("name"));
+    let out = Command::new(CTL)
+        .args(&argv[1..3])
+        .arg(&file)
+        .args(&argv[4..])
+        .args(["--bus", s.bus.address(), "--sysfs-root", &s.scratch.ksm().display().to_string()])
+        .output()
+        .expect("ksmtctl");
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read(&file).expect("written");
+    assert!(promtool_check(&text).status.success(), "{}", String::from_utf8_lossy(&text));
+    assert_eq!(sample(&String::from_utf8_lossy(&text), "ksm_throttler_setting{setting=\"aggressive\"}"), Some(1.0));
+}

@@ -33,8 +33,6 @@ async fn run(args: Args) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let (listener, passed) = listen::listener(args.listen)?;
-    listener.set_nonblocking(true).context("making the socket non-blocking")?;
-    let listener = tokio::net::TcpListener::from_std(listener).context("registering the socket")?;
     let addr = listener.local_addr().context("the socket's address")?;
     if passed {
         tracing::info!(%addr, "serving /metrics on the socket systemd passed");
