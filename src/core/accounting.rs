@@ -82,7 +82,7 @@ pub struct Maps {
     pub mergeable_bytes: u64,
     /// The sum of the `KSM:` lines: its pages that KSM merged.
     pub ksm_bytes: u64,
-    /// The largest writable mapping: a VMM's guest RAM.
+    /// The largest writable, not executable mapping: a VMM's guest RAM.
     pub largest: Option<Region>,
 }
 

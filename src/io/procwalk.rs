@@ -149,7 +149,7 @@ pub fn parse_smaps(reader: impl BufRead) -> io::Result<Maps> {
     Ok(maps)
 }
 
-/// `start-end perms offset dev inode [path]`: the region and whether it is writable.
+/// `start-end perms offset dev inode [path]`: the region and whether it can be guest RAM.
 fn mapping_header(line: &str) -> Option<(Region, bool)> {
     let mut fields = line.split_whitespace();
     let (start, end) = fields.next()?.split_once('-')?;
@@ -169,7 +169,9 @@ fn mapping_header(line: &str) -> Option<(Region, bool)> {
         path: path.chars().take(200).collect(),
         ..Region::default()
     };
-    Some((region, perms[1] == b'w'))
+    // Guest RAM is writable and never executable on the host: under TCG, QEMU's translation
+    // buffer (1 GiB, rwx) is larger than a small guest's RAM.
+    Some((region, perms[1] == b'w' && perms[2] != b'x'))
 }
 
 fn read_smaps(path: &Path) -> io::Result<Maps> {
@@ -300,6 +302,9 @@ VmFlags: rd wr sh mr mw me ms
 7f2000000000-7f2000200000 rw-p 00000000 00:00 0
 Size:               2048 kB
 VmFlags: rd wr mr mw me ac hg mg
+7f3000000000-7f3080000000 rwxp 00000000 00:00 0
+Size:            2097152 kB
+VmFlags: rd wr ex mr mw me ac hg
 ";
 
     #[test]
