@@ -95,6 +95,9 @@ pub fn render_sandboxes(r: &Report, processes: usize) -> String {
             first.pid, first.name, first.reason
         );
     }
+    for p in r.processes.iter().filter(|p| p.note.is_some()) {
+        let _ = writeln!(out, "partial: pid {} ({}): {}", p.pid, p.name, p.note.as_deref().unwrap_or_default());
+    }
     if !r.kernel.ksm_stat && r.walked > 0 {
         let _ = writeln!(out, "note: no /proc/<pid>/ksm_stat (kernel before 6.1): merged pages only");
     }
@@ -152,6 +155,7 @@ mod tests {
                 ksm: KsmStat { merging_pages: 9, ..KsmStat::default() },
                 maps: None,
                 saved_bytes: 9 * 4096,
+                note: None,
             }],
             host: crate::core::accounting::Host { caveat: "CAVEAT".into(), ..Default::default() },
             walked: 3,

@@ -125,6 +125,9 @@ pub struct Process {
     pub maps: Option<Maps>,
     /// Bytes saved: (merging + zero pages) x page size.
     pub saved_bytes: u64,
+    /// What could not be read of it, when something could not (its figures are then partial).
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// A process that could not be read (not one that exited mid-walk: those are left out).
@@ -297,6 +300,7 @@ mod tests {
                 largest: Some(Region { size_bytes: ram, ..Region::default() }),
             }),
             saved_bytes: (merging + 1) * 4096,
+            note: None,
         }
     }
 

@@ -217,6 +217,24 @@ pub fn diagnose(facts: &Facts) -> Vec<Finding> {
             "run as root with CAP_SYS_PTRACE (the shipped unit grants it); their savings are not counted",
         ));
     }
+    let partial: Vec<_> = report.processes.iter().filter(|p| p.note.is_some()).collect();
+    if let Some(first) = partial.first() {
+        out.push(finding(
+            Warning,
+            "processes-partial",
+            first.sandbox.as_deref().filter(|_| partial.len() == 1),
+            format!(
+                "{} process(es) only partly read, e.g. pid {} ({}): {}",
+                partial.len(),
+                first.pid,
+                first.name,
+                first.note.as_deref().unwrap_or_default()
+            ),
+            "another user's ksm_stat needs CAP_DAC_READ_SEARCH, which the shipped unit leaves out (its exposure \
+             would pass 1.0); add it with a drop-in (CapabilityBoundingSet=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH) if \
+             such VMMs' zero pages and profit matter",
+        ));
+    }
     let folders = &report.folders;
     if folders.invalid_count > 0 {
         out.push(finding(
@@ -377,6 +395,7 @@ mod tests {
             ksm: KsmStat { mergeable: Some(maps.mergeable_bytes > 0), ..KsmStat::default() },
             maps: Some(maps),
             saved_bytes: 0,
+            note: None,
         };
         let row = SandboxRow {
             id: id.into(),
