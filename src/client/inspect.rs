@@ -33,7 +33,9 @@ pub fn render_sandboxes(r: &Report, processes: usize) -> String {
         let ram = match &s.guest_ram {
             Some(g) if g.shared => format!("{} shared {}", mib(g.size_bytes as f64), g.path),
             Some(g) if g.hugetlb => format!("{} hugetlb", mib(g.size_bytes as f64)),
-            Some(g) if g.mergeable => format!("{} mergeable", mib(g.size_bytes as f64)),
+            Some(g) if g.mergeable => {
+                format!("{} mergeable, {} merged", mib(g.size_bytes as f64), mib(g.ksm_bytes as f64))
+            }
             Some(g) => format!("{} not madvised", mib(g.size_bytes as f64)),
             None if s.vmm_pid.is_none() => "no VMM process".to_owned(),
             None => "unknown".to_owned(),

@@ -73,6 +73,9 @@ pub struct Region {
     pub thp_advised: bool,
     /// The mapped file (`/dev/shm/…`, `/memfd:… (deleted)`), empty for anonymous memory.
     pub path: String,
+    /// Its `KSM:` line: how much of this mapping KSM merged.
+    #[serde(default)]
+    pub ksm_bytes: u64,
 }
 
 /// What `smaps` says about a process's memory and KSM.

@@ -101,8 +101,17 @@ fn read_prefix(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     }
 }
 
-fn read_text(path: &Path, limit: u64) -> io::Result<String> {
-    Ok(String::from_utf8_lossy(&read_prefix(path, limit)?).into_owned())
+/// A small proc file in one read(2) into `buf`: a single-value procfs file (and a regular file
+/// shorter than `buf`) gives its whole text in the first read, so a short read is the end. Three
+/// system calls instead of read_to_end's five (a probe read and a read of 0): the walk makes two
+/// such reads for every process on the host.
+fn read_small<'b>(path: &Path, buf: &'b mut [u8]) -> io::Result<std::borrow::Cow<'b, str>> {
+    let mut file = open(path)?;
+    let n = match file.read(buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        other => other?,
+    };
+    Ok(String::from_utf8_lossy(&buf[..n]))
 }
 
 /// The process is gone (or its folder never held it): not worth a row.
@@ -141,7 +150,11 @@ pub fn parse_smaps(reader: impl BufRead) -> io::Result<Maps> {
             }
         } else if let Some(rest) = line.strip_prefix("KSM:") {
             let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            maps.ksm_bytes = maps.ksm_bytes.saturating_add(kb.saturating_mul(1024));
+            let bytes = kb.saturating_mul(1024);
+            maps.ksm_bytes = maps.ksm_bytes.saturating_add(bytes);
+            if let Some((region, _)) = current.as_mut() {
+                region.ksm_bytes = bytes;
+            }
         } else if let Some(header) = mapping_header(&line) {
             current = Some(header);
         }
@@ -222,7 +235,8 @@ pub fn walk(proc_root: &Path, roots: &Roots, page_size: u64) -> Report {
 }
 
 fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut KernelSupport) -> Seen {
-    let name = match read_text(&dir.join("comm"), 256) {
+    let mut buf = [0u8; 4096];
+    let name = match read_small(&dir.join("comm"), &mut buf[..256]) {
         Ok(n) => n.trim_end().to_owned(),
         Err(e) if vanished(&e) => return Seen::Vanished,
         Err(e) => return Seen::Unreadable(Skipped { pid, name: String::new(), reason: format!("comm: {e}") }),
@@ -234,7 +248,7 @@ fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut
     // CAP_DAC_READ_SEARCH, which the unit does not grant (see systemd/kata-ksm-throttler.service);
     // smaps (ptrace-read, CAP_SYS_PTRACE) still gives its merged pages.
     let mut denied = None;
-    let stat = match read_text(&dir.join("ksm_stat"), 4096) {
+    let stat = match read_small(&dir.join("ksm_stat"), &mut buf) {
         Ok(text) => {
             kernel.ksm_stat = true;
             kernel.mergeable_flag |= text.contains("ksm_mergeable");
@@ -242,7 +256,7 @@ fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut
             KsmStat::parse(&text)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound && dir.join("comm").exists() => {
-            match read_text(&dir.join("ksm_merging_pages"), 64) {
+            match read_small(&dir.join("ksm_merging_pages"), &mut buf[..64]) {
                 Ok(text) => KsmStat::from_merging_pages(&text),
                 Err(e) if e.kind() == io::ErrorKind::NotFound && dir.join("comm").exists() => None,
                 Err(e) if vanished(&e) => return Seen::Vanished,
@@ -349,6 +363,7 @@ VmFlags: rd wr ex mr mw me ac hg
         assert_eq!(maps.ksm_bytes, 40960 * 1024);
         let ram = maps.largest.expect("a writable mapping");
         assert_eq!((ram.start, ram.size_bytes, ram.mergeable, ram.shared), (0x7f00_0000_0000, 1 << 30, true, false));
+        assert_eq!(ram.ksm_bytes, 40960 * 1024, "its own KSM: line");
     }
 
     #[test]
