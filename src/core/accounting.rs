@@ -26,8 +26,10 @@ impl KsmStat {
         let mut stat = KsmStat::default();
         let mut merging = None;
         for line in text.lines() {
-            let Some((key, value)) = line.split_once([' ', ':']) else { continue };
-            let value = value.trim_start_matches([':', ' ']).trim();
+            // `ksm_rmap_items 12` and `ksm_merge_any: no` (a single-byte search: this runs for
+            // every process on the host).
+            let Some((key, value)) = line.split_once(' ') else { continue };
+            let (key, value) = (key.strip_suffix(':').unwrap_or(key), value.trim());
             let flag = || match value {
                 "yes" => Some(true),
                 "no" => Some(false),

@@ -130,6 +130,13 @@ pub fn parse_smaps(reader: impl BufRead) -> io::Result<Maps> {
         if reader.read_line(&mut line)? == 0 {
             break;
         }
+        // Field lines start with a capital (`Size:`, `KSM:`, `VmFlags:`), headers with a hex
+        // digit; only three kinds of line matter, so the rest are passed over at once (a VMM's
+        // smaps has thousands of lines).
+        let first = line.as_bytes().first().copied().unwrap_or(b' ');
+        if first.is_ascii_uppercase() && !line.starts_with("KSM:") && !line.starts_with("VmFlags:") {
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("VmFlags:") {
             let Some((mut region, writable)) = current.take() else { continue };
             for flag in rest.split_whitespace() {
@@ -164,7 +171,9 @@ pub fn parse_smaps(reader: impl BufRead) -> io::Result<Maps> {
 
 /// `start-end perms offset dev inode [path]`: the region and whether it can be guest RAM.
 fn mapping_header(line: &str) -> Option<(Region, bool)> {
-    let mut fields = line.split_whitespace();
+    // Single spaces between the first five fields; the path, after padding, is the rest of the
+    // line (it may hold spaces).
+    let mut fields = line.trim_end_matches('\n').splitn(6, ' ');
     let (start, end) = fields.next()?.split_once('-')?;
     let start = u64::from_str_radix(start, 16).ok()?;
     let end = u64::from_str_radix(end, 16).ok()?;
@@ -172,19 +181,18 @@ fn mapping_header(line: &str) -> Option<(Region, bool)> {
     if perms.len() != 4 {
         return None;
     }
-    // offset, dev, inode; the path is the rest of the line (it may hold spaces).
-    let (_, _, _) = (fields.next()?, fields.next()?, fields.next()?);
-    let path = fields.collect::<Vec<_>>().join(" ");
-    let region = Region {
-        start,
-        size_bytes: end.saturating_sub(start),
-        shared: perms[3] == b's',
-        path: path.chars().take(200).collect(),
-        ..Region::default()
-    };
+    let (_offset, _dev, _inode) = (fields.next()?, fields.next()?, fields.next()?);
     // Guest RAM is writable and never executable on the host: under TCG, QEMU's translation
     // buffer (1 GiB, rwx) is larger than a small guest's RAM.
-    Some((region, perms[1] == b'w' && perms[2] != b'x'))
+    let candidate = perms[1] == b'w' && perms[2] != b'x';
+    // Only a candidate's path is ever shown: the others are not copied.
+    let path = match fields.next() {
+        Some(rest) if candidate => rest.trim().chars().take(200).collect(),
+        _ => String::new(),
+    };
+    let region =
+        Region { start, size_bytes: end.saturating_sub(start), shared: perms[3] == b's', path, ..Region::default() };
+    Some((region, candidate))
 }
 
 fn read_smaps(path: &Path) -> io::Result<Maps> {
