@@ -7,7 +7,8 @@
 //! - [`engine`]: the one task that owns the state; it feeds events to the core and carries the
 //!   plan out through `io`.
 //! - [`bus`]: the D-Bus face: the object, authorization, error names, call counting, exit on idle.
-//! - [`client`]: what callers use (the proxy, the kicker, `--bus`, ksmtctl); nothing of the above.
+//! - [`client`]: what callers use (the proxy, the kicker, `--bus`, ksmtctl); nothing of the above but the
+//!   plain data of `core` that the Inspect interface's answers parse into.
 //! - [`startup`]: configuration, command line and logging, for the daemon's `main`.
 
 pub mod bus;

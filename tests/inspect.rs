@@ -196,3 +196,23 @@ async fn ksmtctl_sandboxes_and_doctor_show_it_and_the_doctor_exits_6_on_an_error
     assert!(d.failed);
     assert_eq!(out.status.code(), Some(6));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ksmtctl_top_refreshes_until_ctrl_c() {
+    let w = world();
+    let s = start(&w).await;
+    let log = s.scratch.path().join("top.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ksmtctl"));
+    cmd.args(["--bus", s.bus.address(), "top", "--interval", "300ms"]);
+    let mut top = Guarded::spawn_logged(&mut cmd, "ksmtctl top", &log).expect("ksmtctl top");
+    let refreshes = |text: &str| text.matches("(every 300ms; Ctrl-C ends)").count();
+    eventually(std::time::Duration::from_secs(20), "two refreshes of ksmtctl top", async || {
+        refreshes(&top.log_text()) >= 2
+    })
+    .await;
+    top.signal(rustix::process::Signal::INT).expect("SIGINT");
+    let status = top.wait_within(std::time::Duration::from_secs(10)).expect("exits on Ctrl-C");
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains(PRIVATE) && text.contains("walked 5 processes"), "{text}");
+}

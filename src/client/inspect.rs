@@ -33,7 +33,9 @@ pub fn render_sandboxes(r: &Report, processes: usize) -> String {
         let ram = match &s.guest_ram {
             Some(g) if g.shared => format!("{} shared {}", mib(g.size_bytes as f64), g.path),
             Some(g) if g.hugetlb => format!("{} hugetlb", mib(g.size_bytes as f64)),
-            Some(g) if g.mergeable => format!("{} mergeable", mib(g.size_bytes as f64)),
+            Some(g) if g.mergeable => {
+                format!("{} mergeable, {} merged", mib(g.size_bytes as f64), mib(g.ksm_bytes as f64))
+            }
             Some(g) => format!("{} not madvised", mib(g.size_bytes as f64)),
             None if s.vmm_pid.is_none() => "no VMM process".to_owned(),
             None => "unknown".to_owned(),
@@ -95,6 +97,9 @@ pub fn render_sandboxes(r: &Report, processes: usize) -> String {
             first.pid, first.name, first.reason
         );
     }
+    for p in r.processes.iter().filter(|p| p.note.is_some()) {
+        let _ = writeln!(out, "partial: pid {} ({}): {}", p.pid, p.name, p.note.as_deref().unwrap_or_default());
+    }
     if !r.kernel.ksm_stat && r.walked > 0 {
         let _ = writeln!(out, "note: no /proc/<pid>/ksm_stat (kernel before 6.1): merged pages only");
     }
@@ -152,6 +157,7 @@ mod tests {
                 ksm: KsmStat { merging_pages: 9, ..KsmStat::default() },
                 maps: None,
                 saved_bytes: 9 * 4096,
+                note: None,
             }],
             host: crate::core::accounting::Host { caveat: "CAVEAT".into(), ..Default::default() },
             walked: 3,

@@ -26,8 +26,10 @@ impl KsmStat {
         let mut stat = KsmStat::default();
         let mut merging = None;
         for line in text.lines() {
-            let Some((key, value)) = line.split_once([' ', ':']) else { continue };
-            let value = value.trim_start_matches([':', ' ']).trim();
+            // `ksm_rmap_items 12` and `ksm_merge_any: no` (a single-byte search: this runs for
+            // every process on the host).
+            let Some((key, value)) = line.split_once(' ') else { continue };
+            let (key, value) = (key.strip_suffix(':').unwrap_or(key), value.trim());
             let flag = || match value {
                 "yes" => Some(true),
                 "no" => Some(false),
@@ -73,6 +75,9 @@ pub struct Region {
     pub thp_advised: bool,
     /// The mapped file (`/dev/shm/…`, `/memfd:… (deleted)`), empty for anonymous memory.
     pub path: String,
+    /// Its `KSM:` line: how much of this mapping KSM merged.
+    #[serde(default)]
+    pub ksm_bytes: u64,
 }
 
 /// What `smaps` says about a process's memory and KSM.
@@ -82,7 +87,7 @@ pub struct Maps {
     pub mergeable_bytes: u64,
     /// The sum of the `KSM:` lines: its pages that KSM merged.
     pub ksm_bytes: u64,
-    /// The largest writable mapping: a VMM's guest RAM.
+    /// The largest writable, not executable mapping: a VMM's guest RAM.
     pub largest: Option<Region>,
 }
 
@@ -125,6 +130,9 @@ pub struct Process {
     pub maps: Option<Maps>,
     /// Bytes saved: (merging + zero pages) x page size.
     pub saved_bytes: u64,
+    /// What could not be read of it, when something could not (its figures are then partial).
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// A process that could not be read (not one that exited mid-walk: those are left out).
@@ -297,6 +305,7 @@ mod tests {
                 largest: Some(Region { size_bytes: ram, ..Region::default() }),
             }),
             saved_bytes: (merging + 1) * 4096,
+            note: None,
         }
     }
 

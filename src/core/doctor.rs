@@ -217,6 +217,24 @@ pub fn diagnose(facts: &Facts) -> Vec<Finding> {
             "run as root with CAP_SYS_PTRACE (the shipped unit grants it); their savings are not counted",
         ));
     }
+    let partial: Vec<_> = report.processes.iter().filter(|p| p.note.is_some()).collect();
+    if let Some(first) = partial.first() {
+        out.push(finding(
+            Warning,
+            "processes-partial",
+            first.sandbox.as_deref().filter(|_| partial.len() == 1),
+            format!(
+                "{} process(es) only partly read, e.g. pid {} ({}): {}",
+                partial.len(),
+                first.pid,
+                first.name,
+                first.note.as_deref().unwrap_or_default()
+            ),
+            "another user's ksm_stat needs CAP_DAC_READ_SEARCH, which the shipped unit leaves out (its exposure \
+             would pass 1.0); add it with a drop-in (CapabilityBoundingSet=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH) if \
+             such VMMs' zero pages and profit matter",
+        ));
+    }
     let folders = &report.folders;
     if folders.invalid_count > 0 {
         out.push(finding(
@@ -303,13 +321,17 @@ fn sandbox(row: &SandboxRow, page_size: u64, out: &mut Vec<Finding>) {
             ),
             fix,
         ));
-    } else if ram.hugetlb || ram.thp_advised {
-        let kind = if ram.hugetlb { "hugetlbfs pages, which KSM cannot merge" } else { "MADV_HUGEPAGE" };
+    } else if ram.hugetlb {
+        // MADV_HUGEPAGE (`hg`) is no obstacle: QEMU sets it on all guest RAM, and KSM splits a
+        // transparent huge page to merge its pages. hugetlbfs pages it cannot merge at all.
         out.push(finding(
-            if ram.hugetlb { Error } else { Warning },
+            Error,
             "sandbox-huge-pages",
             id,
-            format!("sandbox {short}: its {vmm} (pid {pid}) backs {mib} MiB of guest RAM with {kind}{file}"),
+            format!(
+                "sandbox {short}: its {vmm} (pid {pid}) backs {mib} MiB of guest RAM with hugetlbfs pages{file}, \
+                 which KSM cannot merge"
+            ),
             "enable_hugepages = false in Kata's configuration.toml; cost: more TLB misses in the guest",
         ));
     } else if !ram.mergeable {
@@ -373,6 +395,7 @@ mod tests {
             ksm: KsmStat { mergeable: Some(maps.mergeable_bytes > 0), ..KsmStat::default() },
             maps: Some(maps),
             saved_bytes: 0,
+            note: None,
         };
         let row = SandboxRow {
             id: id.into(),
@@ -405,7 +428,9 @@ mod tests {
 
     #[test]
     fn the_shared_sandbox_is_named_and_the_private_one_is_not_blamed() {
-        let (p1, r1) = vm(10, "private", Region { size_bytes: GIB, mergeable: true, ..Region::default() });
+        // MADV_HUGEPAGE as QEMU sets it on guest RAM: no obstacle to merging.
+        let private = Region { size_bytes: GIB, mergeable: true, thp_advised: true, ..Region::default() };
+        let (p1, r1) = vm(10, "private", private);
         let shared = Region { size_bytes: GIB, shared: true, path: "/memfd:mem (deleted)".into(), ..Region::default() };
         let (p2, r2) = vm(20, "shared", shared);
         let facts = Facts {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use crate::core::accounting::{
     sandbox_rows, Folders, KernelSupport, KsmStat, Maps, Process, Region, Report, Skipped, Vmm,
 };
-use crate::core::sandbox::{match_process, valid_id};
+use crate::core::sandbox::{match_process, valid_id, vmm_kind};
 
 /// Sandbox folders looked at, in all; beyond it they are counted, not listed.
 pub const FOLDERS_MAX: usize = 65_536;
@@ -101,8 +101,17 @@ fn read_prefix(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     }
 }
 
-fn read_text(path: &Path, limit: u64) -> io::Result<String> {
-    Ok(String::from_utf8_lossy(&read_prefix(path, limit)?).into_owned())
+/// A small proc file in one read(2) into `buf`: a single-value procfs file (and a regular file
+/// shorter than `buf`) gives its whole text in the first read, so a short read is the end. Three
+/// system calls instead of read_to_end's five (a probe read and a read of 0): the walk makes two
+/// such reads for every process on the host.
+fn read_small<'b>(path: &Path, buf: &'b mut [u8]) -> io::Result<std::borrow::Cow<'b, str>> {
+    let mut file = open(path)?;
+    let n = match file.read(buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        other => other?,
+    };
+    Ok(String::from_utf8_lossy(&buf[..n]))
 }
 
 /// The process is gone (or its folder never held it): not worth a row.
@@ -120,6 +129,13 @@ pub fn parse_smaps(reader: impl BufRead) -> io::Result<Maps> {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
             break;
+        }
+        // Field lines start with a capital (`Size:`, `KSM:`, `VmFlags:`), headers with a hex
+        // digit; only three kinds of line matter, so the rest are passed over at once (a VMM's
+        // smaps has thousands of lines).
+        let first = line.as_bytes().first().copied().unwrap_or(b' ');
+        if first.is_ascii_uppercase() && !line.starts_with("KSM:") && !line.starts_with("VmFlags:") {
+            continue;
         }
         if let Some(rest) = line.strip_prefix("VmFlags:") {
             let Some((mut region, writable)) = current.take() else { continue };
@@ -141,7 +157,11 @@ pub fn parse_smaps(reader: impl BufRead) -> io::Result<Maps> {
             }
         } else if let Some(rest) = line.strip_prefix("KSM:") {
             let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            maps.ksm_bytes = maps.ksm_bytes.saturating_add(kb.saturating_mul(1024));
+            let bytes = kb.saturating_mul(1024);
+            maps.ksm_bytes = maps.ksm_bytes.saturating_add(bytes);
+            if let Some((region, _)) = current.as_mut() {
+                region.ksm_bytes = bytes;
+            }
         } else if let Some(header) = mapping_header(&line) {
             current = Some(header);
         }
@@ -149,9 +169,11 @@ pub fn parse_smaps(reader: impl BufRead) -> io::Result<Maps> {
     Ok(maps)
 }
 
-/// `start-end perms offset dev inode [path]`: the region and whether it is writable.
+/// `start-end perms offset dev inode [path]`: the region and whether it can be guest RAM.
 fn mapping_header(line: &str) -> Option<(Region, bool)> {
-    let mut fields = line.split_whitespace();
+    // Single spaces between the first five fields; the path, after padding, is the rest of the
+    // line (it may hold spaces).
+    let mut fields = line.trim_end_matches('\n').splitn(6, ' ');
     let (start, end) = fields.next()?.split_once('-')?;
     let start = u64::from_str_radix(start, 16).ok()?;
     let end = u64::from_str_radix(end, 16).ok()?;
@@ -159,17 +181,18 @@ fn mapping_header(line: &str) -> Option<(Region, bool)> {
     if perms.len() != 4 {
         return None;
     }
-    // offset, dev, inode; the path is the rest of the line (it may hold spaces).
-    let (_, _, _) = (fields.next()?, fields.next()?, fields.next()?);
-    let path = fields.collect::<Vec<_>>().join(" ");
-    let region = Region {
-        start,
-        size_bytes: end.saturating_sub(start),
-        shared: perms[3] == b's',
-        path: path.chars().take(200).collect(),
-        ..Region::default()
+    let (_offset, _dev, _inode) = (fields.next()?, fields.next()?, fields.next()?);
+    // Guest RAM is writable and never executable on the host: under TCG, QEMU's translation
+    // buffer (1 GiB, rwx) is larger than a small guest's RAM.
+    let candidate = perms[1] == b'w' && perms[2] != b'x';
+    // Only a candidate's path is ever shown: the others are not copied.
+    let path = match fields.next() {
+        Some(rest) if candidate => rest.trim().chars().take(200).collect(),
+        _ => String::new(),
     };
-    Some((region, perms[1] == b'w'))
+    let region =
+        Region { start, size_bytes: end.saturating_sub(start), shared: perms[3] == b's', path, ..Region::default() };
+    Some((region, candidate))
 }
 
 fn read_smaps(path: &Path) -> io::Result<Maps> {
@@ -220,7 +243,8 @@ pub fn walk(proc_root: &Path, roots: &Roots, page_size: u64) -> Report {
 }
 
 fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut KernelSupport) -> Seen {
-    let name = match read_text(&dir.join("comm"), 256) {
+    let mut buf = [0u8; 4096];
+    let name = match read_small(&dir.join("comm"), &mut buf[..256]) {
         Ok(n) => n.trim_end().to_owned(),
         Err(e) if vanished(&e) => return Seen::Vanished,
         Err(e) => return Seen::Unreadable(Skipped { pid, name: String::new(), reason: format!("comm: {e}") }),
@@ -228,7 +252,11 @@ fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut
     let skipped = |what: &str, e: io::Error| {
         Seen::Unreadable(Skipped { pid, name: name.clone(), reason: format!("{what}: {e}") })
     };
-    let stat = match read_text(&dir.join("ksm_stat"), 4096) {
+    // ksm_stat is mode 0400, owned by the process's user: another user's needs
+    // CAP_DAC_READ_SEARCH, which the unit does not grant (see systemd/kata-ksm-throttler.service);
+    // smaps (ptrace-read, CAP_SYS_PTRACE) still gives its merged pages.
+    let mut denied = None;
+    let stat = match read_small(&dir.join("ksm_stat"), &mut buf) {
         Ok(text) => {
             kernel.ksm_stat = true;
             kernel.mergeable_flag |= text.contains("ksm_mergeable");
@@ -236,7 +264,7 @@ fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut
             KsmStat::parse(&text)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound && dir.join("comm").exists() => {
-            match read_text(&dir.join("ksm_merging_pages"), 64) {
+            match read_small(&dir.join("ksm_merging_pages"), &mut buf[..64]) {
                 Ok(text) => KsmStat::from_merging_pages(&text),
                 Err(e) if e.kind() == io::ErrorKind::NotFound && dir.join("comm").exists() => None,
                 Err(e) if vanished(&e) => return Seen::Vanished,
@@ -244,8 +272,19 @@ fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut
             }
         }
         Err(e) if vanished(&e) => return Seen::Vanished,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            denied = Some(e);
+            None
+        }
         Err(e) => return skipped("ksm_stat", e),
     };
+    // Most processes have nothing mergeable and are no VMM by their name: their command line is
+    // not read (a third of the reads on a host of 10,000 such processes).
+    let maybe_mergeable = |s: &KsmStat| s.mergeable.unwrap_or(true) || s.merge_any == Some(true) || s.saved_pages() > 0;
+    let interesting = denied.is_some() || stat.as_ref().is_none_or(maybe_mergeable) || vmm_kind(&name) != Vmm::Other;
+    if !interesting || (stat.is_none() && denied.is_none() && vmm_kind(&name) == Vmm::Other && ids.is_empty()) {
+        return Seen::Quiet;
+    }
     let cmdline = match read_prefix(&dir.join("cmdline"), CMDLINE_LIMIT) {
         Ok(c) => c,
         Err(e) if vanished(&e) => return Seen::Vanished,
@@ -254,19 +293,39 @@ fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut
     let cmdline = String::from_utf8_lossy(&cmdline);
     let argv: Vec<&str> = cmdline.split('\0').filter(|a| !a.is_empty()).collect();
     let matched = match_process(&argv, &name, ids);
-    let Some(ksm) = stat.or_else(|| matched.map(|_| KsmStat::default())) else { return Seen::Quiet };
+    let Some(mut ksm) = stat.or_else(|| (matched.is_some() || denied.is_some()).then(KsmStat::default)) else {
+        return Seen::Quiet;
+    };
     // Without ksm_mergeable (before 6.8) only smaps can tell whether anything is mergeable.
-    let maybe_mergeable = ksm.mergeable.unwrap_or(true) || ksm.merge_any == Some(true) || ksm.saved_pages() > 0;
-    if matched.is_none() && !maybe_mergeable {
+    if matched.is_none() && !maybe_mergeable(&ksm) && denied.is_none() {
         return Seen::Quiet;
     }
+    let mut note = None;
     let maps = match read_smaps(&dir.join("smaps")) {
         Ok(m) => Some(m),
         Err(e) if vanished(&e) => return Seen::Vanished,
+        Err(e) if matched.is_none() => {
+            return match denied {
+                Some(d) => skipped("ksm_stat", d),
+                None => skipped("smaps", e),
+            }
+        }
         // A sandbox's VMM is listed even so: the doctor says its memory map could not be read.
-        Err(e) if matched.is_none() => return skipped("smaps", e),
-        Err(_) => None,
+        Err(e) => {
+            note = Some(format!("smaps: {e}"));
+            None
+        }
     };
+    if let Some(e) = denied {
+        match &maps {
+            Some(m) => {
+                ksm.merging_pages = m.ksm_bytes / page_size.max(1);
+                note =
+                    Some(format!("ksm_stat: {e}: merged pages from smaps' KSM: lines; zero pages and profit unknown"));
+            }
+            None => note = Some(format!("ksm_stat: {e}; {}", note.unwrap_or_default())),
+        }
+    }
     let mergeable =
         maps.as_ref().is_some_and(|m| m.mergeable_bytes > 0) || ksm.merge_any == Some(true) || ksm.saved_pages() > 0;
     if matched.is_none() && !mergeable {
@@ -277,7 +336,7 @@ fn one(dir: &Path, pid: u32, ids: &HashSet<String>, page_size: u64, kernel: &mut
         Some((id, vmm)) => (Some(id.to_owned()), Some(vmm)),
         None => (None, None),
     };
-    Seen::Listed(Box::new(Process { pid, name, sandbox, vmm, ksm, maps, saved_bytes }))
+    Seen::Listed(Box::new(Process { pid, name, sandbox, vmm, ksm, maps, saved_bytes, note }))
 }
 
 #[cfg(test)]
@@ -300,6 +359,9 @@ VmFlags: rd wr sh mr mw me ms
 7f2000000000-7f2000200000 rw-p 00000000 00:00 0
 Size:               2048 kB
 VmFlags: rd wr mr mw me ac hg mg
+7f3000000000-7f3080000000 rwxp 00000000 00:00 0
+Size:            2097152 kB
+VmFlags: rd wr ex mr mw me ac hg
 ";
 
     #[test]
@@ -309,6 +371,7 @@ VmFlags: rd wr mr mw me ac hg mg
         assert_eq!(maps.ksm_bytes, 40960 * 1024);
         let ram = maps.largest.expect("a writable mapping");
         assert_eq!((ram.start, ram.size_bytes, ram.mergeable, ram.shared), (0x7f00_0000_0000, 1 << 30, true, false));
+        assert_eq!(ram.ksm_bytes, 40960 * 1024, "its own KSM: line");
     }
 
     #[test]
