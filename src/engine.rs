@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::core::knobs::{Knobs, Target};
 use crate::core::need::{Figure, Gate, Need, NeedGate, Readings, Thresholds};
 use crate::core::plan::{self, plan};
-use crate::core::policy::{resize_needed, Counters, Durations, Policy, Transition};
+use crate::core::policy::{resize_needed, Cause, Counters, Durations, Policy, Transition};
 use crate::core::setting::Profiles;
 use crate::core::setting::{Mode, Setting};
 use crate::io::ksmd::Ksmd;
@@ -54,6 +54,8 @@ pub struct Config {
     /// The need gate at start-up and its thresholds (see [`crate::core::need`]).
     pub gate: Gate,
     pub need: Thresholds,
+    /// Adaptive's profit back-off: full scans in a row with a negative general_profit (0: off).
+    pub unprofitable_scans: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +222,8 @@ impl Engine {
     /// The engine and its handle; nothing is read or written until [`Engine::run`], so a daemon
     /// can be serving (and queueing calls) before it touches KSM.
     pub fn new(config: Config) -> (Engine, Handle, watch::Receiver<Status>) {
-        let policy = Policy::new(config.mode, config.durations);
+        let mut policy = Policy::new(config.mode, config.durations);
+        policy.set_unprofitable_scans(config.unprofitable_scans);
         let status = Status {
             mode: policy.mode(),
             setting: policy.setting(),
@@ -441,7 +444,12 @@ impl Engine {
             now() + due.duration_since(SystemTime::now()).unwrap_or_default()
         });
         let policy = match (handover.mode.parse::<Mode>(), Setting::from_name(&handover.setting)) {
-            (Ok(mode), Some(setting)) => Policy::resume(mode, setting, deadline, self.config.durations, now()),
+            (Ok(mode), Some(setting)) => {
+                Policy::resume(mode, setting, deadline, self.config.durations, now()).map(|mut p| {
+                    p.set_unprofitable_scans(self.config.unprofitable_scans);
+                    p
+                })
+            }
             _ => None,
         };
         let Some(policy) = policy.filter(|p| p.setting() == Setting::Initial || saved.is_some()) else {
@@ -656,7 +664,27 @@ impl Engine {
         let now = now();
         if self.policy.sample_at().is_some_and(|at| at <= now) {
             let result = match self.read_counters() {
-                Ok(c) => self.step(|p, now| p.counters(now, c)),
+                Ok(c) => {
+                    let mut seen = None;
+                    let result = self.step(|p, now| {
+                        seen = p.counters(now, c);
+                        seen
+                    });
+                    if let (Ok(()), Some(t)) = (&result, seen.filter(|t| t.cause == Cause::Unprofitable)) {
+                        tracing::warn!(
+                            general_profit = c.general_profit,
+                            full_scans = c.full_scans,
+                            pages_sharing = c.pages_sharing,
+                            "KSM costs more than it saves: general_profit {} bytes over {} full scans in a row; \
+                             {} -> {} (the next kick tries again)",
+                            c.general_profit.unwrap_or(0),
+                            self.policy.unprofitable_scans(),
+                            t.from,
+                            t.to
+                        );
+                    }
+                    result
+                }
                 Err(e) => Err(e.into()),
             };
             if let Err(e) = result {
@@ -689,7 +717,8 @@ impl Engine {
             read("pages_sharing")?,
             read("pages_unshared")?,
             read("pages_volatile")?,
-        ))
+        )
+        .with_profit(ksm.read_counter("general_profit")?))
     }
 
     /// Runs one policy event and applies its transition; on failure the policy is left as it was,

@@ -102,6 +102,7 @@ async fn run(args: Args) -> Result<()> {
         proc_root: args.proc_root.clone(),
         gate: settings.gate,
         need: settings.need,
+        unprofitable_scans: settings.unprofitable_scans,
     };
     let (mut engine, handle, status) = Engine::new(config);
     let authority = Authority::new(&conn).await.context("setting up authorization")?;

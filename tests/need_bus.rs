@@ -178,3 +178,31 @@ fn a_threshold_out_of_range_is_refused_naming_the_file_and_the_key() {
     assert!(err.contains(&config.display().to_string()) && err.contains("need.mem-available-below"), "{err}");
     assert_eq!(scratch.knobs(), (0, 100, 20), "nothing touched");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_backs_off_when_general_profit_stays_negative_and_logs_the_figures() {
+    let bus = start_bus();
+    let scratch = Scratch::with_counters();
+    scratch.set("general_profit", "-409600\n");
+    scratch.set("pages_unshared", "100000\n");
+    let daemon = Daemon::spawn(&bus, &scratch, &["--mode", "adaptive", "--aggressive-duration", "1h"]);
+    let s = serve(bus, scratch, daemon).await;
+    let p = &s.proxy;
+    p.kick().await.expect("kick");
+    assert_eq!(p.current_setting().await.expect("get"), "aggressive");
+    // Full scans go by with nothing merged and a negative profit: every page different.
+    let mut scans = 0u64;
+    eventually(Duration::from_secs(20), "a back-off to standard", async || {
+        scans += 1;
+        s.scratch.set("full_scans", format!("{scans}\n"));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        p.current_setting().await.is_ok_and(|c| c == "standard")
+    })
+    .await;
+    assert!(scans >= 10, "not before 10 unprofitable full scans: {scans}");
+    let log = s.daemon.log_text();
+    assert!(log.contains("costs more than it saves") && log.contains("-409600"), "{log}");
+    // The next kick tries again.
+    p.kick().await.expect("kick");
+    assert_eq!(p.current_setting().await.expect("get"), "aggressive");
+}

@@ -18,11 +18,24 @@ pub enum BenchMode {
     Advisor,
     /// No daemon; run=1, pages_to_scan=100000, sleep_millisecs=0.
     FlatOut,
+    /// The daemon in throttle mode behind the need gate, its threshold above what is
+    /// available (MemAvailable under 99.9 % of RAM): memory needed, the gate open.
+    GateOpen,
+    /// The same with the threshold below what is available (1 %): the gate closed, kicks
+    /// answered and nothing written.
+    GateClosed,
 }
 
 impl BenchMode {
-    pub const ALL: [BenchMode; 5] =
-        [BenchMode::Throttle, BenchMode::Adaptive, BenchMode::KernelDefault, BenchMode::Advisor, BenchMode::FlatOut];
+    pub const ALL: [BenchMode; 7] = [
+        BenchMode::Throttle,
+        BenchMode::Adaptive,
+        BenchMode::KernelDefault,
+        BenchMode::Advisor,
+        BenchMode::FlatOut,
+        BenchMode::GateOpen,
+        BenchMode::GateClosed,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -31,6 +44,22 @@ impl BenchMode {
             BenchMode::KernelDefault => "kernel-default",
             BenchMode::Advisor => "advisor",
             BenchMode::FlatOut => "flat-out",
+            BenchMode::GateOpen => "gate-open",
+            BenchMode::GateClosed => "gate-closed",
+        }
+    }
+
+    /// The daemon's configuration file for this mode, if it needs one (the `[need]` table).
+    pub fn daemon_config(self) -> Option<&'static str> {
+        match self {
+            // PSI off: the gate's state is set by MemAvailable alone, whatever else runs.
+            BenchMode::GateOpen => {
+                Some("[need]\ngate = \"when-needed\"\nmem-available-below = 0.999\npsi-some-above = 0\n")
+            }
+            BenchMode::GateClosed => {
+                Some("[need]\ngate = \"when-needed\"\nmem-available-below = 0.01\npsi-some-above = 0\n")
+            }
+            _ => None,
         }
     }
 
@@ -39,6 +68,7 @@ impl BenchMode {
         match self {
             BenchMode::Throttle => Some("throttle"),
             BenchMode::Adaptive => Some("adaptive"),
+            BenchMode::GateOpen | BenchMode::GateClosed => Some("throttle"),
             BenchMode::KernelDefault | BenchMode::Advisor | BenchMode::FlatOut => None,
         }
     }
@@ -61,7 +91,11 @@ impl BenchMode {
             BenchMode::Advisor if has_advisor => {
                 Some(Target { run: Some(1), advisor_mode: advisor("scan-time"), ..Target::default() })
             }
-            BenchMode::Advisor | BenchMode::Throttle | BenchMode::Adaptive => None,
+            BenchMode::Advisor
+            | BenchMode::Throttle
+            | BenchMode::Adaptive
+            | BenchMode::GateOpen
+            | BenchMode::GateClosed => None,
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct RunRecord {
     /// Real guests: each one's seconds from launch to ready (`None`: not within the window).
     #[serde(default)]
     pub ready_s: Vec<Option<f64>>,
+    /// ksmd's CPU-seconds over the window as the daemon reported them (its KsmdCpuSeconds at
+    /// the window's start and end), beside the benchmark's own schedstat reading.
+    #[serde(default)]
+    pub daemon_ksmd_cpu_s: Option<f64>,
     pub samples: Vec<Sample>,
 }
 
@@ -53,6 +57,20 @@ impl RunRecord {
     }
 
     /// The slowest process to merge after the first (which has no peer until the second starts).
+    /// Whether the knobs (run, pages_to_scan, sleep_millisecs) ever differed from the first
+    /// sample's over the window.
+    pub fn knobs_written(&self) -> bool {
+        let Some(first) = self.samples.first() else { return false };
+        self.samples.iter().any(|s| {
+            (s.run, s.pages_to_scan, s.sleep_millisecs) != (first.run, first.pages_to_scan, first.sleep_millisecs)
+        })
+    }
+
+    /// The benchmark's own ksmd CPU-seconds over the window (the last sample's).
+    pub fn bench_ksmd_cpu_s(&self) -> f64 {
+        self.samples.last().map_or(0.0, |s| s.ksmd_cpu_ns as f64 / 1e9)
+    }
+
     pub fn slowest_new_process(&self) -> Option<Option<f64>> {
         let later: Vec<Option<f64>> = self.summary.process_merged_s.iter().skip(1).copied().collect();
         if later.is_empty() {
@@ -154,6 +172,15 @@ pub fn details(records: &[RunRecord]) -> String {
             steps.join(", "),
             procs.join(" "),
         );
+        if let Some(d) = r.daemon_ksmd_cpu_s {
+            let own = r.bench_ksmd_cpu_s();
+            let diff = if own > 0.0 { format!("{:+.2} %", (d - own) / own * 100.0) } else { "-".into() };
+            let _ = writeln!(
+                out,
+                "  ksmd CPU-s over the window: daemon's KsmdCpuSeconds {d:.3}, benchmark's schedstat {own:.3} ({diff}); knobs written: {}",
+                if r.knobs_written() { "yes" } else { "no" }
+            );
+        }
     }
     out
 }

@@ -74,15 +74,26 @@ pub struct Counters {
     /// pages_volatile` (its rmap items). It grows while mergeable memory is still arriving, as
     /// it does for a guest that is booting.
     pub scanned: u64,
+    /// `general_profit` (bytes saved net of KSM's metadata; Linux 6.7+), `None` where absent.
+    pub general_profit: Option<i64>,
 }
 
 impl Counters {
     /// The counters from the four page counts the kernel shows.
     pub fn new(full_scans: u64, shared: u64, sharing: u64, unshared: u64, volatile: u64) -> Counters {
         let scanned = shared.saturating_add(sharing).saturating_add(unshared).saturating_add(volatile);
-        Counters { full_scans, pages_sharing: sharing, scanned }
+        Counters { full_scans, pages_sharing: sharing, scanned, general_profit: None }
+    }
+
+    pub fn with_profit(self, general_profit: Option<i64>) -> Counters {
+        Counters { general_profit, ..self }
     }
 }
+
+/// Adaptive mode's profit back-off: after this many full scans in a row with a negative
+/// `general_profit` (KSM's metadata costs more than it saves: memory that does not merge), it
+/// steps down one setting, and again after as many more; the next kick tries again. 0: off.
+pub const UNPROFITABLE_SCANS: u64 = 10;
 
 /// Whether merging made no progress from `then` to `now`: pages_sharing grew by at most
 /// [`QUIET_MIN_PAGES`] or 1/[`QUIET_FRACTION`] of it, whichever is more.
@@ -176,6 +187,9 @@ struct Watch {
     /// Whether new memory (or merging) has been seen since the kick: until then the memory
     /// the kick announced has not arrived, and scans over the rest say nothing about it.
     arrived_since_kick: bool,
+    /// The full_scans count when general_profit was last found negative after being
+    /// non-negative (or after the last back-off): the run of unprofitable scans starts there.
+    unprofitable_from: Option<u64>,
 }
 
 /// Scans in a row in which something (merging; merging or arriving memory) did not happen.
@@ -226,6 +240,8 @@ pub struct Policy {
     gate: Gate,
     /// The need gate's last decision (see [`crate::core::need`]).
     needed: bool,
+    /// [`UNPROFITABLE_SCANS`], as configured.
+    unprofitable_scans: u64,
 }
 
 impl Policy {
@@ -240,7 +256,17 @@ impl Policy {
             resize: None,
             gate: Gate::Always,
             needed: false,
+            unprofitable_scans: UNPROFITABLE_SCANS,
         }
+    }
+
+    /// The profit back-off's count of full scans (0 turns it off).
+    pub fn set_unprofitable_scans(&mut self, scans: u64) {
+        self.unprofitable_scans = scans;
+    }
+
+    pub fn unprofitable_scans(&self) -> u64 {
+        self.unprofitable_scans
     }
 
     pub fn gate(&self) -> Gate {
@@ -493,6 +519,16 @@ impl Policy {
             return None; // no scan finished since the last look
         }
         w.last = Some(c);
+        match c.general_profit {
+            Some(p) if p < 0 => {
+                let from = *w.unprofitable_from.get_or_insert(last.full_scans);
+                if self.unprofitable_scans > 0 && c.full_scans.saturating_sub(from) >= self.unprofitable_scans {
+                    w.unprofitable_from = Some(c.full_scans);
+                    return self.back_off(now, w);
+                }
+            }
+            _ => w.unprofitable_from = None,
+        }
         let merge_quiet = merging.extend(now, c, merging_still(merging.base, c));
         let settled =
             merge_quiet && merging_still(settling.base, c) && arrival_still(settling.base, c, settling.span(now));
@@ -534,6 +570,20 @@ impl Policy {
         }
     }
 
+    /// One setting down, as the profit back-off decided; the watch goes on at the new pace
+    /// (another run of unprofitable scans steps down again).
+    fn back_off(&mut self, now: Instant, w: Watch) -> Option<Transition> {
+        let next = match self.setting {
+            Setting::Aggressive => Setting::Standard,
+            Setting::Standard => Setting::Slow,
+            Setting::Slow | Setting::Initial | Setting::Off => return self.floor(Cause::Unprofitable),
+        };
+        let t = self.move_to(next, self.duration_of(next).map(|d| now + d), Cause::Unprofitable);
+        self.watch = sample_interval(next).map(|i| Watch { next_sample: now + i, ..w });
+        self.resize_carry_on(now);
+        t
+    }
+
     /// Starts (or stops) reading the counters, as mode and setting require.
     fn watch_from(&mut self, now: Instant) {
         self.watch = match (self.mode, sample_interval(self.setting)) {
@@ -545,6 +595,7 @@ impl Policy {
                 settling: None,
                 merged_since_kick: false,
                 arrived_since_kick: false,
+                unprofitable_from: None,
             }),
             _ => None,
         };
@@ -868,6 +919,95 @@ mod tests {
         assert!(p.is_some(), "slow with no deadline is the gate's hold");
     }
 
+    /// Adaptive over memory that never merges: every scan costs metadata, general_profit < 0.
+    fn unmergeable(p: &mut Policy, t0: Instant, until: Duration, profit: i64) -> Vec<(u64, Setting, Cause)> {
+        let mut seen = vec![];
+        let mut at = t0;
+        while at < t0 + until {
+            at = p.wake_at().expect("driving: a wake-up");
+            let scans = (at - t0).as_millis() as u64 / 100; // a scan every 100 ms
+            if p.sample_at().is_some_and(|s| s <= at) {
+                let c =
+                    Counters { full_scans: scans, pages_sharing: 0, scanned: 500_000, general_profit: Some(profit) };
+                if let Some(t) = p.counters(at, c) {
+                    seen.push((scans, t.to, t.cause));
+                }
+            }
+            if let Some(t) = p.timer(at) {
+                seen.push((scans, t.to, t.cause));
+            }
+            if p.resize_at().is_some_and(|r| r <= at) {
+                p.resize_checked(at, false);
+            }
+            if p.setting() == Setting::Initial {
+                break;
+            }
+            if p.sample_at().is_none() && p.deadline().is_none() {
+                break;
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn a_negative_profit_over_the_configured_scans_steps_down_one_setting_each_time() {
+        let (mut p, t0) = adaptive();
+        p.kick(t0);
+        let seen = unmergeable(&mut p, t0, Duration::from_secs(30), -4096);
+        let steps: Vec<(Setting, Cause)> = seen.iter().map(|&(_, s, c)| (s, c)).collect();
+        assert_eq!(
+            steps,
+            [
+                (Setting::Standard, Cause::Unprofitable),
+                (Setting::Slow, Cause::Unprofitable),
+                (Setting::Initial, Cause::Unprofitable)
+            ],
+            "{seen:?}"
+        );
+        // Each after 10 more unprofitable scans (the first counted from the scan before).
+        let scans: Vec<u64> = seen.iter().map(|s| s.0).collect();
+        assert!(scans[0] >= UNPROFITABLE_SCANS && scans[0] <= UNPROFITABLE_SCANS + 2, "{seen:?}");
+        for w in scans.windows(2) {
+            assert!(w[1] - w[0] >= UNPROFITABLE_SCANS, "{seen:?}");
+        }
+        // The next kick tries again.
+        assert_eq!(to(p.kick(t0 + Duration::from_secs(40))), Some(Setting::Aggressive));
+    }
+
+    #[test]
+    fn a_profit_that_turns_positive_restarts_the_count_and_off_means_off() {
+        let (mut p, t0) = adaptive();
+        p.kick(t0);
+        // 9 negative scans, one positive, 9 negative: never 10 in a row.
+        let mut at = t0;
+        for scans in 1..=19u64 {
+            at += Duration::from_millis(100);
+            let profit = if scans == 10 { 1 } else { -1 };
+            let c = Counters { full_scans: scans, pages_sharing: 0, scanned: 500_000, general_profit: Some(profit) };
+            p.postpone_sample(at);
+            let t = p.counters(at, c);
+            assert!(t.is_none_or(|t| t.cause != Cause::Unprofitable), "scan {scans}: {t:?}");
+        }
+        let (mut p, t0) = adaptive();
+        p.set_unprofitable_scans(0);
+        p.kick(t0);
+        let seen = unmergeable(&mut p, t0, Duration::from_secs(10), -4096);
+        assert!(seen.iter().all(|s| s.2 != Cause::Unprofitable), "{seen:?}");
+        // Throttle never reads the counters at all.
+        let (mut p, t0) = throttle();
+        p.kick(t0);
+        assert_eq!(p.sample_at(), None);
+    }
+
+    #[test]
+    fn the_profit_back_off_holds_slow_while_memory_is_needed() {
+        let (mut p, t0) = gated(Mode::Adaptive);
+        p.need(true, t0);
+        let seen = unmergeable(&mut p, t0, Duration::from_secs(30), -1);
+        assert_eq!(seen.last().map(|s| s.1), Some(Setting::Slow), "{seen:?}");
+        assert_eq!((p.setting(), p.deadline()), (Setting::Slow, None));
+    }
+
     #[test]
     fn zero_durations_step_through_at_once() {
         let zero = Durations { aggressive: Duration::ZERO, standard: Duration::ZERO, slow: Duration::ZERO };
@@ -891,7 +1031,7 @@ mod tests {
 
     /// Counters over memory that is all there already (the synthetic workload's).
     fn c(full_scans: u64, pages_sharing: u64) -> Counters {
-        Counters { full_scans, pages_sharing, scanned: 1_000_000 }
+        Counters { full_scans, pages_sharing, scanned: 1_000_000, general_profit: None }
     }
 
     #[test]
@@ -964,7 +1104,8 @@ mod tests {
         // Without merging seen, a quiet third scan is not judged (the first pair may merge in
         // the fourth). The new process's pages are first seen in the 2nd scan.
         p.kick(s(4));
-        let grown = |scans| Counters { full_scans: scans, pages_sharing: 460_100, scanned: 1_065_536 };
+        let grown =
+            |scans| Counters { full_scans: scans, pages_sharing: 460_100, scanned: 1_065_536, general_profit: None };
         assert_eq!(p.counters(s(4), c(23, 460_100)), None);
         assert_eq!(p.counters(s(5), c(24, 460_100)), None, "scan 24");
         for scans in 25..=26 {
@@ -1008,7 +1149,8 @@ mod tests {
                 let t = now.duration_since(t0);
                 scans = (t.as_secs_f64() / scan.as_secs_f64()) as u64;
                 let arrived = (t.min(boot).as_secs_f64() * per_s as f64) as u64;
-                let c = Counters { full_scans: scans, pages_sharing: arrived / 2, scanned: arrived };
+                let c =
+                    Counters { full_scans: scans, pages_sharing: arrived / 2, scanned: arrived, general_profit: None };
                 if let Some(tr) = p.counters(now, c) {
                     seen.push((t.as_secs_f64(), tr.to, arrived));
                 }
@@ -1054,6 +1196,7 @@ mod tests {
                 full_scans: t.as_millis() as u64 / 10,
                 pages_sharing: 50_000 * t.min(S).as_millis() as u64 / 1000,
                 scanned: 100_000 + 2_560 * t.as_millis() as u64 / 1000,
+                general_profit: None,
             };
             if let Some(tr) = p.counters(now, c) {
                 stepped = Some((t, tr.to));
@@ -1075,12 +1218,17 @@ mod tests {
         let mut scans = 0;
         for n in 0..100 {
             scans += 10;
-            let c = Counters { full_scans: scans, pages_sharing: 1_000, scanned: 50_000 };
+            let c = Counters { full_scans: scans, pages_sharing: 1_000, scanned: 50_000, general_profit: None };
             assert_eq!(p.counters(ms(50 * n), c), None, "nothing arrived yet: {n}");
         }
         assert_eq!(p.setting(), Setting::Aggressive);
         // The guests' memory arrives and merges, then all is settled: standard.
-        let c = |scans, sharing, scanned| Counters { full_scans: scans, pages_sharing: sharing, scanned };
+        let c = |scans, sharing, scanned| Counters {
+            full_scans: scans,
+            pages_sharing: sharing,
+            scanned,
+            general_profit: None,
+        };
         assert_eq!(p.counters(ms(5_000), c(1_010, 1_000, 150_000)), None);
         assert_eq!(p.counters(ms(5_050), c(1_020, 40_000, 150_000)), None);
         assert_eq!(to(p.counters(ms(5_100), c(1_030, 40_000, 150_000))), Some(Setting::Standard));

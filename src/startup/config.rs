@@ -27,6 +27,8 @@ pub struct Settings {
     /// The need gate at start-up (SetNeedGate changes it at run time) and its thresholds.
     pub gate: Gate,
     pub need: Thresholds,
+    /// Adaptive's profit back-off (`[adaptive] unprofitable-scans`, 0: off).
+    pub unprofitable_scans: u64,
 }
 
 impl Default for Settings {
@@ -40,6 +42,7 @@ impl Default for Settings {
             kata_root: Some(PathBuf::from("/run/kata")),
             gate: Gate::Always,
             need: Thresholds::default(),
+            unprofitable_scans: crate::core::policy::UNPROFITABLE_SCANS,
         }
     }
 }
@@ -64,7 +67,17 @@ struct Layer {
     slow: Option<ProfileLayer>,
     trigger: Option<TriggerLayer>,
     need: Option<NeedLayer>,
+    adaptive: Option<AdaptiveLayer>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct AdaptiveLayer {
+    unprofitable_scans: Option<u64>,
+}
+
+/// More full scans than this with a negative profit is a back-off nobody means.
+const MAX_UNPROFITABLE_SCANS: u64 = 10_000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -200,6 +213,15 @@ impl Settings {
         if let Some(n) = &layer.need {
             self.apply_need(file, n)?;
         }
+        if let Some(n) = layer.adaptive.as_ref().and_then(|a| a.unprofitable_scans) {
+            if n > MAX_UNPROFITABLE_SCANS {
+                return Err(err(
+                    "adaptive.unprofitable-scans",
+                    format!("{n} is out of range: 0 (off) to {MAX_UNPROFITABLE_SCANS} full scans"),
+                ));
+            }
+            self.unprofitable_scans = n;
+        }
         if let Some(t) = &layer.trigger {
             let dir = |s: &String| (!s.is_empty()).then(|| PathBuf::from(s));
             if let Some(s) = &t.vc_root {
@@ -281,6 +303,11 @@ impl Settings {
         }
         #[derive(Serialize)]
         #[serde(rename_all = "kebab-case")]
+        struct A {
+            unprofitable_scans: u64,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "kebab-case")]
         struct Out {
             mode: String,
             exit_idle_after: String,
@@ -289,6 +316,7 @@ impl Settings {
             slow: P,
             trigger: T,
             need: N,
+            adaptive: A,
         }
         let p = |d: Duration, p: Profile| P {
             duration: humantime::format_duration(d).to_string(),
@@ -311,6 +339,7 @@ impl Settings {
                 min_dwell: humantime::format_duration(self.need.min_dwell).to_string(),
                 poll_interval: humantime::format_duration(self.need.poll_interval).to_string(),
             },
+            adaptive: A { unprofitable_scans: self.unprofitable_scans },
         };
         toml::to_string(&out).unwrap_or_else(|e| format!("# cannot be shown: {e}\n"))
     }
@@ -423,6 +452,9 @@ kata-root = "/run/kata2"
             let e = apply(&format!("[need]\n{text}\n")).unwrap_err();
             assert_eq!((e.file.as_path(), e.key.as_str()), (Path::new("/etc/x.toml"), key), "{text}: {e}");
         }
+        assert_eq!(apply("[adaptive]\nunprofitable-scans = 0\n").expect("off").unprofitable_scans, 0);
+        let e = apply("[adaptive]\nunprofitable-scans = 100000\n").unwrap_err();
+        assert_eq!(e.key, "adaptive.unprofitable-scans", "{e}");
         let e = apply("[need]\npsi-some-above = 101.0\n").unwrap_err();
         assert!(e.to_string().starts_with("/etc/x.toml: need.psi-some-above: 101 is out of range"), "{e}");
     }
@@ -453,7 +485,8 @@ kata-root = "/run/kata2"
     fn the_printed_configuration_reads_back_the_same() {
         let s = apply(
             "mode = \"adaptive\"\n[standard]\nduration = \"90s\"\n[trigger]\nkata-root = \"\"\n\
-             [need]\ngate = \"when-needed\"\nmem-available-below = 0.35\nmin-dwell = \"45s\"\n",
+             [need]\ngate = \"when-needed\"\nmem-available-below = 0.35\nmin-dwell = \"45s\"\n\
+             [adaptive]\nunprofitable-scans = 20\n",
         )
         .expect("ok");
         let printed = s.to_toml();

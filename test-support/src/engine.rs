@@ -36,6 +36,7 @@ fn config(scratch: &Scratch, mode: Mode) -> Config {
         proc_root: scratch.proc_root(),
         gate: kata_ksm_throttler::core::need::Gate::Always,
         need: kata_ksm_throttler::core::need::Thresholds::default(),
+        unprofitable_scans: kata_ksm_throttler::core::policy::UNPROFITABLE_SCANS,
     }
 }
 

@@ -639,6 +639,7 @@ async fn run_one(
         summary,
         daemon_log: mode.daemon_mode().map(|_| log.display().to_string()),
         ready_s,
+        daemon_ksmd_cpu_s: None,
         samples,
     })
 }
