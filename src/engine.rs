@@ -964,7 +964,7 @@ impl Engine {
             let need = if self.need.needed() { Need::Needed } else { Need::NotNeeded };
             (need, self.need.reason().to_owned())
         } else if gate == Gate::Always {
-            (Need::NotGated, "the gate is always".to_owned())
+            (Need::NotGated, "every kick drives KSM".to_owned())
         } else {
             (Need::NotGated, format!("mode {mode} ignores the gate"))
         };
