@@ -52,6 +52,8 @@ struct State {
     /// Kept while the throttler answers; dropped otherwise, so a restarted bus is found again.
     conn: Option<Connection>,
     last: Option<Scrape>,
+    /// Why the last scrape found no bus, logged when it changes (not once per scrape).
+    no_bus: Option<String>,
 }
 
 /// What every connection shares: where to read, and the last scrape.
@@ -103,6 +105,17 @@ impl Exporter {
     }
 
     fn keep(&self, state: &mut State, at: Instant, snapshot: &metrics::Snapshot) -> Result<Scrape, MetricsError> {
+        let no_bus = match &snapshot.throttler {
+            Throttler::NoBus(reason) => Some(reason.clone()),
+            _ => None,
+        };
+        if no_bus != state.no_bus {
+            match &no_bus {
+                Some(reason) => tracing::warn!("no bus: {reason}"),
+                None => tracing::info!("the bus is reachable"),
+            }
+            state.no_bus = no_bus;
+        }
         let scrape = Scrape {
             at,
             openmetrics: Bytes::from(metrics::encode(snapshot, Format::OpenMetrics)?),

@@ -445,6 +445,85 @@ fi
 systemctl stop "$TRIGGER" "$UNIT"
 rmdir "/run/vc/sbs/$id" 2>/dev/null
 
+# ---------------------------------------------------------------- Prometheus: exporter, textfile timer
+EXPORTER_SOCKET=kata-ksm-throttler-exporter.socket
+EXPORTER=kata-ksm-throttler-exporter.service
+METRICS=kata-ksm-throttler-metrics.service
+TEXTFILE=/var/lib/prometheus/node-exporter/kata-ksm-throttler.prom
+# One GET /metrics on the socket unit's address with bash's /dev/tcp (the image has no curl).
+scrape() {
+  timeout 10 bash -c 'exec 3<>/dev/tcp/127.0.0.1/17917 && printf "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" >&3 && cat <&3' | tr -d '\r'
+}
+# The value of one series (name and labels as written) in a scrape.
+sample() { awk -v s="$2" 'index($0, s " ") == 1 { print substr($0, length(s) + 2); exit }' <<<"$1"; }
+
+check exporter-socket-activation
+systemctl stop "$UNIT" "$EXPORTER" "$EXPORTER_SOCKET" 2>/dev/null
+ev systemctl start "$EXPORTER_SOCKET"
+exp_before=$(systemctl is-active "$EXPORTER")
+thr_before=$(systemctl is-active "$UNIT")
+out=$(scrape)
+echo "$out" >"$EVIDENCE/$CURRENT-scrape.txt"
+status=$(head -1 <<<"$out")
+exp_after=$(systemctl is-active "$EXPORTER")
+exp_pid=$(show "$EXPORTER" MainPID)
+exp_uid=$(stat -c %u "/proc/$exp_pid" 2>/dev/null)
+ev systemctl status --no-pager --lines=5 "$EXPORTER"
+bus_up=$(sample "$out" ksm_throttler_bus_up)
+up=$(sample "$out" ksm_throttler_up)
+activatable=$(sample "$out" ksm_throttler_activatable)
+run_file=$(sample "$out" 'ksm_sysfs_file_present{file="run"}')
+run=$(sample "$out" ksm_run)
+thr_after=$(systemctl is-active "$UNIT")
+if [ "$status" = "HTTP/1.1 200 OK" ] && [ "$exp_before" != active ] && [ "$exp_after" = active ] && [ -n "$exp_uid" ] &&
+  [ "$exp_uid" != 0 ] && [ "$bus_up" = 1 ] && [ "$up" = 0 ] && [ "$activatable" = 1 ] && [ "$run_file" = 1 ] &&
+  [ "$run" = "$(knob run)" ] && [ "$thr_before" != active ] && [ "$thr_after" != active ]; then
+  pass "GET 127.0.0.1:17917/metrics -> $status; $EXPORTER $exp_before -> $exp_after (socket-activated, uid $exp_uid); ksm_throttler_bus_up=$bus_up ksm_throttler_up=$up ksm_throttler_activatable=$activatable ksm_run=$run; the scrape left $UNIT $thr_after"
+else
+  fail "GET -> '$status'; $EXPORTER $exp_before -> $exp_after (uid '${exp_uid:-?}'); bus_up='$bus_up' up='$up' activatable='$activatable' run file='$run_file' ksm_run='$run' (knob $(knob run)); $UNIT $thr_before -> $thr_after"
+fi
+
+check exporter-follows-the-throttler
+ev busctl --timeout=10 call "$NAME" "$OBJ" "$IFACE" Kick
+wait_until 10 is_aggressive
+out=$(scrape)
+echo "$out" >"$EVIDENCE/$CURRENT-scrape.txt"
+kicks=$(prop KickCount 2>&1)
+up=$(sample "$out" ksm_throttler_up)
+aggressive=$(sample "$out" 'ksm_throttler_setting{setting="aggressive"}')
+scraped_kicks=$(sample "$out" ksm_throttler_kicks_total)
+sleep_s=$(sample "$out" ksm_sleep_seconds)
+exposure=$(systemd-analyze security "$EXPORTER" 2>&1 | sed -n "s/.*Overall exposure level for $EXPORTER: \([0-9.]*\).*/\1/p")
+if [ "$up" = 1 ] && [ "$aggressive" = 1 ] && [ "$scraped_kicks" = "$kicks" ] && [ "$sleep_s" = 0.001 ] &&
+  awk -v e="$exposure" 'BEGIN { exit !(e != "" && e + 0 <= 1.0) }'; then
+  pass "after a Kick: ksm_throttler_up=$up setting{aggressive}=$aggressive kicks_total=$scraped_kicks (KickCount $kicks) ksm_sleep_seconds=$sleep_s; systemd-analyze security $EXPORTER: $exposure"
+else
+  fail "after a Kick: up='$up' setting{aggressive}='$aggressive' kicks_total='$scraped_kicks' (KickCount $kicks) sleep='$sleep_s'; exposure '$exposure'"
+fi
+systemctl stop "$EXPORTER" "$EXPORTER_SOCKET" "$UNIT"
+
+check textfile-timer-writes
+mkdir -p "$(dirname "$TEXTFILE")"
+rm -f "$TEXTFILE"
+ev systemctl start "$METRICS"
+started=$?
+result=$(show "$METRICS" Result)
+ev ls -la "$(dirname "$TEXTFILE")"
+others=$(find "$(dirname "$TEXTFILE")" -mindepth 1 ! -name "$(basename "$TEXTFILE")" | wc -l)
+mode=$(stat -c %a "$TEXTFILE" 2>/dev/null)
+text=$(cat "$TEXTFILE" 2>/dev/null)
+bus_up=$(sample "$text" ksm_throttler_bus_up)
+up=$(sample "$text" ksm_throttler_up)
+ev systemctl start kata-ksm-throttler-metrics.timer
+timer=$(systemctl is-active kata-ksm-throttler-metrics.timer)
+if [ "$started" = 0 ] && [ "$result" = success ] && [ "$mode" = 644 ] && [ "$others" = 0 ] && [ "$bus_up" = 1 ] && [ "$up" = 0 ] &&
+  [ "$timer" = active ] && ! active "$UNIT"; then
+  pass "$METRICS wrote $TEXTFILE (mode $mode, no temporary file left): ksm_throttler_bus_up=$bus_up ksm_throttler_up=$up, $UNIT not started; the timer is $timer"
+else
+  fail "$METRICS rc=$started Result=$result; $TEXTFILE mode '${mode:-missing}', $others other files; bus_up='$bus_up' up='$up'; timer $timer; $UNIT $(systemctl is-active "$UNIT")"
+fi
+systemctl stop kata-ksm-throttler-metrics.timer "$METRICS" "$UNIT"
+
 # ---------------------------------------------------------------- end
 check all-stopped-ksm-as-recorded
 now=$(knobs)

@@ -6,7 +6,8 @@ set -euo pipefail
 
 SUITE=bookworm
 VARIANT=minbase
-PACKAGES=systemd,systemd-sysv,dbus,polkitd,libpam-systemd,procps
+# libnss-systemd: as on a standard Debian install (the end-to-end run of the exporter used it).
+PACKAGES=systemd,systemd-sysv,dbus,polkitd,libpam-systemd,libnss-systemd,procps
 CACHE=${KSM_E2E_CACHE:-/var/cache/kata-ksm-throttler-e2e}
 
 # The mirror this machine's apt already uses for Debian (first deb.debian.org-like URI), so the
