@@ -13,6 +13,7 @@ PREFIX ?= /usr/local
 LIBEXECDIR ?= $(PREFIX)/libexec
 DATADIR ?= $(PREFIX)/share
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 DBUS_POLICYDIR ?= $(DATADIR)/dbus-1/system.d
 DBUS_SERVICEDIR ?= $(DATADIR)/dbus-1/system-services
 POLKIT_ACTIONDIR ?= $(DATADIR)/polkit-1/actions
@@ -70,6 +71,7 @@ install:
 	$(INSTALL) -D -m 0755 "$(GRPC_BINARY)" "$(DESTDIR)$(LIBEXECDIR)/kata-ksm-throttler-grpc"
 	$(INSTALL) -D -m 0755 "$(TRIGGER_BINARY)" "$(DESTDIR)$(LIBEXECDIR)/kata-vc-throttler"
 	$(INSTALL) -D -m 0755 "$(EXPORTER_BINARY)" "$(DESTDIR)$(LIBEXECDIR)/kata-ksm-throttler-exporter"
+	$(INSTALL) -D -m 0644 systemd/$(NAME).sysusers "$(DESTDIR)$(SYSUSERSDIR)/$(NAME).conf"
 	for unit in $(KATA_UNITS); do \
 		sed 's|/usr/libexec/|$(LIBEXECDIR)/|' systemd/$$unit > "$(DESTDIR)$(UNITDIR)/$$unit" && \
 		chmod 0644 "$(DESTDIR)$(UNITDIR)/$$unit" || exit 1; \
@@ -100,6 +102,7 @@ uninstall:
 		"$(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service" \
 		"$(DESTDIR)$(POLKIT_ACTIONDIR)/$(BUS_NAME).policy" \
 		"$(DESTDIR)$(UNITDIR)/$(NAME).service" \
+		"$(DESTDIR)$(SYSUSERSDIR)/$(NAME).conf" \
 		$(foreach b,$(KATA_BINARIES),"$(DESTDIR)$(LIBEXECDIR)/$(b)") \
 		$(foreach u,$(KATA_UNITS) $(METRICS_UNITS),"$(DESTDIR)$(UNITDIR)/$(u)") \
 		"$(DESTDIR)$(BINDIR)/ksmtctl" \
