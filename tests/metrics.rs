@@ -216,3 +216,57 @@ async fn the_textfile_unit_s_command_writes_a_file_promtool_accepts() {
     assert!(promtool_check(&text).status.success(), "{}", String::from_utf8_lossy(&text));
     assert_eq!(sample(&String::from_utf8_lossy(&text), "ksm_throttler_setting{setting=\"aggressive\"}"), Some(1.0));
 }
+
+/// Per sandbox, for a caller the throttler lets inspect (root, as the metrics timer runs): the
+/// series are the Inspect report's figures; a caller it does not (here `nobody`, with no
+/// polkit on this bus) gets `ksm_sandbox_metrics_available 0` and no sandbox series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_gets_the_savings_per_sandbox_and_nobody_is_told_they_are_unavailable() {
+    use kata_ksm_throttler_test_support::fakeproc::{ksm_stat, smaps_entry, FakeProc};
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const MIB: u64 = 1 << 20;
+    let proc = FakeProc::new();
+    let runs = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(runs.path().join("vc/sbs").join(ID)).expect("sandbox folder");
+    let config = runs.path().join("config.toml");
+    let toml = format!("[trigger]\nvc-root = \"{}\"\nkata-root = \"\"\n", runs.path().join("vc").display());
+    std::fs::write(&config, toml).expect("config");
+    let name = format!("sandbox-{ID}");
+    let ram = smaps_entry(0x7f00_0000_0000, 256 * MIB, "rw-p", "ac mg", "");
+    proc.add(
+        100,
+        "qemu-system-x86",
+        &["qemu-system-x86_64", "-name", &name],
+        Some(&ksm_stat(1000, 24, 3_000_000, true)),
+        &ram,
+    );
+    let (config, root) = (config.display().to_string(), proc.path().display().to_string());
+    let s = setup(&["--config", &config, "--proc-root", &root]).await;
+    world_readable(s.scratch.path());
+    let ksm = s.scratch.ksm().display().to_string();
+
+    let out =
+        Command::new(CTL).args(["--bus", s.bus.address(), "metrics", "--sysfs-root", &ksm]).output().expect("ksmtctl");
+    assert!(out.status.success(), "{out:?}");
+    assert!(promtool_check(&out.stdout).status.success());
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let report = kata_ksm_throttler::client::metrics::gather_sandboxes(&s.conn).await.expect("the report");
+    let row = report.sandboxes.iter().find(|r| r.id == ID).expect("the sandbox row");
+    let labels = format!("{{sandbox=\"{ID}\",vmm=\"qemu\"}}");
+    assert_eq!(sample(&text, "ksm_sandbox_metrics_available"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, &format!("ksm_sandbox_saved_bytes{labels}")), Some(row.saved_bytes as f64), "{text}");
+    assert_eq!(sample(&text, &format!("ksm_sandbox_profit_bytes{labels}")), Some(row.profit_bytes as f64), "{text}");
+    assert_eq!(sample(&text, &format!("ksm_sandbox_mergeable_bytes{labels}")), Some(row.mergeable_bytes as f64));
+    assert_eq!(row.saved_bytes, (1000 + 24) * kata_ksm_throttler::client::metrics::page_size(), "ksm_stat's pages");
+    let ram_series = format!("ksm_sandbox_guest_ram_bytes{{sandbox=\"{ID}\",vmm=\"qemu\",guest_ram=\"mergeable\"}}");
+    assert_eq!(sample(&text, &ram_series), Some((256 * MIB) as f64), "{text}");
+    assert_eq!(sample(&text, "ksm_sandboxes"), Some(1.0));
+    // The need gate's state is a state set of the property's value.
+    assert_eq!(sample(&text, "ksm_throttler_need{need=\"not-gated\"}"), Some(1.0), "{text}");
+
+    let out = as_nobody(s.bus.address(), &["--sysfs-root", &ksm]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    assert_eq!(sample(&text, "ksm_sandbox_metrics_available"), Some(0.0), "{text}");
+    assert!(!text.contains("ksm_sandbox_saved_bytes{"), "no sandbox series for nobody:\n{text}");
+}

@@ -176,7 +176,11 @@ async fn read_status(props: &PropertiesProxy<'_>, flags: MethodFlags) -> Result<
 /// timer's file keeps saying what is known.
 async fn metrics(bus: &BusArg, output: Option<&Path>, sysfs_root: &Path, openmetrics: bool) -> Result<(), Failure> {
     let conn = connect(bus).await.map_err(|Failure(_, message)| message);
-    let snapshot = metrics::gather(conn.as_ref().map_err(Clone::clone), sysfs_root).await;
+    let mut snapshot = metrics::gather(conn.as_ref().map_err(Clone::clone), sysfs_root).await;
+    // Per sandbox when the throttler answers and lets this caller inspect (root does: the timer).
+    if let (Ok(conn), metrics::Throttler::Up(_)) = (&conn, &snapshot.throttler) {
+        snapshot.sandboxes = Some(metrics::gather_sandboxes(conn).await);
+    }
     let format = if openmetrics { metrics::Format::OpenMetrics } else { metrics::Format::Prometheus };
     let text = metrics::encode(&snapshot, format).map_err(|e| Failure(exit::FAILED, e.to_string()))?;
     match output {
