@@ -23,6 +23,7 @@ async fn ksmd_and_memory_figures_are_read_live_and_unknown_ones_say_minus_one() 
     // Nothing there yet: no ksmd, no PSI, and a meminfo without MemAvailable.
     assert_eq!(p.ksmd_cpu_seconds().await.expect("get"), -1.0, "never a guess");
     assert_eq!(p.ksmd_cpu_share().await.expect("get"), -1.0);
+    assert_eq!(p.ksmd_cycle_cpu_seconds().await.expect("get"), -1.0);
     assert_eq!(p.memory_pressure_some().await.expect("get"), -1.0, "no PSI file");
     assert_eq!(p.memory_pressure_full().await.expect("get"), -1.0);
     assert_eq!(p.mem_available_ratio().await.expect("get"), -1.0, "no MemAvailable line");
@@ -45,6 +46,8 @@ async fn ksmd_and_memory_figures_are_read_live_and_unknown_ones_say_minus_one() 
     // 0.25 CPU-s over at least 0.5 s (and at most the time since the kick, plus the reply's).
     assert!(share > 0.0 && share <= 0.5 + 1e-9, "share {share}");
     assert!(share >= 0.25 / (wall + 1.0), "share {share} over {wall} s");
+    // What the cycle cost: the CPU-s since the kick, not since boot.
+    assert!(close(p.ksmd_cycle_cpu_seconds().await.expect("get"), 0.25));
 
     // Garbled files: the properties say unknown, and the daemon keeps serving.
     s.scratch.set_pressure_text("garbage\n");

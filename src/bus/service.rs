@@ -57,6 +57,13 @@ impl Readers {
     /// ksmd's share of one CPU over the cycle under way or the last one, else since start-up;
     /// `None` where ksmd cannot be read.
     pub fn ksmd_share(&self, cycle: Option<CycleCpu>, now: Instant) -> Option<f64> {
+        let (cpu, wall) = self.ksmd_over(cycle, now)?;
+        share(cpu, wall)
+    }
+
+    /// ksmd's CPU time and the wall time over the cycle under way or the last one, else since
+    /// start-up; `None` where ksmd cannot be read.
+    pub fn ksmd_over(&self, cycle: Option<CycleCpu>, now: Instant) -> Option<(Duration, Duration)> {
         let (from, cpu_from, to, cpu_to) = match cycle {
             Some(CycleCpu { started, cpu_at_start, ended: Some((at, cpu)) }) => (started, cpu_at_start, at, cpu),
             Some(CycleCpu { started, cpu_at_start, ended: None }) => {
@@ -64,7 +71,7 @@ impl Readers {
             }
             None => (self.started.0, self.started.1?, now, self.ksmd.cpu_time().ok()?),
         };
-        share(cpu_to.saturating_sub(cpu_from), to.saturating_duration_since(from))
+        Some((cpu_to.saturating_sub(cpu_from), to.saturating_duration_since(from)))
     }
 }
 
@@ -260,6 +267,14 @@ impl Throttler {
     fn ksmd_cpu_share(&self) -> f64 {
         let cycle = self.status.borrow().cycle_cpu;
         self.readers.ksmd_share(cycle, Instant::now()).unwrap_or(-1.0)
+    }
+
+    /// ksmd's CPU seconds over the cycle under way or the last one (since start-up before any),
+    /// what the cycle's savings cost; -1 where unknown.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cycle_cpu_seconds(&self) -> f64 {
+        let cycle = self.status.borrow().cycle_cpu;
+        self.readers.ksmd_over(cycle, Instant::now()).map_or(-1.0, |(cpu, _)| cpu.as_secs_f64())
     }
 
     /// MemAvailable / MemTotal, read live; -1 where meminfo lacks them.

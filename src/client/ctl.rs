@@ -131,6 +131,8 @@ pub struct Status {
     /// -1 where ksmd cannot be found (or an older throttler that lacks it).
     pub ksmd_cpu_seconds: f64,
     pub ksmd_cpu_share: f64,
+    /// ksmd's CPU-s over the cycle (what its savings cost); -1 where unknown or not given.
+    pub ksmd_cycle_cpu_seconds: f64,
     pub mem_available_ratio: f64,
     pub memory_pressure_some: f64,
     pub memory_pressure_full: f64,
@@ -172,6 +174,7 @@ impl Status {
             saved_bytes: get(all, "SavedBytes").unwrap_or_default(),
             ksmd_cpu_seconds: get(all, "KsmdCpuSeconds").unwrap_or(-1.0),
             ksmd_cpu_share: get(all, "KsmdCpuShare").unwrap_or(-1.0),
+            ksmd_cycle_cpu_seconds: get(all, "KsmdCycleCpuSeconds").unwrap_or(-1.0),
             mem_available_ratio: get(all, "MemAvailableRatio").unwrap_or(-1.0),
             memory_pressure_some: get(all, "MemoryPressureSome").unwrap_or(-1.0),
             memory_pressure_full: get(all, "MemoryPressureFull").unwrap_or(-1.0),
@@ -196,7 +199,8 @@ impl Status {
     }
 
     /// ksmd's cost beside what it saved: its share of a CPU over the cycle, and MiB saved now
-    /// per CPU-second it has used since boot; says so where ksmd cannot be found.
+    /// per CPU-second ksmd used over the cycle (since boot from a throttler that does not say);
+    /// says so where ksmd cannot be found.
     pub fn ksmd_line(&self) -> String {
         if self.ksmd_cpu_seconds < 0.0 {
             return "ksmd not found (no KSM, or another pid namespace)".into();
@@ -206,12 +210,22 @@ impl Status {
         } else {
             format!("{:.1} % of a CPU", self.ksmd_cpu_share * 100.0)
         };
-        let per_s = if self.ksmd_cpu_seconds > 0.0 {
-            format!("{:.1} MiB saved per CPU-s", self.saved_bytes as f64 / (1024.0 * 1024.0) / self.ksmd_cpu_seconds)
+        let (cpu, over) = if self.ksmd_cycle_cpu_seconds >= 0.0 {
+            (self.ksmd_cycle_cpu_seconds, "the cycle")
         } else {
-            "no CPU used yet".to_owned()
+            (self.ksmd_cpu_seconds, "boot")
         };
-        format!("{share}, {:.1} CPU-s since boot, {per_s}", self.ksmd_cpu_seconds)
+        let per_s = if cpu > 0.0 {
+            format!("{:.1} MiB saved per CPU-s of {over}", self.saved_bytes as f64 / (1024.0 * 1024.0) / cpu)
+        } else {
+            format!("no CPU used over {over}")
+        };
+        let cycle = if self.ksmd_cycle_cpu_seconds >= 0.0 {
+            format!("{:.1} in the cycle, ", self.ksmd_cycle_cpu_seconds)
+        } else {
+            String::new()
+        };
+        format!("{share}, {cycle}{:.1} CPU-s since boot, {per_s}", self.ksmd_cpu_seconds)
     }
 
     /// MemAvailable's share of RAM and the PSI figures, or that they are unknown.
@@ -354,7 +368,16 @@ mod tests {
         put(&mut all, "Need", "needed".into());
         put(&mut all, "NeedReason", "MemAvailable 12.5% < 20.0%".into());
         let text = Status::from_properties(&all).render(UNIX_EPOCH);
-        assert!(text.contains("ksmd:     25.0 % of a CPU, 1.5 CPU-s since boot, 2.0 MiB saved per CPU-s"), "{text}");
+        assert!(
+            text.contains("ksmd:     25.0 % of a CPU, 1.5 CPU-s since boot, 2.0 MiB saved per CPU-s of boot"),
+            "{text}"
+        );
+        put(&mut all, "KsmdCycleCpuSeconds", 0.5f64.into());
+        let text = Status::from_properties(&all).render(UNIX_EPOCH);
+        assert!(
+            text.contains("ksmd:     25.0 % of a CPU, 0.5 in the cycle, 1.5 CPU-s since boot, 6.0 MiB saved per CPU-s of the cycle"),
+            "{text}"
+        );
         assert!(text.contains("memory:   MemAvailable 12.5 % of RAM, pressure some 5.50 % full 0.00 %"), "{text}");
         assert!(text.contains("need:     needed (gate when-needed: MemAvailable 12.5% < 20.0%)"), "{text}");
     }

@@ -357,6 +357,13 @@ fn property_values() -> Vec<PropertyValue> {
             None,
         ),
         p(
+            "KsmdCycleCpuSeconds",
+            "ksm_ksmd_cycle_cpu",
+            "CPU time ksmd used over the throttler's cycle under way or its last one (what the cycle's savings cost)",
+            false,
+            Some(Unit::Seconds),
+        ),
+        p(
             "MemAvailableRatio",
             "ksm_memory_available_ratio",
             "MemAvailable over MemTotal, as the throttler read it",
@@ -381,7 +388,7 @@ fn property_values() -> Vec<PropertyValue> {
 }
 
 /// Every property the exporter reads, for `ksm_throttler_property_present`.
-pub const KNOWN_PROPERTIES: [&str; 24] = [
+pub const KNOWN_PROPERTIES: [&str; 25] = [
     "CurrentSetting",
     "Mode",
     "NextStepDown",
@@ -400,6 +407,7 @@ pub const KNOWN_PROPERTIES: [&str; 24] = [
     "SleepMillisecs",
     "KsmdCpuSeconds",
     "KsmdCpuShare",
+    "KsmdCycleCpuSeconds",
     "MemAvailableRatio",
     "MemoryPressureSome",
     "MemoryPressureFull",

@@ -57,6 +57,8 @@ pub trait KsmThrottler {
     #[zbus(property(emits_changed_signal = "false"))]
     fn ksmd_cpu_share(&self) -> zbus::Result<f64>;
     #[zbus(property(emits_changed_signal = "false"))]
+    fn ksmd_cycle_cpu_seconds(&self) -> zbus::Result<f64>;
+    #[zbus(property(emits_changed_signal = "false"))]
     fn mem_available_ratio(&self) -> zbus::Result<f64>;
     #[zbus(property(emits_changed_signal = "false"))]
     fn memory_pressure_some(&self) -> zbus::Result<f64>;
