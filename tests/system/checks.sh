@@ -524,6 +524,29 @@ else
 fi
 systemctl stop kata-ksm-throttler-metrics.timer "$METRICS" "$UNIT"
 
+check inspect-under-the-unit
+# The Inspect interface from the hardened unit (CAP_SYS_PTRACE alone, ProtectProc=invisible),
+# started by D-Bus activation: the /proc walk sees root's processes, and the doctor names a
+# sandbox folder that has no VMM.
+SBID=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+mkdir -p "/run/kata/$SBID"
+sandboxes=$(ksmtctl sandboxes --json 2>&1)
+src=$?
+echo "$sandboxes" >"$EVIDENCE/$CURRENT-sandboxes.json"
+walked=$(printf '%s' "$sandboxes" | grep -o '"walked":[0-9]*' | head -1 | cut -d: -f2)
+doctor=$(ksmtctl doctor --json 2>&1)
+drc=$?
+echo "$doctor" >"$EVIDENCE/$CURRENT-doctor.json"
+ev ksmtctl doctor
+if [ "$src" = 0 ] && [ "${walked:-0}" -gt 5 ] && { [ "$drc" = 0 ] || [ "$drc" = 6 ]; } &&
+  printf '%s' "$doctor" | grep -q "sandbox-no-vmm" && printf '%s' "$doctor" | grep -q "$SBID"; then
+  pass "ksmtctl sandboxes: $walked processes walked under the unit; ksmtctl doctor (exit $drc) names sandbox ${SBID:0:12} with no VMM"
+else
+  fail "ksmtctl sandboxes rc=$src walked='${walked:-none}'; doctor rc=$drc: $(printf '%s' "$doctor" | head -c 300)"
+fi
+rmdir "/run/kata/$SBID"
+systemctl stop "$UNIT"
+
 # ---------------------------------------------------------------- end
 check all-stopped-ksm-as-recorded
 now=$(knobs)
