@@ -9,27 +9,10 @@ use std::process::{Command, Output, Stdio};
 
 use kata_ksm_throttler::bus::private::BusConfig;
 use kata_ksm_throttler_test_support::bus::has_owner;
+use kata_ksm_throttler_test_support::prometheus::{promtool_check_metrics as promtool_check, sample};
 use kata_ksm_throttler_test_support::*;
 
 const CTL: &str = env!("CARGO_BIN_EXE_ksmtctl");
-
-/// The value of the sample `series` (name and labels exactly as written) in a scrape.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn promtool_check(text: &[u8]) -> Output {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
-    use std::io::Write;
-    child.stdin.take().expect("stdin").write_all(text).expect("feed promtool");
-    child.wait_with_output().expect("promtool")
-}
 
 /// Lets `nobody` read the scratch sysfs, as anyone may read /sys/kernel/mm/ksm.
 fn world_readable(dir: &Path) {

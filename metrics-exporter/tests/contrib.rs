@@ -10,8 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use kata_ksm_throttler_test_support::bus::project_file;
-use kata_ksm_throttler_test_support::http::{free_port, get};
-use kata_ksm_throttler_test_support::prometheus::Prometheus;
+use kata_ksm_throttler_test_support::prometheus::{spawn_exporter, Prometheus};
 use kata_ksm_throttler_test_support::*;
 use serde_json::Value;
 
@@ -76,14 +75,7 @@ fn dashboard_queries() -> Vec<(String, String)> {
 }
 
 fn exporter(bus: &str, ksm: &Path, log: &Path) -> (Guarded, SocketAddr) {
-    let addr = free_port();
-    let mut command = Command::new(EXPORTER);
-    command.args(["--bus", bus, "--listen", &addr.to_string(), "--sysfs-root"]).arg(ksm);
-    let process = Guarded::spawn_logged(&mut command, "kata-ksm-throttler-exporter", log).expect("start the exporter");
-    eventually_blocking(Duration::from_secs(10), "the exporter to answer", || {
-        get(addr, "/", &[]).is_ok_and(|r| r.status == 200)
-    });
-    (process, addr)
+    spawn_exporter(EXPORTER, bus, ksm, log, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

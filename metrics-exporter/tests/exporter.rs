@@ -7,10 +7,11 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kata_ksm_throttler_test_support::http::{free_port, get, request, Response};
+use kata_ksm_throttler_test_support::prometheus::{promtool_check_metrics, sample, spawn_exporter};
 use kata_ksm_throttler_test_support::*;
 
 const EXPORTER: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler-exporter");
@@ -23,18 +24,8 @@ struct Exporter {
 
 impl Exporter {
     fn spawn(bus: &str, ksm: &Path, log: &Path, extra: &[&str]) -> Exporter {
-        let addr = free_port();
-        let mut command = Command::new(EXPORTER);
-        command.args(["--bus", bus, "--listen", &addr.to_string(), "--sysfs-root"]).arg(ksm).args(extra);
-        let process =
-            Guarded::spawn_logged(&mut command, "kata-ksm-throttler-exporter", log).expect("start the exporter");
-        let e = Exporter { process, addr };
-        eventually_blocking(
-            Duration::from_secs(10),
-            || format!("the exporter to answer; log:\n{}", e.process.log_text()),
-            || get(addr, "/", &[]).is_ok_and(|r| r.status == 200),
-        );
-        e
+        let (process, addr) = spawn_exporter(EXPORTER, bus, ksm, log, extra);
+        Exporter { process, addr }
     }
 
     fn scrape(&self, accept: Option<&str>) -> Response {
@@ -44,20 +35,8 @@ impl Exporter {
     }
 }
 
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 fn promtool_check(text: &[u8]) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
-    child.stdin.take().expect("stdin").write_all(text).expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool");
+    let out = promtool_check_metrics(text);
     assert!(
         out.status.success(),
         "promtool check metrics: {}{}\n{}",

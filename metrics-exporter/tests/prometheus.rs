@@ -6,11 +6,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use kata_ksm_throttler_test_support::http::{free_port, get};
-use kata_ksm_throttler_test_support::prometheus::Prometheus;
+use kata_ksm_throttler_test_support::prometheus::{spawn_exporter, Prometheus};
 use kata_ksm_throttler_test_support::*;
 use serde_json::Value;
 
@@ -20,14 +18,7 @@ const STEPS: [&str; 6] = ["--aggressive-duration", "4s", "--standard-duration", 
 const LIMIT: Duration = Duration::from_secs(40);
 
 fn exporter(bus: &str, ksm: &Path, log: &Path) -> (Guarded, SocketAddr) {
-    let addr = free_port();
-    let mut command = Command::new(EXPORTER);
-    command.args(["--bus", bus, "--listen", &addr.to_string(), "--sysfs-root"]).arg(ksm);
-    let process = Guarded::spawn_logged(&mut command, "kata-ksm-throttler-exporter", log).expect("start the exporter");
-    eventually_blocking(Duration::from_secs(10), "the exporter to answer", || {
-        get(addr, "/", &[]).is_ok_and(|r| r.status == 200)
-    });
-    (process, addr)
+    spawn_exporter(EXPORTER, bus, ksm, log, &[])
 }
 
 /// Waits until the query's one series has the value `want`.

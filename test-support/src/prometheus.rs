@@ -105,3 +105,38 @@ impl Prometheus {
         }
     }
 }
+
+/// The exporter binary (`binary`: the tests' `CARGO_BIN_EXE_…`) on a free localhost port over
+/// `bus` and the sysfs folder `ksm`, logging to `log`; returns once it answers HTTP.
+pub fn spawn_exporter(binary: &str, bus: &str, ksm: &Path, log: &Path, extra: &[&str]) -> (Guarded, SocketAddr) {
+    let addr = free_port();
+    let mut command = Command::new(binary);
+    command.args(["--bus", bus, "--listen", &addr.to_string(), "--sysfs-root"]).arg(ksm).args(extra);
+    let process = Guarded::spawn_logged(&mut command, "kata-ksm-throttler-exporter", log).expect("start the exporter");
+    crate::eventually::eventually_blocking(
+        Duration::from_secs(10),
+        || format!("the exporter to answer; log:\n{}", process.log_text()),
+        || get(addr, "/", &[]).is_ok_and(|r| r.status == 200),
+    );
+    (process, addr)
+}
+
+/// The value of the sample `series` (name and labels exactly as written) in a scrape.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `promtool check metrics` (Debian's prometheus package) on `text`.
+pub fn promtool_check_metrics(text: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
+    child.stdin.take().expect("stdin").write_all(text).expect("feed promtool");
+    child.wait_with_output().expect("promtool")
+}
