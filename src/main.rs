@@ -125,6 +125,9 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(calls.clone().watch(conn.clone()));
     conn.object_server().at(OBJECT_PATH, throttler).await.context("exporting the object")?;
     conn.object_server().at(OBJECT_PATH, inspector).await.context("exporting the Inspect interface")?;
+    kata_ksm_throttler::bus::properties::install(conn.object_server(), OBJECT_PATH)
+        .await
+        .context("exporting the Properties interface")?;
 
     // Restored (after a crash) and in its start-up mode before the name is taken: a caller
     // never reads the previous instance's knobs as this one's setting.

@@ -7,4 +7,5 @@ pub mod error;
 pub mod idle_exit;
 pub mod inspect;
 pub mod private;
+pub mod properties;
 pub mod service;
