@@ -542,17 +542,19 @@ async fn corrupt_or_truncated_state_files_are_kept_aside_logged_and_never_writte
     }
 }
 
-/// Issue 14, item 1: any local user may send the root daemon a message as large as the bus
-/// allows (a property name of megabytes, which zbus's error echoes back). Such calls are answered
-/// with the right error, the daemon keeps serving, and its heap is given back after them.
+/// Issue 14, item 1: any local user may send the root daemon messages as large as the bus
+/// allows, many at once (the issue's case: 16 property names of 31 MiB; zbus's own Properties
+/// peaked at 702 MiB). Each is answered with the right error (or refused by the bus, whose
+/// queue towards the daemon is bounded), the daemon keeps serving well inside the unit's
+/// `MemoryMax=256M`, and its heap is given back after them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_property_names_are_refused_and_their_memory_is_given_back() {
     let s = setup(&[]).await;
     let pid = s.daemon.pid();
     let fresh = footprint(pid).expect("/proc status");
-    let name = "x".repeat(8 << 20);
+    let name = std::sync::Arc::new("x".repeat(31 << 20));
     let mut calls = vec![];
-    for _ in 0..4 {
+    for _ in 0..16 {
         let conn = connect(&s.bus).await;
         let name = name.clone();
         calls.push(tokio::spawn(async move {
@@ -567,24 +569,34 @@ async fn huge_property_names_are_refused_and_their_memory_is_given_back() {
             .map(drop)
         }));
     }
+    let mut answered = 0;
     for call in calls {
         let err = call.await.expect("task").expect_err("no such property");
-        assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.UnknownProperty");
-        assert!(error_message(&err).len() < 300, "the name is not echoed");
+        match error_name(&err).as_str() {
+            "org.freedesktop.DBus.Error.UnknownProperty" => {
+                answered += 1;
+                assert!(error_message(&err).len() < 300, "the name is not echoed");
+            }
+            // "destination has a full message queue"
+            "org.freedesktop.DBus.Error.LimitsExceeded" => {}
+            other => panic!("{other}: {:.300}", error_message(&err)),
+        }
     }
+    assert!(answered > 0, "the daemon answered some itself");
     let peak = footprint(pid).expect("/proc status");
     answered_ping(&s.conn, "after the huge names").await;
+    eprintln!(
+        "16 x 31 MiB property names: {answered} answered by the daemon, the rest refused by the bus; \
+         RSS fresh {} KiB, peak (VmHWM) {} KiB",
+        fresh.vm_rss_kib, peak.vm_hwm_kib
+    );
+    assert!(peak.vm_hwm_kib < 256 << 10, "the unit's MemoryMax=256M would have been reached");
     // Given back once the callers have stayed away (heap::TRIM_AFTER_BURST), not at once.
     eventually(Duration::from_secs(20), "the heap given back after the huge names", async || {
         rss_kib(pid) <= fresh.vm_rss_kib + 2048
     })
     .await;
-    eprintln!(
-        "4 x 8 MiB property names: RSS fresh {} KiB, peak (VmHWM) {} KiB, after {} KiB",
-        fresh.vm_rss_kib,
-        peak.vm_hwm_kib,
-        rss_kib(pid)
-    );
+    eprintln!("RSS after {} KiB", rss_kib(pid));
 }
 
 /// Issue 14, item 8: a knob that is gone is an error naming it when read as a property, never 0
