@@ -173,6 +173,7 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
+    let stop_calls = calls.clone();
     let (edge_failed, edge_failure) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let edge = async {
         if let Some(notices) = notices {
@@ -219,7 +220,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let ended = ended.map_err(|_| anyhow!("the engine's thread ended without a word"))??;
     match ended {
-        Ended::Shutdown => {}
+        Ended::Shutdown => idle_exit::release_and_answer(&conn, &stop_calls).await,
         Ended::Idle => tracing::info!("exiting on idle; the next call starts the throttler again"),
         Ended::HandedOver => {
             idle_exit::start_successor(&conn).await.context("asking the bus to start a successor")?;

@@ -7,6 +7,13 @@
 //!   cargo bench -p kata-ksm-throttler-grpc --bench grpc -- --smoke         # a few seconds, for CI
 //!   cargo bench -p kata-ksm-throttler-grpc --bench grpc -- --json FILE     # where the JSON goes
 //!                                                                          # (<target>/grpc.json)
+//!   cargo bench -p kata-ksm-throttler-grpc --bench grpc -- --against SOCKET
+//!       # also another ksm.KSMThrottler server on SOCKET (the original Go daemon, say), with the
+//!       # same client, its kicks interleaved with the shim's
+//!
+//! Kicks over a kept connection are timed in rounds that take turns: the shim, the bare D-Bus
+//! call it makes (the same daemon, no gRPC: what the shim cannot be faster than), and the
+//! `--against` server; so a busy moment of the machine falls on all of them alike.
 //!
 //! The daemon is built as the shim's tests build it (the test-support crate: the same cargo,
 //! target folder and profile), or taken from `KSM_THROTTLER_DAEMON`. Nothing here touches the
@@ -20,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
-use kata_ksm_throttler::names::BUS_NAME;
+use kata_ksm_throttler::names::{BUS_NAME, OBJECT_PATH};
 use kata_ksm_throttler_grpc::proto::ksm_throttler_client::KsmThrottlerClient;
 use kata_ksm_throttler_test_support::bench::Latencies;
 use kata_ksm_throttler_test_support::eventually::until_some;
@@ -35,33 +42,38 @@ const SHIM: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler-grpc");
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     smoke: bool,
-    /// Kicks over one kept connection.
+    /// Kicks over one kept connection (and as many on the bus, and to `--against`).
     kept: usize,
+    /// Kicks per turn when the kept-connection figures take turns.
+    round: usize,
     /// Kicks each on a connection of its own.
     new_connection: usize,
 }
 
 impl Plan {
-    const FULL: Plan = Plan { smoke: false, kept: 20_000, new_connection: 2_000 };
-    const SMOKE: Plan = Plan { smoke: true, kept: 2_000, new_connection: 200 };
+    const FULL: Plan = Plan { smoke: false, kept: 20_000, round: 500, new_connection: 2_000 };
+    const SMOKE: Plan = Plan { smoke: true, kept: 2_000, round: 500, new_connection: 200 };
 }
 
 struct Options {
     plan: Plan,
     json: PathBuf,
+    against: Option<PathBuf>,
 }
 
 fn options() -> Result<Options> {
     let mut plan = Plan::FULL;
     let mut json = None;
+    let mut against = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--smoke" => plan = Plan::SMOKE,
             "--json" => json = Some(PathBuf::from(args.next().context("--json needs a file")?)),
+            "--against" => against = Some(PathBuf::from(args.next().context("--against needs a Unix socket")?)),
             // cargo bench passes --bench to harness-less benches.
             "--bench" => {}
-            other => bail!("unknown argument {other:?} (--smoke, --json FILE)"),
+            other => bail!("unknown argument {other:?} (--smoke, --json FILE, --against SOCKET)"),
         }
     }
     let json = match json {
@@ -73,7 +85,7 @@ fn options() -> Result<Options> {
             target.join("grpc.json")
         }
     };
-    Ok(Options { plan, json })
+    Ok(Options { plan, json, against })
 }
 
 fn main() -> std::process::ExitCode {
@@ -178,30 +190,66 @@ async fn run() -> Result<()> {
     println!("daemon pid {} (bus pid {}), shim pid {}", daemon.pid(), bus.pid(), shim.pid());
     let fresh = procfs::footprint(shim.pid()).context("the shim's footprint")?;
 
+    let proxy = KsmThrottlerProxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await?;
     let measured = async {
         // The first kick moves to aggressive (sysfs writes, the state file's fsync): not timed.
-        let mut kept = client(&socket).await?;
-        kick(&mut kept).await.context("the first kick")?;
-        let kept = Latencies::sequential(plan.kept, || {
-            let mut kept = kept.clone();
-            async move { kick(&mut kept).await }
-        })
-        .await
-        .context("kicks over a kept connection")?;
+        let kept = client(&socket).await?;
+        kick(&mut kept.clone()).await.context("the first kick")?;
+        let against = match &opts.against {
+            Some(path) => {
+                let other = client(path).await?;
+                kick(&mut other.clone()).await.with_context(|| format!("the first kick to {}", path.display()))?;
+                Some(other)
+            }
+            None => None,
+        };
+        let peer = zbus::fdo::PeerProxy::builder(&conn)
+            .destination(BUS_NAME)
+            .path(OBJECT_PATH)
+            .build()
+            .await
+            .context("a Peer proxy")?;
+        let (mut shim_parts, mut bus_parts, mut ping_parts, mut against_parts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut done = 0;
+        while done < plan.kept {
+            let n = plan.round.min(plan.kept - done);
+            let over = |c: &KsmThrottlerClient<Channel>| {
+                let mut c = c.clone();
+                async move { kick(&mut c).await }
+            };
+            shim_parts.push(Latencies::sequential(n, || over(&kept)).await.context("kicks over a kept connection")?);
+            bus_parts.push(
+                Latencies::sequential(n, || async { proxy.kick().await.context("Kick on the bus") })
+                    .await
+                    .context("kicks on the bus")?,
+            );
+            ping_parts.push(
+                Latencies::sequential(n, || async { peer.ping().await.context("Peer.Ping on the bus") })
+                    .await
+                    .context("pings on the bus")?,
+            );
+            if let Some(other) = &against {
+                against_parts.push(Latencies::sequential(n, || over(other)).await.context("kicks to --against")?);
+            }
+            done += n;
+        }
         // Connect (HTTP/2 handshake included), kick, drop the connection.
         let new_connection =
             Latencies::sequential(plan.new_connection, || async { kick(&mut client(&socket).await?).await })
                 .await
                 .context("kicks on a new connection each")?;
-        Ok::<_, anyhow::Error>((kept, new_connection))
+        let against = against.map(|_| Latencies::join(against_parts));
+        let (shim, bus, ping) = (Latencies::join(shim_parts), Latencies::join(bus_parts), Latencies::join(ping_parts));
+        Ok::<_, anyhow::Error>((shim, bus, ping, against, new_connection))
     }
     .await;
-    let (kept, new_connection) = measured.with_context(|| format!("shim log:\n{}", shim.log_text()))?;
+    let (kept, bus_kicks, bus_pings, against, new_connection) =
+        measured.with_context(|| format!("shim log:\n{}", shim.log_text()))?;
     let after = procfs::footprint(shim.pid()).context("the shim's footprint")?;
 
-    let proxy = KsmThrottlerProxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await?;
     let kicks = proxy.kick_count().await.context("reading KickCount")?;
-    let expected = 1 + plan.kept + plan.new_connection;
+    let expected = 1 + 2 * plan.kept + plan.new_connection;
     ensure!(kicks as usize == expected, "the daemon counted {kicks} kicks, {expected} were sent");
     ensure!(proxy.current_setting().await? == "aggressive", "the daemon is not aggressive after the kicks");
     drop(shim);
@@ -216,6 +264,10 @@ async fn run() -> Result<()> {
         "loadavg_after": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "kicks_counted": kicks,
         "kept": kept.json(),
+        "bus_kept": bus_kicks.json(),
+        "ping_kept": bus_pings.json(),
+        "against_socket": opts.against.as_ref().map(|p| p.display().to_string()),
+        "against_kept": against.as_ref().map(Latencies::json),
         "new_connection": new_connection.json(),
         "shim_fresh": footprint_json(fresh),
         "shim_after": footprint_json(after),
@@ -250,6 +302,23 @@ fn table(v: &Value) -> String {
     row("figure", "measured".into(), "target");
     row("---", "---".into(), "---");
     row(&format!("gRPC shim Kick, kept connection ({})", n("/kept/calls")), lat("/kept", "kicks"), "p99 ≤ 600 µs");
+    row(
+        &format!("the shim's D-Bus call alone, Kick on the bus ({})", n("/bus_kept/calls")),
+        lat("/bus_kept", "kicks"),
+        "(the floor under the shim's figure)",
+    );
+    row(
+        &format!("the bus hop alone, Peer.Ping to the daemon ({})", n("/ping_kept/calls")),
+        lat("/ping_kept", "pings"),
+        "",
+    );
+    if let Some(socket) = v["against_socket"].as_str() {
+        row(
+            &format!("--against {socket}: Kick, kept connection ({})", n("/against_kept/calls")),
+            lat("/against_kept", "kicks"),
+            "(the shim's p50/p99 at most this)",
+        );
+    }
     row(
         &format!("gRPC shim Kick, new connection each ({})", n("/new_connection/calls")),
         lat("/new_connection", "kicks"),

@@ -95,6 +95,27 @@ pub async fn start_successor(conn: &Connection) -> zbus::Result<()> {
     conn.send(&msg).await
 }
 
+/// How long a stop waits for the calls routed here before the name was given up to be answered.
+pub const STOP_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// On a stop, once the engine has ended: gives the name up, then waits until every call the bus
+/// had routed here before that is answered (with `ShuttingDown`, the engine being gone). Without
+/// it, a call still queued when the connection closes gets the bus's `NoReply`; calls made after
+/// the release find the name free, as after any exit.
+pub async fn release_and_answer(conn: &Connection, calls: &CallTracker) {
+    let answered = async {
+        conn.release_name(BUS_NAME).await?;
+        calls.fence(conn).await?;
+        calls.drained().await;
+        Ok::<_, zbus::Error>(())
+    };
+    match tokio::time::timeout(STOP_DRAIN_LIMIT, answered).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("giving {BUS_NAME} up before exiting: {e}"),
+        Err(_) => tracing::info!("calls still in flight after {}s: exiting", STOP_DRAIN_LIMIT.as_secs()),
+    }
+}
+
 /// One round trip to the bus: replies that handlers were sending when the engine ended have been
 /// written by the time it returns (writes go out in the order they were started).
 pub async fn flush(conn: &Connection) {

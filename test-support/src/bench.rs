@@ -52,6 +52,17 @@ impl Latencies {
         Ok(Latencies::new(samples, start.elapsed()))
     }
 
+    /// Parts timed apart (rounds that took turns with other figures) as one: their samples, and
+    /// the wall time they took together.
+    pub fn join(parts: impl IntoIterator<Item = Latencies>) -> Latencies {
+        let (mut samples, mut wall) = (Vec::new(), Duration::ZERO);
+        for part in parts {
+            samples.extend(part.samples);
+            wall += part.wall;
+        }
+        Latencies::new(samples, wall)
+    }
+
     /// The `q` quantile (the nearest rank); zero with no samples.
     pub fn quantile(&self, q: f64) -> Duration {
         if self.samples.is_empty() {
