@@ -12,8 +12,9 @@
 //!       # same client, its kicks interleaved with the shim's
 //!
 //! Kicks over a kept connection are timed in rounds that take turns: the shim, the bare D-Bus
-//! call it makes (the same daemon, no gRPC: what the shim cannot be faster than), and the
-//! `--against` server; so a busy moment of the machine falls on all of them alike.
+//! call it makes (the same daemon, no gRPC: what the shim cannot be faster than), a `Peer.Ping`
+//! to the daemon (the bus hop alone), and the `--against` server; so a busy moment of the
+//! machine falls on all of them alike.
 //!
 //! The daemon is built as the shim's tests build it (the test-support crate: the same cargo,
 //! target folder and profile), or taken from `KSM_THROTTLER_DAEMON`. Nothing here touches the
