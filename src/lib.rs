@@ -7,6 +7,8 @@
 //! - [`engine`]: the one task that owns the state; it feeds events to the core and carries the
 //!   plan out through `io`.
 //! - [`bus`]: the D-Bus face: the object, authorization, error names, call counting, exit on idle.
+//! - [`grpc`]: the gRPC face (`ksm.KSMThrottler/Kick` on a Unix socket) for the original Kata
+//!   clients, served by the daemon (straight to the engine) or by the shim (over the bus).
 //! - [`client`]: what callers use (the proxy, the kicker, `--bus`, ksmtctl); nothing of the above but the
 //!   plain data of `core` that the Inspect interface's answers parse into.
 //! - [`startup`]: configuration, command line and logging, for the daemon's `main`.
@@ -15,6 +17,7 @@ pub mod bus;
 pub mod client;
 pub mod core;
 pub mod engine;
+pub mod grpc;
 pub mod io;
 pub mod names;
 pub mod startup;

@@ -1,5 +1,6 @@
 use std::fs::File;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -13,6 +14,7 @@ use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::bus::service::{self, Readers, Throttler};
 use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::engine::{Config, Ended, Engine};
+use kata_ksm_throttler::grpc;
 use kata_ksm_throttler::io::meminfo;
 use kata_ksm_throttler::io::procwalk::Roots;
 use kata_ksm_throttler::io::state_file::{StateError, StateFile};
@@ -48,10 +50,13 @@ fn settings(args: &Args) -> Result<Settings, ConfigError> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let settings = settings(&args)?;
+    let mut settings = settings(&args)?;
     if args.check_config {
         print!("{}", settings.to_toml());
         return Ok(());
+    }
+    if args.grpc_uri.is_some() && settings.exit_idle_after.take().is_some() {
+        tracing::warn!("--grpc-uri: not exiting on idle (the gRPC socket would close with it)");
     }
 
     // Before anything changes KSM, so a stop at any point still restores.
@@ -68,6 +73,12 @@ async fn run(args: Args) -> Result<()> {
     let _lock = lock_state(&state, wait).await.context("taking the state directory's lock")?.ok_or_else(|| {
         anyhow!("another kata-ksm-throttler already drives KSM ({} is locked)", args.state_dir.display())
     })?;
+    // Bound now, while nothing else creates files (the socket is made 0660 under a umask of
+    // its own); served once the engine has restored, connections waiting in the backlog meanwhile.
+    let grpc_socket = match &args.grpc_uri {
+        Some(uri) => Some(grpc_listener(uri)?),
+        None => None,
+    };
 
     let private_bus;
     let address = match &args.bus {
@@ -149,6 +160,12 @@ async fn run(args: Args) -> Result<()> {
         e => anyhow!("cannot own {BUS_NAME}: {e} (only root may, once dbus/{BUS_NAME}.conf is installed)"),
     })?;
     tokio::spawn(service::signal_changes(conn.clone(), status));
+    let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut grpc_stop = Some(grpc_stop);
+    let grpc_served = grpc_socket.map(|(listener, path)| {
+        tracing::info!(path = %path.display(), "serving ksm.KSMThrottler");
+        tokio::spawn(serve_grpc(listener, path, handle.clone(), grpc_stopped))
+    });
 
     if let Some(bus) = &private_bus {
         let address = bus.address().split(",guid=").next().unwrap_or_default();
@@ -213,11 +230,22 @@ async fn run(args: Args) -> Result<()> {
                     if let Some(stop) = stop.take() {
                         let _ = stop.send(());
                     }
+                    if let Some(grpc_stop) = grpc_stop.take() {
+                        let _ = grpc_stop.send(());
+                    }
                 }
                 () = &mut edge => unreachable!("the edge task never completes"),
             }
         }
     };
+    if let Some(served) = grpc_served {
+        // Kicks in flight are answered (UNAVAILABLE once the engine has stopped), for up to
+        // GRPC_DRAIN; the socket goes.
+        if let Some(grpc_stop) = grpc_stop.take() {
+            let _ = grpc_stop.send(());
+        }
+        let _ = served.await;
+    }
     let ended = ended.map_err(|_| anyhow!("the engine's thread ended without a word"))??;
     match ended {
         Ended::Shutdown => idle_exit::release_and_answer(&conn, &stop_calls).await,
@@ -261,6 +289,40 @@ fn run_engine(
         .context("starting the engine's thread")?;
     Ok(rx)
 }
+
+/// How long gRPC calls in flight may go on after a stop.
+const GRPC_DRAIN: Duration = Duration::from_secs(2);
+
+/// `--grpc-uri`'s socket, made as the shim makes its own, and its path (removed at exit).
+fn grpc_listener(uri: &str) -> Result<(tokio::net::UnixListener, std::path::PathBuf)> {
+    let path = grpc::socket::parse_uri(uri).context("--grpc-uri")?;
+    let listener = grpc::socket::bind(&path).context("--grpc-uri")?;
+    listener.set_nonblocking(true).context("making the gRPC socket non-blocking")?;
+    let listener = tokio::net::UnixListener::from_std(listener).context("registering the gRPC socket")?;
+    Ok((listener, path))
+}
+
+/// Serves ksm.KSMThrottler on `listener`, each Kick handed to the engine, until `stopped`.
+async fn serve_grpc(
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+    handle: kata_ksm_throttler::engine::Handle,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let limits = grpc::server::Limits::new(GRPC_KICK_TIMEOUT);
+    let stop = async {
+        let _ = stopped.await;
+    };
+    if let Err(e) = grpc::server::serve(listener, Arc::new(handle), &limits, stop, GRPC_DRAIN).await {
+        tracing::error!("serving gRPC: {e}");
+    }
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!(path = %path.display(), "removing the gRPC socket: {e}");
+    }
+}
+
+/// A gRPC Kick's bound, as the shim's default `--kick-timeout`.
+const GRPC_KICK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long an instance started by the bus waits for one that is exiting on idle; under the bus's
 /// own activation timeout (25 s by default).

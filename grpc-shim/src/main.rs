@@ -8,9 +8,9 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
 use kata_ksm_throttler::client::kicker::Kicker;
+use kata_ksm_throttler::grpc::server::{self, Limits};
+use kata_ksm_throttler::grpc::socket;
 use kata_ksm_throttler_grpc::cli::Args;
-use kata_ksm_throttler_grpc::server::{self, Limits};
-use kata_ksm_throttler_grpc::socket;
 
 /// How long calls in flight may go on after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(2);

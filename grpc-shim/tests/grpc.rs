@@ -210,7 +210,11 @@ fn indexed_literal(index: u8, value: &[u8]) -> Vec<u8> {
 }
 
 /// Reads frames until every one of `streams` has ended; the decoded headers of each HEADERS frame.
-async fn responses(peer: &mut UnixStream, mut streams: Vec<u32>, shim: &Shim) -> Vec<(u32, Vec<(String, String)>)> {
+async fn responses(
+    peer: &mut UnixStream,
+    mut streams: Vec<u32>,
+    log: &dyn Fn() -> String,
+) -> Vec<(u32, Vec<(String, String)>)> {
     let mut decoder = loona_hpack::Decoder::new();
     let mut seen = vec![];
     let mut buf = vec![];
@@ -243,7 +247,7 @@ async fn responses(peer: &mut UnixStream, mut streams: Vec<u32>, shim: &Shim) ->
         let mut chunk = [0u8; 4096];
         let n = tokio::time::timeout_at(deadline.into(), peer.read(&mut chunk))
             .await
-            .unwrap_or_else(|_| panic!("no answers within 10 s; log:\n{}", shim.log_text()))
+            .unwrap_or_else(|_| panic!("no answers within 10 s; log:\n{}", log()))
             .expect("read");
         assert!(n > 0, "closed before the answers; waiting for streams {streams:?}");
         buf.extend_from_slice(&chunk[..n]);
@@ -256,7 +260,13 @@ async fn the_original_go_clients_socket_path_authority_is_served() {
     let s = setup(&[]).await;
     let socket = sock_in(s.scratch.dir.path());
     let shim = Shim::serve(s.bus.address(), &socket, &[]);
+    two_go_client_calls(&socket, &|| shim.log_text()).await;
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 2);
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive");
+}
 
+/// Two Kicks on one connection, sent as the original Go clients send them; both must be OK.
+async fn two_go_client_calls(socket: &Path, log: &dyn Fn() -> String) {
     // As grpc-go (the original Kata clients: grpc.Dial(path, WithDialer(unix))) sends a call: the
     // socket path as :authority, indexed, so that the next call on the connection refers to it.
     let path = b"/var/run/kata-ksm-throttler/ksm.sock";
@@ -271,7 +281,7 @@ async fn the_original_go_clients_socket_path_authority_is_served() {
     let second = [0x83, 0x86, 0xc2, 0xc1, 0xc0, 0xbf, 0xbe];
     let empty_message = [0, 0, 0, 0, 0];
 
-    let mut peer = UnixStream::connect(&socket).await.expect("connect");
+    let mut peer = UnixStream::connect(socket).await.expect("connect");
     let mut out = PREFACE.to_vec();
     out.extend(frame(4, 0, 0, &[]));
     out.extend(frame(1, 0x4, 1, &first));
@@ -282,7 +292,7 @@ async fn the_original_go_clients_socket_path_authority_is_served() {
     // SETTINGS ACK, or h2 stops answering after its own SETTINGS.
     peer.write_all(&frame(4, 0x1, 0, &[])).await.expect("settings ack");
 
-    let answers = responses(&mut peer, vec![1, 3], &shim).await;
+    let answers = responses(&mut peer, vec![1, 3], log).await;
     for stream in [1, 3] {
         let status: Vec<_> = answers
             .iter()
@@ -291,8 +301,73 @@ async fn the_original_go_clients_socket_path_authority_is_served() {
             .collect();
         assert_eq!(status, ["0"], "stream {stream}: {answers:?}");
     }
-    assert_eq!(s.proxy.kick_count().await.expect("get"), 2);
-    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon serving ksm.KSMThrottler itself (--grpc-uri): the same code, no bus in between.
+
+/// The daemon on a fresh bus and scratch with `--grpc-uri <scratch>/daemon.sock`, and its socket.
+async fn daemon_serving_grpc(extra: &[&str]) -> (Setup, PathBuf) {
+    let bus = start_bus();
+    let scratch = Scratch::fresh();
+    let socket = scratch.path().join("daemon.sock");
+    let mut args = vec!["--grpc-uri", socket.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::spawn(&bus, &scratch, &args);
+    let s = kata_ksm_throttler_test_support::daemon::serve(bus, scratch, daemon).await;
+    (s, socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_grpc_itself_old_clients_included_and_removes_the_socket_on_exit() {
+    let (mut s, socket) = daemon_serving_grpc(&[]).await;
+    // Served once the name is taken, which is after the restore: the socket exists by then.
+    let mode = std::fs::metadata(&socket).expect("the socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "{mode:o}");
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "initial");
+
+    kick(&socket).await.expect("Kick on the daemon's own socket");
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "aggressive", "applied before the answer");
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 1);
+    assert_eq!(s.scratch.knobs(), expected(10, 1));
+    two_go_client_calls(&socket, &|| s.daemon.log_text()).await;
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 3);
+
+    // Only Kick, as through the shim.
+    let (_, headers, _, trailers) = raw_call(&socket, "/ksm.KSMThrottler/SetMode").await;
+    let code = headers.get("grpc-status").or(trailers.get("grpc-status"));
+    assert_eq!(code.map(|v| v.as_bytes()), Some(&b"12"[..]), "{headers:?} {trailers:?}");
+
+    assert!(s.daemon.terminate().success(), "{}", s.daemon.log_text());
+    assert_eq!(s.scratch.knobs(), (0, 100, 20), "restored");
+    assert!(!socket.exists(), "the socket is removed at exit");
+}
+
+/// Exit on idle would close the socket: with --grpc-uri the daemon stays, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serving_grpc_does_not_exit_on_idle() {
+    let (mut s, socket) = daemon_serving_grpc(&["--exit-idle-after", "1s"]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(s.daemon.is_running(), "exited on idle; log:\n{}", s.daemon.log_text());
+    assert!(s.daemon.log_text().contains("not exiting on idle"), "{}", s.daemon.log_text());
+    kick(&socket).await.expect("Kick");
+    assert_eq!(s.proxy.kick_count().await.expect("get"), 1);
+}
+
+/// Item 6 of issue 14 on the daemon's own socket: a kick the engine cannot apply yet is OK for old
+/// clients and applied once it can be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_own_socket_answers_a_kick_it_cannot_apply_yet_ok_and_applies_it_later() {
+    let (s, socket) = daemon_serving_grpc(&[]).await;
+    std::fs::write(s.scratch.meminfo(), "MemTotal: 24000000 kB\n").expect("write");
+    kick(&socket).await.expect("OK, as the original answered");
+    assert_eq!(s.proxy.current_setting().await.expect("get"), "initial", "not applied yet");
+    assert!(s.daemon.log_text().contains("answered OK"), "{}", s.daemon.log_text());
+    s.scratch.set_anon_kb(kata_ksm_throttler_test_support::ANON_KB);
+    eventually(Duration::from_secs(20), "the kick applied once meminfo is back", async || {
+        s.proxy.current_setting().await.expect("get") == "aggressive"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,18 +1,16 @@
 //! The listening socket: the one systemd passes (`LISTEN_FDS`, from
 //! kata-ksm-throttler-exporter.socket), or one bound here on `--listen`.
 
-use std::ffi::OsStr;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{FromRawFd, OwnedFd};
 
-use rustix::net::{sockopt, SocketType};
-
-/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
-const LISTEN_FDS_START: i32 = 3;
+use kata_ksm_throttler::startup::activation::{self, ActivationError};
+use rustix::net::AddressFamily;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
+    #[error(transparent)]
+    Passed(#[from] ActivationError),
     #[error("socket activation: {0}")]
     Activation(String),
     #[error("listening on {addr}: {source}")]
@@ -32,7 +30,7 @@ pub fn listener(addr: SocketAddr) -> Result<(tokio::net::TcpListener, bool), Lis
         tokio::net::TcpListener::from_std(l)
             .map_err(|e| ListenError::Activation(format!("registering the socket: {e}")))
     };
-    match from_systemd(std::env::var_os("LISTEN_PID").as_deref(), std::env::var_os("LISTEN_FDS").as_deref())? {
+    match from_systemd()? {
         Some(l) => Ok((register(l)?, true)),
         None => bind(addr).map(|l| (l, false)).map_err(|source| ListenError::Bind { addr, source }),
     }
@@ -45,53 +43,7 @@ fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     socket.listen(BACKLOG)
 }
 
-fn from_systemd(pid: Option<&OsStr>, fds: Option<&OsStr>) -> Result<Option<TcpListener>, ListenError> {
-    let (Some(pid), Some(fds)) = (pid, fds) else { return Ok(None) };
-    // Meant for another process (inherited from a parent that did not unset it).
-    if pid.to_str().and_then(|p| p.parse::<i32>().ok()) != Some(rustix::process::getpid().as_raw_nonzero().get()) {
-        return Ok(None);
-    }
-    let count = fds
-        .to_str()
-        .and_then(|n| n.parse::<u32>().ok())
-        .ok_or_else(|| ListenError::Activation(format!("LISTEN_FDS={fds:?} is not a number")))?;
-    match count {
-        0 => return Ok(None),
-        1 => {}
-        n => {
-            return Err(ListenError::Activation(format!(
-                "systemd passed {n} sockets; the .socket unit must have exactly one ListenStream="
-            )))
-        }
-    }
-    // SAFETY: by the socket activation protocol, descriptor 3 was passed to this process
-    // (LISTEN_PID is ours) and nothing else in it has taken ownership of it.
-    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-    let fail = |what: &str| ListenError::Activation(format!("the passed descriptor is not {what}"));
-    if !sockopt::socket_type(&fd).is_ok_and(|t| t == SocketType::STREAM) {
-        return Err(fail("a stream socket"));
-    }
-    if !sockopt::socket_acceptconn(&fd).unwrap_or(false) {
-        return Err(fail("listening (ListenStream=, Accept=no)"));
-    }
-    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)
-        .map_err(|e| ListenError::Activation(format!("setting close-on-exec: {e}")))?;
-    Ok(Some(TcpListener::from(fd)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn another_process_s_or_no_descriptors_mean_bind_here() {
-        assert!(from_systemd(None, None).expect("none").is_none());
-        assert!(from_systemd(Some(OsStr::new("1")), Some(OsStr::new("1"))).expect("not ours").is_none());
-        let me = rustix::process::getpid().as_raw_nonzero().get().to_string();
-        assert!(from_systemd(Some(OsStr::new(&me)), Some(OsStr::new("0"))).expect("zero").is_none());
-        let err = from_systemd(Some(OsStr::new(&me)), Some(OsStr::new("x"))).unwrap_err();
-        assert!(err.to_string().contains("not a number"), "{err}");
-        let err = from_systemd(Some(OsStr::new(&me)), Some(OsStr::new("2"))).unwrap_err();
-        assert!(err.to_string().contains("exactly one"), "{err}");
-    }
+fn from_systemd() -> Result<Option<TcpListener>, ListenError> {
+    let families = [AddressFamily::INET, AddressFamily::INET6];
+    Ok(activation::passed(&families, "a TCP/IP socket")?.map(TcpListener::from))
 }

@@ -55,6 +55,13 @@ pub struct Args {
     #[arg(long, default_value = "/run/kata-ksm-throttler", value_name = "DIR")]
     pub state_dir: PathBuf,
 
+    /// Also serve the original daemon's gRPC API (ksm.KSMThrottler/Kick) on this Unix socket (a
+    /// path, or unix://PATH), kicks going straight to the engine: the socket's permissions (0660)
+    /// are the gate, as they were the original's. Turns exit on idle off. Without it, the shim
+    /// kata-ksm-throttler-grpc serves that API over the bus.
+    #[arg(long, value_name = "PATH")]
+    pub grpc_uri: Option<String>,
+
     /// How long the aggressive setting lasts after the last kick [config: aggressive.duration; default 30s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub aggressive_duration: Option<Duration>,

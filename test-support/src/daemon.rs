@@ -135,6 +135,11 @@ impl Daemon {
         self.process.wait_within(limit).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Whether it has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running().unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// SIGTERM, and its exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         self.signal(Signal::TERM);

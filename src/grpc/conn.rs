@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
-use crate::authority_rewrite::{Bounds, Rewriter};
+use crate::grpc::authority_rewrite::{Bounds, Rewriter};
 
 /// "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", what every HTTP/2 client sends first.
 const PREFACE_LEN: usize = 24;

@@ -1,4 +1,4 @@
-//! The ksm.KSMThrottler service, forwarding each Kick to the bus, and the limits that keep
+//! The ksm.KSMThrottler service, handing each Kick to the engine or the bus, and the limits that keep
 //! misbehaving peers from starving the others or the host.
 
 use std::future::Future;
@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kata_ksm_throttler::client::kicker::{KickError, Kicker};
+use crate::client::kicker::KickError;
+use crate::grpc::kick::Kick;
 use tonic::{Request, Response, Status};
 
-use crate::authority_rewrite::Bounds;
-use crate::conn;
-use crate::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
+use crate::grpc::authority_rewrite::Bounds;
+use crate::grpc::conn;
+use crate::grpc::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
 
 /// Every bound the server enforces. Per connection: the 64 KiB connection window of request data,
 /// decoded headers of at most 4 streams × 16 KiB, a header block of at most 64 KiB being
@@ -70,26 +71,26 @@ impl Limits {
     }
 }
 
-/// Forwards Kick to `org.kata.KsmThrottler`.
-pub struct Forwarder {
-    kicker: Arc<Kicker>,
+/// Serves Kick with `K`: the engine (in the daemon) or the bus (in the shim).
+pub struct KickService<K> {
+    kick: Arc<K>,
     /// Whether the last call reached the throttler: failures are logged when this changes, so a
     /// flood of calls while the throttler is down does not flood the log.
     reachable: AtomicBool,
 }
 
-impl Forwarder {
-    pub fn new(kicker: Arc<Kicker>) -> Forwarder {
-        Forwarder { kicker, reachable: AtomicBool::new(true) }
+impl<K: Kick> KickService<K> {
+    pub fn new(kick: Arc<K>) -> KickService<K> {
+        KickService { kick, reachable: AtomicBool::new(true) }
     }
 }
 
 #[tonic::async_trait]
-impl KsmThrottler for Forwarder {
+impl<K: Kick> KsmThrottler for KickService<K> {
     async fn kick(&self, request: Request<()>) -> Result<Response<()>, Status> {
         // The connection is busy until the call ends: not the one closed to make room.
         let _busy = request.extensions().get::<conn::ConnInfo>().map(conn::ConnInfo::call);
-        let result = self.kicker.kick().await;
+        let result = self.kick.kick().await;
         let reachable = !matches!(result, Err(KickError::Unreachable(_)));
         if self.reachable.swap(reachable, Ordering::Relaxed) != reachable {
             match &result {
@@ -113,14 +114,14 @@ impl KsmThrottler for Forwarder {
 }
 
 /// Serves until `shutdown` completes, then lets calls in flight finish for up to `drain`.
-pub async fn serve(
+pub async fn serve<K: Kick>(
     listener: tokio::net::UnixListener,
-    kicker: Arc<Kicker>,
+    kick: Arc<K>,
     limits: &Limits,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> Result<(), tonic::transport::Error> {
-    let service = KsmThrottlerServer::new(Forwarder::new(kicker)).max_decoding_message_size(limits.max_message_size);
+    let service = KsmThrottlerServer::new(KickService::new(kick)).max_decoding_message_size(limits.max_message_size);
     let bounds = Bounds {
         max_frame: limits.max_frame_size as usize,
         max_block: limits.max_rewritten_block,

@@ -1,22 +1,19 @@
 //! The listening socket: passed by systemd (`LISTEN_FDS`), or made here as the original made it:
 //! parent folder created 0750, a stale socket replaced, the socket 0660, over-long paths refused.
-//! Its permissions are the only gate: the shim offers nothing but Kick.
+//! Its permissions are the only gate: the gRPC face offers nothing but Kick.
 
-use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use rustix::net::{sockopt, AddressFamily, SocketType};
+use rustix::net::AddressFamily;
+
+use crate::startup::activation::{self, ActivationError};
 
 /// `sun_path` holds 108 bytes, the last of which is the terminating NUL.
 pub const MAX_PATH_LEN: usize = 107;
-
-/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
-const LISTEN_FDS_START: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -32,8 +29,8 @@ pub enum SocketError {
     InUse { path: PathBuf },
     #[error("{path}: {what}: {source}")]
     Io { path: PathBuf, what: &'static str, source: io::Error },
-    #[error("socket activation: {0}")]
-    Activation(String),
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
 }
 
 /// `--uri`: a path, or the `unix://PATH` / `unix:PATH` form gRPC clients use.
@@ -85,7 +82,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     }
     // Created 0660 by bind itself: a chmod after it would leave a moment in which anyone who
     // can search the folder connects (and kicks as root) under a loose umask. The umask is the
-    // process's; nothing else creates files while the shim starts.
+    // process's: callers bind before they start anything else that creates files.
     let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
     let bound = UnixListener::bind(path);
     rustix::process::umask(umask);
@@ -94,42 +91,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 
 /// The listening socket systemd passed, if it passed one to this process.
 pub fn from_systemd() -> Result<Option<UnixListener>, SocketError> {
-    listen_fds(std::env::var_os("LISTEN_PID").as_deref(), std::env::var_os("LISTEN_FDS").as_deref())
-}
-
-fn listen_fds(pid: Option<&OsStr>, fds: Option<&OsStr>) -> Result<Option<UnixListener>, SocketError> {
-    let (Some(pid), Some(fds)) = (pid, fds) else { return Ok(None) };
-    // Meant for another process (e.g. inherited from a parent that did not unset it).
-    if pid.to_str().and_then(|p| p.parse::<i32>().ok()) != Some(rustix::process::getpid().as_raw_nonzero().get()) {
-        return Ok(None);
-    }
-    let count = fds
-        .to_str()
-        .and_then(|n| n.parse::<u32>().ok())
-        .ok_or_else(|| SocketError::Activation(format!("LISTEN_FDS={:?} is not a number", fds)))?;
-    match count {
-        0 => return Ok(None),
-        1 => {}
-        n => {
-            return Err(SocketError::Activation(format!(
-                "systemd passed {n} sockets; the .socket unit must have exactly one ListenStream="
-            )))
-        }
-    }
-    // SAFETY: by the socket activation protocol, descriptor 3 was passed to this process (LISTEN_PID
-    // is ours) and nothing else in it has taken ownership of it.
-    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-    let check = |what: &str, ok: io::Result<bool>| match ok {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(SocketError::Activation(format!("the passed descriptor is not {what}"))),
-        Err(e) => Err(SocketError::Activation(format!("the passed descriptor: {e}"))),
-    };
-    check("a Unix socket", sockopt::socket_domain(&fd).map(|d| d == AddressFamily::UNIX).map_err(io::Error::from))?;
-    check("a stream socket", sockopt::socket_type(&fd).map(|t| t == SocketType::STREAM).map_err(io::Error::from))?;
-    check("listening (ListenStream=, Accept=no)", sockopt::socket_acceptconn(&fd).map_err(io::Error::from))?;
-    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)
-        .map_err(|e| SocketError::Activation(format!("setting close-on-exec: {e}")))?;
-    Ok(Some(UnixListener::from(fd)))
+    Ok(activation::passed(&[AddressFamily::UNIX], "a Unix socket")?.map(UnixListener::from))
 }
 
 #[cfg(test)]
@@ -157,17 +119,5 @@ mod tests {
         assert_eq!(parse_uri("unix:rel.sock").expect("url"), Path::new("rel.sock"));
         assert!(matches!(parse_uri("tcp://127.0.0.1:1"), Err(SocketError::NotUnix { .. })));
         assert!(matches!(parse_uri("unix://"), Err(SocketError::Empty)));
-    }
-
-    #[test]
-    fn activation_variables_for_another_process_are_ignored() {
-        let other = OsStr::new("1");
-        assert!(matches!(listen_fds(Some(other), Some(OsStr::new("1"))), Ok(None)));
-        assert!(matches!(listen_fds(None, None), Ok(None)));
-        let me = rustix::process::getpid().as_raw_nonzero().get().to_string();
-        let err = listen_fds(Some(OsStr::new(&me)), Some(OsStr::new("2"))).expect_err("two sockets");
-        assert!(err.to_string().contains("exactly one ListenStream="), "{err}");
-        let err = listen_fds(Some(OsStr::new(&me)), Some(OsStr::new("x"))).expect_err("not a number");
-        assert!(err.to_string().contains("not a number"), "{err}");
     }
 }

@@ -12,6 +12,13 @@
 //! `:authority: localhost` in place of an authority h2 would refuse. h2's own decoder then never
 //! has a dynamic table entry, so the two tables cannot disagree.
 //!
+//! A connection whose first header block needs no rewriting (a client that sends `localhost`, as
+//! tonic and newer grpc-go do) is not decoded again: that block and all that follow go to h2 as
+//! they came, so h2's table is the client's. A client does not change its authority within a
+//! connection; one that did would be refused by h2 for that call, as without this file. Decoding
+//! is most of the work here (loona-hpack builds a Huffman table for each string it decodes, and
+//! h2's encoder never indexes `:path`, so a tonic client sends one such string in every call).
+//!
 //! Pure: bytes in, bytes out. Anything that is not a well-formed HTTP/2 client stream is passed
 //! through untouched from where it stops making sense, for h2 to refuse as it would have.
 //!
@@ -91,6 +98,10 @@ pub struct Rewriter {
     pub replaced: u64,
     /// How many HEADERS frames (requests, or trailers) came in: the connection's activity.
     pub headers_seen: u64,
+    /// A block has been encoded again: h2's table is empty, so every later block must be too.
+    reencoded: bool,
+    /// The first block needed no rewriting and went through as it came: so does every frame.
+    untouched: bool,
 }
 
 impl Rewriter {
@@ -98,7 +109,17 @@ impl Rewriter {
         let mut decoder = Decoder::new();
         // The client's encoder may use at most the table size h2 allows it: the default.
         decoder.set_max_allowed_table_size(4096);
-        Rewriter { state: State::Preface, bounds, decoder, input: vec![], block: None, replaced: 0, headers_seen: 0 }
+        Rewriter {
+            state: State::Preface,
+            bounds,
+            decoder,
+            input: vec![],
+            block: None,
+            replaced: 0,
+            headers_seen: 0,
+            reencoded: false,
+            untouched: false,
+        }
     }
 
     /// Takes bytes read from the client; appends what h2 should read to `out`.
@@ -165,6 +186,11 @@ impl Rewriter {
     fn frame(&mut self, frame: Vec<u8>, out: &mut Vec<u8>) -> Result<(), RewriteError> {
         let (kind, flags) = (frame[3], frame[4]);
         let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+        if self.untouched {
+            self.headers_seen += u64::from(kind == HEADERS);
+            out.extend_from_slice(&frame);
+            return Ok(());
+        }
         let payload = &frame[FRAME_HEADER_LEN..];
         match (kind, &mut self.block) {
             (HEADERS, None) => {
@@ -238,6 +264,12 @@ impl Rewriter {
         if decoded_size > max {
             return Err(RewriteError::HeadersTooLarge(max));
         }
+        if !replaced && !self.reencoded {
+            out.extend_from_slice(&block.raw);
+            self.untouched = true;
+            return Ok(());
+        }
+        self.reencoded = true;
         self.replaced += u64::from(replaced);
         // HEADERS, then CONTINUATION frames, none over the frame size the client had to respect
         // (less the 5 bytes of priority fields a HEADERS frame may carry).
@@ -428,6 +460,7 @@ mod tests {
             let mut input = PREFACE.to_vec();
             input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &request_block(good)));
             let (out, r) = run(&input, input.len());
+            assert_eq!(out, input, "a connection that needs no rewriting goes through as it came");
             assert_eq!(authority(&decode_all(&out)[0]), std::str::from_utf8(good).expect("utf-8"));
             assert_eq!(r.replaced, 0);
         }
@@ -435,6 +468,27 @@ mod tests {
         let mut input = PREFACE.to_vec();
         input.extend(frame(HEADERS, END_HEADERS, 1, &request_block(b"run%2Fkata-ksm-throttler%2Fksm.sock")));
         assert_eq!(authority(&decode_all(&run(&input, 3).0)[0]), REPLACEMENT);
+    }
+
+    #[test]
+    fn a_connection_whose_first_block_needs_nothing_goes_through_untouched_and_is_counted() {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &request_block(b"localhost")));
+        input.extend(frame(0x0, END_STREAM, 1, &[0, 0, 0, 0, 0]));
+        // Later calls by dynamic index (authority 63), in HEADERS + CONTINUATION, then a block
+        // with an authority h2 refuses: not rewritten (h2 resets that call, as without the file).
+        let (a, b) = [0x83u8, 0x86, 0xbf, 0xbe, 0xc0].split_at(2);
+        input.extend(frame(HEADERS, 0, 3, a));
+        input.extend(frame(CONTINUATION, END_HEADERS, 3, b));
+        input.extend(frame(HEADERS, END_HEADERS, 5, &request_block(b"/x.sock")));
+        for step in [1, 7, input.len()] {
+            let (out, r) = run(&input, step);
+            assert_eq!(out, input, "step {step}");
+            assert_eq!((r.headers_seen, r.replaced), (3, 0), "step {step}");
+            let blocks = decode_all(&out);
+            assert_eq!(authority(&blocks[1]), "localhost");
+            assert_eq!(authority(&blocks[2]), "/x.sock");
+        }
     }
 
     #[test]
