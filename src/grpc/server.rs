@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::kicker::KickError;
-use crate::grpc::kick::Kick;
 use tonic::{Request, Response, Status};
 
+use crate::client::kicker::KickError;
 use crate::grpc::authority_rewrite::Bounds;
 use crate::grpc::conn;
+use crate::grpc::kick::Kick;
 use crate::grpc::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
 
 /// Every bound the server enforces. Per connection: the 64 KiB connection window of request data,
