@@ -142,9 +142,21 @@ async fn every_dashboard_query_is_accepted_by_a_real_prometheus_and_the_rules_ev
             })
         },
     );
-    let alerts = p.api("/api/v1/alerts").expect("alerts");
-    eprintln!("alerts: {alerts}");
-    let names: Vec<&str> =
-        alerts["alerts"].as_array().expect("alerts").iter().filter_map(|a| a["labels"]["alertname"].as_str()).collect();
-    assert_eq!(names, ["KsmThrottlerUnavailable"], "nothing else is pending or firing after a few seconds: {alerts}");
+    // The alerts API shows each rule's last evaluation: read between two rules of one group, the
+    // aggressive-for-a-day rule can still show the evaluation before the daemon stopped (seen in
+    // CI once), so the list is awaited; anything else still there after LIMIT fails.
+    let only_unavailable = || {
+        p.api("/api/v1/alerts").is_ok_and(|a| {
+            let names: Vec<&str> = a["alerts"]
+                .as_array()
+                .map(|l| l.iter().filter_map(|x| x["labels"]["alertname"].as_str()).collect())
+                .unwrap_or_default();
+            names == ["KsmThrottlerUnavailable"]
+        })
+    };
+    eventually_blocking(
+        LIMIT,
+        || format!("nothing but KsmThrottlerUnavailable pending or firing; alerts: {:?}", p.api("/api/v1/alerts")),
+        only_unavailable,
+    );
 }
