@@ -297,8 +297,7 @@ const GRPC_DRAIN: Duration = Duration::from_secs(2);
 fn grpc_listener(uri: &str) -> Result<(tokio::net::UnixListener, std::path::PathBuf)> {
     let path = grpc::socket::parse_uri(uri).context("--grpc-uri")?;
     let listener = grpc::socket::bind(&path).context("--grpc-uri")?;
-    listener.set_nonblocking(true).context("making the gRPC socket non-blocking")?;
-    let listener = tokio::net::UnixListener::from_std(listener).context("registering the gRPC socket")?;
+    let listener = grpc::socket::register(listener).context("registering the gRPC socket")?;
     Ok((listener, path))
 }
 
@@ -316,9 +315,7 @@ async fn serve_grpc(
     if let Err(e) = grpc::server::serve(listener, Arc::new(handle), &limits, stop, GRPC_DRAIN).await {
         tracing::error!("serving gRPC: {e}");
     }
-    if let Err(e) = std::fs::remove_file(&path) {
-        tracing::warn!(path = %path.display(), "removing the gRPC socket: {e}");
-    }
+    grpc::socket::remove(&path);
 }
 
 /// A gRPC Kick's bound, as the shim's default `--kick-timeout`.

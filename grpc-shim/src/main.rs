@@ -52,8 +52,7 @@ async fn run(args: Args) -> Result<()> {
             (listener, Some(path))
         }
     };
-    listener.set_nonblocking(true).context("making the socket non-blocking")?;
-    let listener = tokio::net::UnixListener::from_std(listener).context("registering the socket")?;
+    let listener = socket::register(listener).context("registering the socket")?;
 
     let mut limits = Limits::new(args.kick_timeout);
     limits.max_connections = usize::from(args.max_connections);
@@ -67,9 +66,7 @@ async fn run(args: Args) -> Result<()> {
     let served = server::serve(listener, kicker, &limits, shutdown, DRAIN).await;
     // A socket systemd made is systemd's to remove.
     if let Some(path) = made {
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(path = %path.display(), "removing the socket: {e}");
-        }
+        socket::remove(&path);
     }
     served.context("serving gRPC")
 }

@@ -77,6 +77,18 @@ enum State {
     Passthrough,
 }
 
+/// What the connection's header blocks have been: it decides what is done with the next.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Blocks {
+    /// None complete yet.
+    First,
+    /// The first needed no rewriting and went through as it came: so does every frame after it
+    /// (h2's table is the client's), HEADERS only counted.
+    Untouched,
+    /// One was encoded again: h2's table is empty, so every later block must be too.
+    Reencoded,
+}
+
 /// A header block being collected: HEADERS, then CONTINUATION frames until END_HEADERS.
 struct Block {
     stream: u32,
@@ -98,10 +110,7 @@ pub struct Rewriter {
     pub replaced: u64,
     /// How many HEADERS frames (requests, or trailers) came in: the connection's activity.
     pub headers_seen: u64,
-    /// A block has been encoded again: h2's table is empty, so every later block must be too.
-    reencoded: bool,
-    /// The first block needed no rewriting and went through as it came: so does every frame.
-    untouched: bool,
+    blocks: Blocks,
 }
 
 impl Rewriter {
@@ -117,8 +126,7 @@ impl Rewriter {
             block: None,
             replaced: 0,
             headers_seen: 0,
-            reencoded: false,
-            untouched: false,
+            blocks: Blocks::First,
         }
     }
 
@@ -186,7 +194,7 @@ impl Rewriter {
     fn frame(&mut self, frame: Vec<u8>, out: &mut Vec<u8>) -> Result<(), RewriteError> {
         let (kind, flags) = (frame[3], frame[4]);
         let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
-        if self.untouched {
+        if self.blocks == Blocks::Untouched {
             self.headers_seen += u64::from(kind == HEADERS);
             out.extend_from_slice(&frame);
             return Ok(());
@@ -264,12 +272,12 @@ impl Rewriter {
         if decoded_size > max {
             return Err(RewriteError::HeadersTooLarge(max));
         }
-        if !replaced && !self.reencoded {
+        if !replaced && self.blocks == Blocks::First {
             out.extend_from_slice(&block.raw);
-            self.untouched = true;
+            self.blocks = Blocks::Untouched;
             return Ok(());
         }
-        self.reencoded = true;
+        self.blocks = Blocks::Reencoded;
         self.replaced += u64::from(replaced);
         // HEADERS, then CONTINUATION frames, none over the frame size the client had to respect
         // (less the 5 bytes of priority fields a HEADERS frame may carry).

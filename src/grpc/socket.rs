@@ -89,6 +89,19 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     bound.map_err(io_error(path, "binding"))
 }
 
+/// Hands a listener (bound here or passed by systemd) to the tokio runtime this is called in.
+pub fn register(listener: UnixListener) -> io::Result<tokio::net::UnixListener> {
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
+/// Removes, at exit, a socket [`bind`] made (one systemd made is systemd's); a failure is logged.
+pub fn remove(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), "removing the socket: {e}");
+    }
+}
+
 /// The listening socket systemd passed, if it passed one to this process.
 pub fn from_systemd() -> Result<Option<UnixListener>, SocketError> {
     Ok(activation::passed(&[AddressFamily::UNIX], "a Unix socket")?.map(UnixListener::from))
