@@ -718,7 +718,8 @@ impl Engine {
             read("pages_unshared")?,
             read("pages_volatile")?,
         )
-        .with_profit(ksm.read_counter("general_profit")?))
+        .with_profit(ksm.read_counter("general_profit")?)
+        .with_visits(ksm.read_counter("pages_scanned")?.map(|v| v.max(0) as u64)))
     }
 
     /// Runs one policy event and applies its transition; on failure the policy is left as it was,
@@ -874,7 +875,13 @@ impl Engine {
 
     /// What `setting` writes; `anon`: AnonPages, for a setting with a profile.
     fn target_for(&self, setting: Setting, anon: Option<u64>) -> Target {
-        plan::target(setting, self.policy.mode(), self.config.profiles.get(setting), self.saved.as_ref(), anon)
+        let mode = self.policy.mode();
+        // Only adaptive's aggressive setting asks (see plan::smart_scan); unreadable: not merged,
+        // the setting that merges a new VM whatever its twin's age.
+        let merged = mode == Mode::Adaptive
+            && setting == Setting::Aggressive
+            && self.config.ksm.read_counter("pages_shared").ok().flatten().is_some_and(|n| n > 0);
+        plan::target(setting, mode, self.config.profiles.get(setting), self.saved.as_ref(), anon, merged)
     }
 
     /// Puts the administrator's settings back if they were changed; they stay recorded (in

@@ -70,20 +70,22 @@ pub struct Plan {
 
 /// What `setting` writes under `mode`. `profile`: the setting's scan profile (none for initial
 /// and off); `saved`: the administrator's settings, recorded before the first change (none while
-/// nothing has changed); `anon`: AnonPages, in pages, for a setting with a profile.
+/// nothing has changed); `anon`: AnonPages, in pages, for a setting with a profile; `merged`:
+/// KSM already holds merged pages (`pages_shared` > 0), see [`smart_scan`].
 pub fn target(
     setting: Setting,
     mode: Mode,
     profile: Option<Profile>,
     saved: Option<&Knobs>,
     anon: Option<u64>,
+    merged: bool,
 ) -> Target {
     if setting == Setting::Initial {
         return saved.map(Target::from).unwrap_or_default();
     }
     // The advisor would fight (and refuse) our pages_to_scan: off while we drive.
     let advisor_mode = saved.and_then(|k| k.advisor_mode.as_ref()).map(|_| ADVISOR_NONE.to_string());
-    let smart_scan = smart_scan(mode, setting, saved);
+    let smart_scan = smart_scan(mode, setting, saved, merged);
     match (profile, anon) {
         (Some(profile), Some(anon)) => Target {
             run: Some(1),
@@ -99,12 +101,15 @@ pub fn target(
 
 /// smart_scan visits a page that has not merged for a while only every few scans (up to every
 /// 9th), so a new VM whose twin has aged alone merges only when both happen to be visited in one
-/// scan: adaptive turns it off while aggressive. Every other setting and mode gets the
-/// administrator's value (docs/performance.md has the measurement). `None` leaves it alone.
-pub fn smart_scan(mode: Mode, setting: Setting, saved: Option<&Knobs>) -> Option<u8> {
+/// scan: adaptive turns it off while aggressive *and nothing is merged yet*. Once KSM holds
+/// merged pages, new memory alike merges against them on its first visit whatever its twin's
+/// age, and smart_scan spares the visits of the pages that do not merge, which cost ksmd many
+/// times a merged page's. Every other setting and mode gets the administrator's value
+/// (docs/performance.md has the measurements). `None` leaves it alone.
+pub fn smart_scan(mode: Mode, setting: Setting, saved: Option<&Knobs>, merged: bool) -> Option<u8> {
     let found = saved.and_then(|k| k.smart_scan);
     match (mode, setting) {
-        (Mode::Adaptive, Setting::Aggressive) => found.map(|_| 0),
+        (Mode::Adaptive, Setting::Aggressive) if !merged => found.map(|_| 0),
         _ => found,
     }
 }
@@ -361,7 +366,8 @@ mod tests {
         let anon = 1_000_000;
         for mode in Mode::ALL {
             for setting in Setting::ALL {
-                let t = target(setting, mode, profiles.get(setting), Some(&saved), Some(anon));
+                let t = target(setting, mode, profiles.get(setting), Some(&saved), Some(anon), false);
+                let with_merged = target(setting, mode, profiles.get(setting), Some(&saved), Some(anon), true);
                 match (setting, profiles.get(setting)) {
                     (Setting::Initial, _) => assert_eq!(t, Target::from(&saved), "{mode} {setting}"),
                     (Setting::Off, _) => {
@@ -374,6 +380,8 @@ mod tests {
                         assert_eq!(t.advisor_mode.as_deref(), Some(ADVISOR_NONE), "{mode} {setting}");
                         let smart = if mode == Mode::Adaptive && setting == Setting::Aggressive { 0 } else { 1 };
                         assert_eq!(t.smart_scan, Some(smart), "{mode} {setting}");
+                        assert_eq!(with_merged.smart_scan, Some(1), "merged pages there: {mode} {setting}");
+                        assert_eq!(Target { smart_scan: t.smart_scan, ..with_merged }, t, "nothing else differs");
                     }
                     (_, None) => unreachable!("every throttling setting has a profile"),
                 }
@@ -384,8 +392,12 @@ mod tests {
     #[test]
     fn a_kernel_without_the_advisor_or_smart_scan_gets_neither_written() {
         let saved = knobs(0, 100, 20);
-        let t = target(Setting::Aggressive, Mode::Adaptive, Some(Profile::AGGRESSIVE), Some(&saved), Some(5000));
+        let t = target(Setting::Aggressive, Mode::Adaptive, Some(Profile::AGGRESSIVE), Some(&saved), Some(5000), false);
         assert_eq!((t.advisor_mode, t.smart_scan), (None, None));
-        assert_eq!(target(Setting::Initial, Mode::Throttle, None, None, None), Target::default(), "nothing saved");
+        assert_eq!(
+            target(Setting::Initial, Mode::Throttle, None, None, None, false),
+            Target::default(),
+            "nothing saved"
+        );
     }
 }
