@@ -252,3 +252,22 @@ async fn adaptive_with_unreadable_counters_falls_back_to_the_timeline() {
     assert_eq!(r.setting(), Setting::Initial);
     assert_eq!(scratch.knobs(), (0, 100, 20));
 }
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_keeps_smart_scan_on_while_aggressive_once_pages_are_merged() {
+    // A new VM's pages merge against merged twins on their first visit, whatever the twins'
+    // age; smart_scan then only spares visits to pages that do not merge.
+    let scratch = Scratch::fresh();
+    scratch.set("pages_shared", "1000\n");
+    let r = Running::start(&scratch, Mode::Adaptive);
+    r.handle.kick().await.expect("kick");
+    assert_eq!((r.setting(), scratch.knob("smart_scan")), (Setting::Aggressive, "1\n".into()));
+    // Nothing merged any more (all unmerged): the next aggressive setting turns it off.
+    scratch.set("pages_shared", "0\n");
+    r.handle.set_mode(Mode::Throttle).await.expect("throttle");
+    r.handle.set_mode(Mode::Adaptive).await.expect("adaptive");
+    assert_eq!((r.setting(), scratch.knob("smart_scan")), (Setting::Aggressive, "0\n".into()));
+    scratch.set("pages_shared", "0\n");
+    r.shut_down().await;
+    assert_eq!(scratch.knob("smart_scan"), "1\n", "restored on exit");
+}
