@@ -24,10 +24,13 @@ pub enum BenchMode {
     /// The same with the threshold below what is available (1 %): the gate closed, kicks
     /// answered and nothing written.
     GateClosed,
+    /// No daemon and no KSM: run=0 (pages_to_scan=100, sleep_millisecs=20, the advisor off).
+    /// The reference for what merging costs the guests, their boot time first.
+    KsmOff,
 }
 
 impl BenchMode {
-    pub const ALL: [BenchMode; 7] = [
+    pub const ALL: [BenchMode; 8] = [
         BenchMode::Throttle,
         BenchMode::Adaptive,
         BenchMode::KernelDefault,
@@ -35,6 +38,7 @@ impl BenchMode {
         BenchMode::FlatOut,
         BenchMode::GateOpen,
         BenchMode::GateClosed,
+        BenchMode::KsmOff,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +50,7 @@ impl BenchMode {
             BenchMode::FlatOut => "flat-out",
             BenchMode::GateOpen => "gate-open",
             BenchMode::GateClosed => "gate-closed",
+            BenchMode::KsmOff => "ksm-off",
         }
     }
 
@@ -69,7 +74,7 @@ impl BenchMode {
             BenchMode::Throttle => Some("throttle"),
             BenchMode::Adaptive => Some("adaptive"),
             BenchMode::GateOpen | BenchMode::GateClosed => Some("throttle"),
-            BenchMode::KernelDefault | BenchMode::Advisor | BenchMode::FlatOut => None,
+            BenchMode::KernelDefault | BenchMode::Advisor | BenchMode::FlatOut | BenchMode::KsmOff => None,
         }
     }
 
@@ -77,16 +82,17 @@ impl BenchMode {
     /// `advisor_mode` (it must be off for fixed knobs: it refuses pages_to_scan writes).
     pub fn fixed_knobs(self, has_advisor: bool) -> Option<Target> {
         let advisor = |mode: &str| has_advisor.then(|| mode.to_string());
-        let fixed = |pages, sleep| Target {
-            run: Some(1),
+        let fixed = |run, pages, sleep| Target {
+            run: Some(run),
             pages_to_scan: Some(pages),
             sleep_millisecs: Some(sleep),
             advisor_mode: advisor(ADVISOR_NONE),
             smart_scan: None,
         };
         match self {
-            BenchMode::KernelDefault => Some(fixed(100, 20)),
-            BenchMode::FlatOut => Some(fixed(100_000, 0)),
+            BenchMode::KernelDefault => Some(fixed(1, 100, 20)),
+            BenchMode::FlatOut => Some(fixed(1, 100_000, 0)),
+            BenchMode::KsmOff => Some(fixed(0, 100, 20)),
             // The advisor's own sleep and limits, as the kernel has them by default.
             BenchMode::Advisor if has_advisor => {
                 Some(Target { run: Some(1), advisor_mode: advisor("scan-time"), ..Target::default() })
@@ -117,5 +123,8 @@ mod tests {
         let flat = BenchMode::FlatOut.fixed_knobs(true).expect("fixed");
         assert_eq!(flat.advisor_mode.as_deref(), Some("none"), "the advisor off, or pages_to_scan is refused");
         assert_eq!(BenchMode::FlatOut.fixed_knobs(false).expect("fixed").advisor_mode, None);
+        let off = BenchMode::KsmOff.fixed_knobs(true).expect("fixed");
+        assert_eq!((off.run, off.advisor_mode.as_deref()), (Some(0), Some("none")), "ksmd stopped, no advisor");
+        assert_eq!(BenchMode::KsmOff.fixed_knobs(false).expect("fixed").run, Some(0), "any KSM kernel can run it");
     }
 }

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{self, Scale, Start, Summary, Verdict};
+use crate::analysis::{self, Footprint, Scale, Start, Summary, Verdict, VISIT_FLOOR};
+use crate::modes::BenchMode;
 use crate::sample::Sample;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +39,20 @@ pub struct RunRecord {
     /// the window's start and end), beside the benchmark's own schedstat reading.
     #[serde(default)]
     pub daemon_ksmd_cpu_s: Option<f64>,
+    /// The machine's CPUs (`available_parallelism`) during the run.
+    #[serde(default)]
+    pub cpus: Option<usize>,
+    /// Real guests: each one's QEMU CPU-seconds (utime + stime, all its threads) from its
+    /// launch, read just before it was stopped (`None`: never launched).
+    #[serde(default)]
+    pub guest_cpu_s: Vec<Option<f64>>,
+    /// Churn: seconds each guest ran before it was stopped.
+    #[serde(default)]
+    pub lifetime_s: Option<f64>,
+    /// What the run left to the guests, from the record and its workload's other runs
+    /// ([`footprints`]).
+    #[serde(default)]
+    pub footprint: Footprint,
     pub samples: Vec<Sample>,
 }
 
@@ -54,6 +69,16 @@ impl RunRecord {
     /// The summary again from the recorded samples (after the analysis has changed).
     pub fn resummarize(&mut self) {
         self.summary = analysis::summarize(&self.samples, &self.starts, self.scale());
+    }
+
+    /// This run's [`Footprint`] but for the ratio to ksm-off (which needs the other runs).
+    fn own_footprint(&self) -> Footprint {
+        Footprint {
+            cores_left: self.cpus.and_then(|c| analysis::cores_left(c, self.summary.ksmd_cpu_s, self.window_s)),
+            guests_cores: analysis::guests_cores(&self.guest_cpu_s, self.window_s),
+            ready_mean_s: analysis::mean_known(&self.ready_s),
+            ready_vs_ksm_off: None,
+        }
     }
 
     /// The slowest process to merge after the first (which has no peer until the second starts).
@@ -185,6 +210,22 @@ pub fn details(records: &[RunRecord]) -> String {
     out
 }
 
+/// Every record's [`Footprint`] again (after its summary): the ratio of launch-to-ready means is
+/// to the ksm-off run of the same workload, where there is one.
+pub fn footprints(records: &mut [RunRecord]) {
+    for r in records.iter_mut() {
+        r.footprint = r.own_footprint();
+    }
+    let off = BenchMode::KsmOff.name();
+    let reference: Vec<(String, Option<f64>)> =
+        records.iter().filter(|r| r.mode == off).map(|r| (r.workload.clone(), r.footprint.ready_mean_s)).collect();
+    for r in records.iter_mut() {
+        if let Some((_, mean)) = reference.iter().find(|(w, _)| *w == r.workload) {
+            r.footprint.ready_vs_ksm_off = analysis::ratio_to(r.footprint.ready_mean_s, *mean);
+        }
+    }
+}
+
 /// pages_sharing at the end of the window (the last sample within it).
 pub fn final_pages_sharing(r: &RunRecord) -> u64 {
     r.samples.iter().rev().find(|s| s.t <= r.window_s).map_or(0, |s| s.pages_sharing)
@@ -235,27 +276,78 @@ fn vm_row(r: &RunRecord) -> [String; VM_COLUMNS] {
     ]
 }
 
-/// The real-guest table (times are to a share of the best final saving of any mode).
+const WASTE_COLUMNS: usize = 9;
+const WASTE_HEAD: [&str; WASTE_COLUMNS] = [
+    "workload",
+    "mode",
+    "visits (M)",
+    "visits / merged page (x floor 2)",
+    "ksmd CPU-s per saved GiB·min",
+    "cores left",
+    "guests' cores",
+    "launch→ready, mean (s)",
+    "vs ksm-off",
+];
+
+fn opt(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
+    value.map_or("-".into(), format)
+}
+
+/// What each mode cost for what it saved: ksmd's page visits (against the floor of
+/// [`VISIT_FLOOR`] per merged page), its CPU per GiB·min saved, the cores it left to the guests
+/// and what they used, and their boot time against ksm-off's.
+fn waste_row(r: &RunRecord) -> [String; WASTE_COLUMNS] {
+    let (s, f) = (&r.summary, &r.footprint);
+    let ready = r.ready_s.iter().filter(|t| t.is_some()).count();
+    let of = if ready < r.ready_s.len() { format!(" ({ready}/{})", r.ready_s.len()) } else { String::new() };
+    [
+        r.workload.clone(),
+        r.mode.clone(),
+        opt(s.pages_visited.map(|v| v as f64), |v| format!("{:.2}", v / 1e6)),
+        opt(s.visits_per_merged, |v| format!("{v:.2} ({:.1}x)", v / VISIT_FLOOR)),
+        opt(s.ksmd_cpu_s_per_saved_gib_min, |c| format!("{c:.2}")),
+        opt(f.cores_left, |c| format!("{c:.3}")),
+        opt(f.guests_cores, |c| format!("{c:.2}")),
+        opt(f.ready_mean_s, |t| format!("{t:.1}{of}")),
+        opt(f.ready_vs_ksm_off, |x| format!("{x:.2}x")),
+    ]
+}
+
+/// The real-guest tables (times are to a share of the best final saving of any mode): what was
+/// merged, then what it cost.
 pub fn vm_markdown_table(records: &[RunRecord]) -> String {
     let mut out = format!("| {} |\n|{}\n", VM_HEAD.join(" | "), "---|".repeat(VM_COLUMNS));
     for r in records {
         let _ = writeln!(out, "| {} |", vm_row(r).join(" | "));
     }
+    let _ = write!(out, "\n| {} |\n|{}\n", WASTE_HEAD.join(" | "), "---|".repeat(WASTE_COLUMNS));
+    for r in records {
+        let _ = writeln!(out, "| {} |", waste_row(r).join(" | "));
+    }
     out
 }
 
-/// The real-guest table as aligned text, and each run's steps.
+/// The real-guest tables as aligned text, and each run's steps.
 pub fn vm_table(records: &[RunRecord]) -> String {
     let mut out = aligned(&VM_HEAD, &records.iter().map(vm_row).collect::<Vec<_>>());
+    out.push('\n');
+    out.push_str(&aligned(&WASTE_HEAD, &records.iter().map(waste_row).collect::<Vec<_>>()));
+    out.push('\n');
     for r in records {
-        let steps: Vec<String> = r.summary.steps.iter().map(|st| format!("{} at {:.1}", st.setting, st.t)).collect();
+        let s = &r.summary;
+        let steps: Vec<String> = s.steps.iter().map(|st| format!("{} at {:.1}", st.setting, st.t)).collect();
+        let count = |n: Option<u64>| n.map_or("?".into(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{} / {}: {} full scans, kicks {}, settings: {}",
+            "{} / {}: {} full scans, {} pages visited, {} skipped, peak {} merged, kicks {}{}, settings: {}",
             r.workload,
             r.mode,
-            r.summary.full_scans,
+            s.full_scans,
+            count(s.pages_visited),
+            count(s.pages_skipped),
+            s.peak_merged_pages,
             r.kick_count.map_or("-".into(), |k| k.to_string()),
+            r.lifetime_s.map_or(String::new(), |l| format!(", each guest stopped {l:.0} s after launch")),
             steps.join(", ")
         );
     }
@@ -269,4 +361,102 @@ pub fn verdicts(verdicts: &[Verdict]) -> String {
             writeln!(out, "[{}] {}: {} — {}", if v.met { "met" } else { "MISSED" }, v.workload, v.target, v.measured);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(workload: &str, mode: &str, ready: &[Option<f64>], ksmd_cpu_s: f64) -> RunRecord {
+        let summary = Summary {
+            t50: None,
+            t90: None,
+            t95: None,
+            ksmd_cpu_to_t95_s: None,
+            ksmd_cpu_s,
+            saved_mib_s: 0.0,
+            max_merged: 0.0,
+            full_scans: 0,
+            process_merged_s: vec![],
+            steps: vec![],
+            pages_visited: Some(3_000_000),
+            pages_skipped: None,
+            peak_merged_pages: 0,
+            visits_per_merged: Some(7.0),
+            ksmd_cpu_s_per_saved_gib_min: None,
+        };
+        RunRecord {
+            mode: mode.into(),
+            workload: workload.into(),
+            procs: ready.len() as u32,
+            size_mib: 192,
+            unique_fraction: 0.0,
+            stagger_s: 0.0,
+            window_s: 100.0,
+            max_pages_sharing: 0,
+            shared_pages_per_process: 0,
+            page_size: 4096,
+            kicks: 0,
+            kick_count: None,
+            load_before: None,
+            load_after: None,
+            unmerge_s: 0.0,
+            starts: vec![],
+            summary,
+            daemon_log: None,
+            ready_s: ready.to_vec(),
+            daemon_ksmd_cpu_s: None,
+            cpus: Some(2),
+            guest_cpu_s: vec![Some(30.0), Some(20.0), None],
+            lifetime_s: None,
+            footprint: Footprint::default(),
+            samples: vec![],
+        }
+    }
+
+    #[test]
+    fn footprints_compare_boot_times_to_ksm_off_of_the_same_workload_only() {
+        let mut records = vec![
+            record("a", "throttle", &[Some(12.0), Some(18.0)], 25.0),
+            record("a", "ksm-off", &[Some(10.0), Some(10.0)], 0.0),
+            record("b", "throttle", &[Some(30.0), None], 10.0),
+            record("c", "ksm-off", &[None, None], 0.0),
+            record("c", "adaptive", &[Some(5.0)], 0.0),
+        ];
+        footprints(&mut records);
+        let f: Vec<Footprint> = records.iter().map(|r| r.footprint).collect();
+        assert_eq!(f[0].ready_mean_s, Some(15.0));
+        assert_eq!(f[0].ready_vs_ksm_off, Some(1.5), "15 s against ksm-off's 10");
+        assert_eq!(f[1].ready_vs_ksm_off, Some(1.0));
+        assert_eq!(f[2].ready_vs_ksm_off, None, "no ksm-off run of b: b is not compared to a's");
+        assert_eq!(f[2].ready_mean_s, Some(30.0), "the guest that became ready");
+        assert_eq!(f[4].ready_vs_ksm_off, None, "ksm-off never ready: no reference");
+        assert_eq!(f[0].cores_left, Some(1.75), "2 CPUs less 25 CPU-s over 100 s");
+        assert_eq!(f[0].guests_cores, Some(0.5), "30 + 20 CPU-s over 100 s");
+
+        let table = vm_table(&records);
+        assert!(table.contains("visits / merged page (x floor 2)") && table.contains("vs ksm-off"), "{table}");
+        let row = table.lines().find(|l| l.starts_with("a ") && l.contains("1.50x")).expect("a / throttle's row");
+        for cell in ["3.00", "7.00 (3.5x)", "1.750", "0.50", "15.0", "1.50x"] {
+            assert!(row.contains(cell), "{cell} in {row}");
+        }
+        assert!(table.contains("30.0 (1/2)"), "one of two ready is said: {table}");
+        let md = vm_markdown_table(&records);
+        assert_eq!(md.lines().filter(|l| l.starts_with("| a | throttle |")).count(), 2, "{md}");
+    }
+
+    #[test]
+    fn older_records_without_the_new_fields_still_load() {
+        let mut json = serde_json::to_value(record("a", "throttle", &[Some(1.0)], 1.0)).expect("to json");
+        let object = json.as_object_mut().expect("an object");
+        for key in ["cpus", "guest_cpu_s", "lifetime_s", "footprint"] {
+            object.remove(key);
+        }
+        let summary = object.get_mut("summary").and_then(|s| s.as_object_mut()).expect("summary");
+        for key in ["pages_visited", "pages_skipped", "peak_merged_pages", "visits_per_merged"] {
+            summary.remove(key);
+        }
+        let back: RunRecord = serde_json::from_value(json).expect("an older record");
+        assert_eq!((back.cpus, back.guest_cpu_s.len(), back.summary.pages_visited), (None, 0, None));
+    }
 }

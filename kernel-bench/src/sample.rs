@@ -26,6 +26,17 @@ pub struct Sample {
     pub anon_pages: u64,
     /// `ksm_merging_pages` of each workload process by index (0 before it started).
     pub merging: Vec<u64>,
+    /// The kernel's running count of pages ksmd has visited (`pages_scanned`, Linux 6.10+;
+    /// `None` on older kernels and in older results).
+    #[serde(default)]
+    pub pages_scanned: Option<u64>,
+    /// Empty pages merged with the kernel's zero page (`ksm_zero_pages`, with `use_zero_pages`):
+    /// merged, but not counted in pages_sharing.
+    #[serde(default)]
+    pub ksm_zero_pages: Option<u64>,
+    /// Pages `smart_scan` let ksmd pass by (`pages_skipped`, Linux 6.7+), a running count.
+    #[serde(default)]
+    pub pages_skipped: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +74,10 @@ pub struct Reading {
     pub pages_to_scan: u64,
     pub sleep_millisecs: u64,
     pub anon_pages: u64,
+    /// The counters some kernels lack: `None` there.
+    pub pages_scanned: Option<u64>,
+    pub ksm_zero_pages: Option<u64>,
+    pub pages_skipped: Option<u64>,
 }
 
 impl Sampler {
@@ -76,8 +91,9 @@ impl Sampler {
     }
 
     pub fn read(&self) -> Result<Reading, SampleError> {
-        let counter =
-            |name| -> Result<u64, SampleError> { Ok(self.ksm.read_counter(name)?.unwrap_or(0).max(0) as u64) };
+        let optional =
+            |name| -> Result<Option<u64>, SampleError> { Ok(self.ksm.read_counter(name)?.map(|n| n.max(0) as u64)) };
+        let counter = |name| -> Result<u64, SampleError> { Ok(optional(name)?.unwrap_or(0)) };
         let knobs = self.ksm.read()?;
         Ok(Reading {
             pages_sharing: counter("pages_sharing")?,
@@ -90,6 +106,9 @@ impl Sampler {
             pages_to_scan: knobs.pages_to_scan,
             sleep_millisecs: knobs.sleep_millisecs,
             anon_pages: meminfo::anon_pages(Path::new("/proc/meminfo"), self.page_size)?,
+            pages_scanned: optional("pages_scanned")?,
+            ksm_zero_pages: optional("ksm_zero_pages")?,
+            pages_skipped: optional("pages_skipped")?,
         })
     }
 }
@@ -129,6 +148,25 @@ pub fn schedstat_cpu_ns(path: &Path) -> Result<u64, SampleError> {
         .ok_or_else(|| SampleError::Parse { path: path.into(), content: text.clone() })
 }
 
+/// `utime` + `stime` (fields 14 and 15 of `/proc/<pid>/stat`, every thread of the process),
+/// in clock ticks.
+fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let close = stat.rfind(')')?;
+    // After the command name: field 3 (state) first, so field n is at n - 3.
+    let mut rest = stat.get(close + 1..)?.split_whitespace().skip(14 - 3);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The CPU-seconds a process has used so far, user and system, all its threads (`None` once
+/// it is gone).
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks = parse_stat_cpu_ticks(&stat)?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
 /// `ksm_merging_pages` of a process: how many of its pages KSM has merged. `None` once the
 /// process is gone.
 pub fn merging_pages(pid: u32) -> Option<u64> {
@@ -149,6 +187,41 @@ mod tests {
         assert_eq!(parse_stat_comm_ppid("36 (ksmd) S 2 0 0 0 -1"), Some(("ksmd", 2)));
         assert_eq!(parse_stat_comm_ppid("99 (a) b (c)) R 1 0"), Some(("a) b (c)", 1)));
         assert_eq!(parse_stat_comm_ppid("garbage"), None);
+    }
+
+    #[test]
+    fn samples_recorded_before_the_visit_counters_still_load() {
+        let old = r#"{"t":1.5,"pages_sharing":7,"pages_shared":1,"full_scans":2,"pages_unshared":0,
+            "pages_volatile":0,"ksmd_cpu_ns":9,"setting":"aggressive","run":1,"pages_to_scan":100,
+            "sleep_millisecs":20,"anon_pages":100,"merging":[3,4]}"#;
+        let s: Sample = serde_json::from_str(old).expect("an older sample");
+        assert_eq!((s.pages_sharing, s.pages_scanned, s.ksm_zero_pages, s.pages_skipped), (7, None, None, None));
+    }
+
+    #[test]
+    fn process_cpu_is_user_plus_system_ticks() {
+        // A real line's shape (a QEMU guest's), utime 1500 and stime 250 in fields 14 and 15.
+        let stat = "4242 (qemu-system-x86) S 1 4242 4242 0 -1 4194560 9000 0 3 0 1500 250 0 0 20 0 5 0 \
+                    8000 600000000 40000 18446744073709551615";
+        assert_eq!(parse_stat_cpu_ticks(stat), Some(1750));
+        assert_eq!(parse_stat_cpu_ticks("7 (a b) c) R 1 0 0 0 -1 0 0 0 0 0 30 12 0 0"), Some(42));
+        assert_eq!(parse_stat_cpu_ticks("7 (short) R 1 0"), None);
+        // This process's own, after some work: as the kernel's process CPU clock has it (to
+        // the tick, 10 ms at most at 100 Hz, and what the other test threads add meanwhile).
+        let clock = || {
+            let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+            t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+        };
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while clock() < 0.3 && spin.elapsed() < std::time::Duration::from_secs(20) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        let before = clock();
+        let read = process_cpu_s(std::process::id()).expect("this process's stat");
+        let after = clock();
+        assert!(before >= 0.3, "spun to {before} CPU-s");
+        assert!(read > before - 0.05 && read < after + 0.05, "stat {read} CPU-s, clock {before}..{after}");
     }
 
     #[test]

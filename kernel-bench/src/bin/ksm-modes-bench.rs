@@ -559,6 +559,9 @@ async fn run_one(plan: &Plan, real: &RealKsm, mode: BenchMode, kind: WorkloadKin
             sleep_millisecs: r.sleep_millisecs,
             anon_pages: r.anon_pages,
             merging,
+            pages_scanned: r.pages_scanned,
+            ksm_zero_pages: r.ksm_zero_pages,
+            pages_skipped: r.pages_skipped,
         })
     };
     let setting = |daemon: &Option<DaemonRun>, started: bool| {
@@ -687,6 +690,10 @@ async fn run_one(plan: &Plan, real: &RealKsm, mode: BenchMode, kind: WorkloadKin
         daemon_log: mode.daemon_mode().map(|_| log.display().to_string()),
         ready_s: vec![],
         daemon_ksmd_cpu_s,
+        cpus: std::thread::available_parallelism().ok().map(|n| n.get()),
+        guest_cpu_s: vec![],
+        lifetime_s: None,
+        footprint: Default::default(),
         samples,
     })
 }

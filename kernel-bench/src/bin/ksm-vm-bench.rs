@@ -2,13 +2,16 @@
 //!
 //! A Kata host kicks the throttler when a sandbox folder appears, that is before its VM has any
 //! memory: the guest then fills it over tens of seconds while it boots. For each workload (N
-//! guests at once; one every --stagger) and mode (throttle and adaptive with the release daemon
-//! and the real `kata-vc-throttler` watching a scratch sandboxes folder; the kernel's default
-//! knobs, its advisor and flat out with no daemon), this starts from a clean KSM, creates
+//! guests at once; one every --stagger; one every --stagger, each stopped --lifetime after its
+//! launch) and mode (throttle and adaptive with the release daemon and the real
+//! `kata-vc-throttler` watching a scratch sandboxes folder; the kernel's default knobs, its
+//! advisor, flat out and KSM off with no daemon), this starts from a clean KSM, creates
 //! `sbs/<id>` and launches each guest as the Kata runtime does, samples every 100 ms over the
 //! window, and reports the memory saved (against the best final saving of any mode), ksmd's
-//! CPU-seconds and the guests' launch-to-ready times. The real KSM is held under the project's
-//! lock and put back exactly as found, even when interrupted.
+//! CPU-seconds and the guests' launch-to-ready times; then what that cost (issue 27): ksmd's
+//! page visits per merged page, its CPU-seconds per GiB·min saved, the cores left to the guests
+//! and the cores they used, and their boot time against ksm-off's. The real KSM is held under
+//! the project's lock and put back exactly as found, even when interrupted.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,14 +21,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use kata_ksm_throttler::io::meminfo;
-use kernel_bench::analysis::{self, Scale, Verdict};
+use kernel_bench::analysis::{self, Scale, Verdict, VmRun};
 use kernel_bench::daemon::DaemonRun;
 use kernel_bench::guest::{GuestImage, GuestSpec};
 use kernel_bench::modes::BenchMode;
 use kernel_bench::plot;
 use kernel_bench::real_ksm::RealKsm;
 use kernel_bench::report::{self, RunRecord};
-use kernel_bench::sample::{load_average, merging_pages, Sample, Sampler};
+use kernel_bench::sample::{load_average, merging_pages, process_cpu_s, Sample, Sampler};
 use kernel_bench::vm::{Memory, Vm, VmSpec};
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
@@ -45,6 +48,9 @@ enum Workload {
     AllAtOnce,
     /// One guest every --stagger.
     Staggered,
+    /// One guest every --stagger, each stopped --lifetime after its launch (its sandbox folder
+    /// removed): guests come and go, fewer alive at once than --guests.
+    Churn,
 }
 
 impl Workload {
@@ -52,6 +58,15 @@ impl Workload {
         match self {
             Workload::AllAtOnce => "vm-all-at-once",
             Workload::Staggered => "vm-staggered",
+            Workload::Churn => "vm-churn",
+        }
+    }
+
+    /// When guest `i` is launched, from the run's start.
+    fn launch_at(self, i: u32, stagger: Duration) -> Duration {
+        match self {
+            Workload::AllAtOnce => Duration::ZERO,
+            Workload::Staggered | Workload::Churn => stagger * i,
         }
     }
 }
@@ -77,7 +92,7 @@ struct Args {
     /// merged and KSM was restored.
     #[arg(long)]
     smoke: bool,
-    /// Guests per workload [default: 8; smoke 2].
+    /// Guests per workload (churn: in all, not alive at once) [default: 8; smoke 2].
     #[arg(long)]
     guests: Option<u32>,
     /// Guest RAM, MiB [default: 512; smoke 192].
@@ -97,9 +112,12 @@ struct Args {
     /// Guest RAM: private (mergeable) or shared (virtio-fs style).
     #[arg(long, value_enum, default_value = "private")]
     memory: GuestMemory,
-    /// Time between launches in the staggered workload [default: 15s; smoke 10s].
+    /// Time between launches in the staggered and churn workloads [default: 15s; smoke 10s].
     #[arg(long, value_parser = parse_duration)]
     stagger: Option<Duration>,
+    /// Churn: how long each guest runs, from its launch, before it is stopped.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    lifetime: Duration,
     /// How long each run is measured, from the first launch [default: 240s; smoke 45s].
     #[arg(long, value_parser = parse_duration)]
     window: Option<Duration>,
@@ -140,6 +158,7 @@ struct Plan {
     dirty_every: Duration,
     memory: Memory,
     stagger: Duration,
+    lifetime: Duration,
     window: Duration,
     modes: Vec<BenchMode>,
     workloads: Vec<Workload>,
@@ -149,6 +168,8 @@ struct Plan {
     cache_dir: PathBuf,
     daemon_args: Vec<String>,
     page_size: u64,
+    /// The machine's CPUs, what the guests and ksmd share.
+    cpus: Option<usize>,
     enforce_targets: bool,
 }
 
@@ -172,6 +193,9 @@ impl Plan {
         let window = args.window.unwrap_or(Duration::from_secs(if smoke { 45 } else { 240 }));
         if window < Duration::from_secs(5) {
             bail!("--window must be at least 5s");
+        }
+        if args.lifetime < SAMPLE_EVERY {
+            bail!("--lifetime must be at least {SAMPLE_EVERY:?}");
         }
         let modes = args.modes.unwrap_or_else(|| {
             if smoke {
@@ -211,6 +235,7 @@ impl Plan {
                 GuestMemory::Shared => Memory::SharedMemfd,
             },
             stagger,
+            lifetime: args.lifetime,
             window,
             modes,
             workloads: args.workloads,
@@ -220,6 +245,7 @@ impl Plan {
             cache_dir: args.cache_dir,
             daemon_args,
             page_size: meminfo::page_size(),
+            cpus: std::thread::available_parallelism().ok().map(|n| n.get()),
             enforce_targets: args.enforce_targets,
         })
     }
@@ -341,7 +367,8 @@ async fn bench(plan: &Plan, image: &GuestImage, real: &RealKsm, records: &mut Ve
 }
 
 /// The guests' "best possible" is not known in advance: each run of a workload is measured
-/// against the best final saving of any mode in this benchmark (recomputed as runs are added).
+/// against the best final saving of any mode in this benchmark (recomputed as runs are added),
+/// and its boot times against the workload's ksm-off run.
 fn rescale(records: &mut [RunRecord]) {
     let mut workloads: Vec<String> = records.iter().map(|r| r.workload.clone()).collect();
     workloads.dedup();
@@ -352,6 +379,7 @@ fn rescale(records: &mut [RunRecord]) {
             r.resummarize();
         }
     }
+    report::footprints(records);
 }
 
 fn verdicts(records: &[RunRecord]) -> Vec<Verdict> {
@@ -359,9 +387,14 @@ fn verdicts(records: &[RunRecord]) -> Vec<Verdict> {
     let mut workloads: Vec<&str> = records.iter().map(|r| r.workload.as_str()).collect();
     workloads.dedup();
     for w in workloads {
-        let find = |m: &str| records.iter().find(|r| r.workload == w && r.mode == m).map(|r| &r.summary);
-        if let (Some(t), Some(a)) = (find("throttle"), find("adaptive")) {
-            out.extend(analysis::vm_targets(w, t, a, find("advisor")));
+        let find = |m: BenchMode| {
+            records
+                .iter()
+                .find(|r| r.workload == w && r.mode == m.name())
+                .map(|r| VmRun { summary: &r.summary, footprint: &r.footprint })
+        };
+        if let (Some(t), Some(a)) = (find(BenchMode::Throttle), find(BenchMode::Adaptive)) {
+            out.extend(analysis::vm_targets(w, t, a, find(BenchMode::Advisor)));
         }
     }
     out
@@ -374,7 +407,8 @@ fn smoke_problems(records: &[RunRecord], guests: u32) -> Vec<String> {
         if r.ready_s.iter().any(Option::is_none) {
             problems.push(format!("{name}: a guest was never ready: {:?}", r.ready_s));
         }
-        if report::final_pages_sharing(r) == 0 && r.mode != "kernel-default" {
+        let merges = ![BenchMode::KernelDefault, BenchMode::KsmOff].iter().any(|m| r.mode == m.name());
+        if report::final_pages_sharing(r) == 0 && merges {
             problems.push(format!("{name}: nothing merged"));
         }
         if let Some(count) = r.kick_count {
@@ -404,6 +438,9 @@ struct Meta {
     stagger_s: f64,
     window_s: f64,
     smoke: bool,
+    /// The churn workload's --lifetime (absent in older results).
+    #[serde(default)]
+    lifetime_s: Option<f64>,
 }
 
 impl Meta {
@@ -421,6 +458,7 @@ impl Meta {
             stagger_s: plan.stagger.as_secs_f64(),
             window_s: plan.window.as_secs_f64(),
             smoke: plan.smoke,
+            lifetime_s: plan.workloads.contains(&Workload::Churn).then_some(plan.lifetime.as_secs_f64()),
         }
     }
 }
@@ -439,8 +477,13 @@ fn save(plan: &Plan, records: &[RunRecord], verdicts: &[Verdict]) -> Result<()> 
 
 fn write_results(out: &Path, meta: Meta, records: &[RunRecord], verdicts: &[Verdict]) -> Result<()> {
     let title = format!(
-        "KSM modes on {} QEMU guests x {} MiB ({} MiB of files alike), {:.0} s window, staggered every {:.0} s",
-        meta.guests, meta.mem_mib, meta.payload_mib, meta.window_s, meta.stagger_s
+        "KSM modes on {} QEMU guests x {} MiB ({} MiB of files alike), {:.0} s window, staggered every {:.0} s{}",
+        meta.guests,
+        meta.mem_mib,
+        meta.payload_mib,
+        meta.window_s,
+        meta.stagger_s,
+        meta.lifetime_s.map_or(String::new(), |l| format!(", churn lifetime {l:.0} s"))
     );
     let results = Results { meta, verdicts: verdicts.to_vec(), runs: records.to_vec() };
     let json = out.join("results.json");
@@ -457,6 +500,11 @@ fn reanalyse(json: &Path, out: &Path) -> Result<()> {
     let file = File::open(json).with_context(|| format!("opening {}", json.display()))?;
     let mut results: Results = serde_json::from_reader(std::io::BufReader::new(file))
         .with_context(|| format!("{} is not a ksm-vm-bench results.json", json.display()))?;
+    // Older results knew the machine's CPUs only in their metadata.
+    let cpus = (results.meta.cpus > 0).then_some(results.meta.cpus);
+    for r in results.runs.iter_mut().filter(|r| r.cpus.is_none()) {
+        r.cpus = cpus;
+    }
     rescale(&mut results.runs);
     let verdicts = verdicts(&results.runs);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -471,8 +519,23 @@ fn reanalyse(json: &Path, out: &Path) -> Result<()> {
 struct Guest {
     id: String,
     at: Duration,
+    /// Running (`None` before its launch and once stopped).
     vm: Option<Vm>,
+    launched: bool,
     ready: Option<f64>,
+    /// Its QEMU's CPU-seconds, read just before it was stopped.
+    cpu_s: Option<f64>,
+}
+
+impl Guest {
+    /// Reads the guest's CPU time, then stops it (a no-op if it is not running).
+    fn stop(&mut self) -> Result<()> {
+        if let Some(mut vm) = self.vm.take() {
+            self.cpu_s = vm.pid().and_then(process_cpu_s);
+            vm.stop().with_context(|| format!("stopping {}", vm.name()))?;
+        }
+        Ok(())
+    }
 }
 
 async fn run_one(
@@ -501,12 +564,11 @@ async fn run_one(
     let mut guests: Vec<Guest> = (0..plan.guests)
         .map(|i| Guest {
             id: format!("bench{i:02}"),
-            at: match kind {
-                Workload::AllAtOnce => Duration::ZERO,
-                Workload::Staggered => plan.stagger * i,
-            },
+            at: kind.launch_at(i, plan.stagger),
             vm: None,
+            launched: false,
             ready: None,
+            cpu_s: None,
         })
         .collect();
 
@@ -543,6 +605,9 @@ async fn run_one(
             sleep_millisecs: r.sleep_millisecs,
             anon_pages: r.anon_pages,
             merging,
+            pages_scanned: r.pages_scanned,
+            ksm_zero_pages: r.ksm_zero_pages,
+            pages_skipped: r.pages_skipped,
         })
     };
     let mut samples = vec![take(t0, setting(&daemon, false).await?, &guests)?];
@@ -561,10 +626,11 @@ async fn run_one(
         let now = tick.tick().await;
         // Launch whoever's time has come: the sandbox folder first, as the Kata runtime
         // creates it before it starts the VMM (the trigger kicks on it).
-        for g in guests.iter_mut().filter(|g| g.vm.is_none() && now.duration_since(t0) >= g.at) {
+        for g in guests.iter_mut().filter(|g| !g.launched && now.duration_since(t0) >= g.at) {
             let folder = sandboxes.join(&g.id);
             std::fs::create_dir(&folder).with_context(|| format!("creating {}", folder.display()))?;
             g.vm = Some(Vm::launch(image, &plan.vm_spec(&g.id)).with_context(|| format!("launching {}", g.id))?);
+            g.launched = true;
         }
         for g in guests.iter_mut() {
             let Some(vm) = g.vm.as_mut() else { continue };
@@ -572,6 +638,14 @@ async fn run_one(
                 if let Some(d) = vm.try_ready()? {
                     g.ready = Some(d.as_secs_f64());
                 }
+            }
+            // Churn: its time is up. Stopped by the benchmark, so not an early end; the folder
+            // goes with it, as the Kata runtime removes it.
+            if kind == Workload::Churn && vm.launched().elapsed() >= plan.lifetime {
+                g.stop()?;
+                let folder = sandboxes.join(&g.id);
+                std::fs::remove_dir(&folder).with_context(|| format!("removing {}", folder.display()))?;
+                continue;
             }
             if let Some(status) = vm.try_wait()? {
                 bail!("{} ended ({status}) during the run: {:?}", vm.name(), vm.console_tail());
@@ -582,7 +656,7 @@ async fn run_one(
         if s.t >= next_report {
             next_report += 30.0;
             eprintln!(
-                "   t={:.0}s saved {:.0} MiB ksmd {:.2} CPU-s setting {} pages_to_scan {} ready {}/{} load {:?}",
+                "   t={:.0}s saved {:.0} MiB ksmd {:.2} CPU-s setting {} pages_to_scan {} ready {}/{} alive {} load {:?}",
                 s.t,
                 s.pages_sharing as f64 * plan.page_size as f64 / 1048576.0,
                 s.ksmd_cpu_ns as f64 / 1e9,
@@ -590,6 +664,7 @@ async fn run_one(
                 s.pages_to_scan,
                 guests.iter().filter(|g| g.ready.is_some()).count(),
                 guests.len(),
+                guests.iter().filter(|g| g.vm.is_some()).count(),
                 load_average()
             );
         }
@@ -604,12 +679,12 @@ async fn run_one(
         None => None,
     };
     let ready_s: Vec<Option<f64>> = guests.iter().map(|g| g.ready).collect();
-    // The guests go first (their memory with them), then the trigger and the daemon.
+    // The guests go first (their memory with them, their CPU time read), then the trigger and
+    // the daemon.
     for g in &mut guests {
-        if let Some(mut vm) = g.vm.take() {
-            vm.stop()?;
-        }
+        g.stop()?;
     }
+    let guest_cpu_s: Vec<Option<f64>> = guests.iter().map(|g| g.cpu_s).collect();
     if let Some(d) = daemon.take() {
         d.stop()?;
     }
@@ -622,10 +697,7 @@ async fn run_one(
         procs: plan.guests,
         size_mib: plan.mem_mib,
         unique_fraction: 0.0,
-        stagger_s: match kind {
-            Workload::AllAtOnce => 0.0,
-            Workload::Staggered => plan.stagger.as_secs_f64(),
-        },
+        stagger_s: kind.launch_at(1, plan.stagger).as_secs_f64(),
         window_s: window,
         max_pages_sharing: 0,
         shared_pages_per_process: 0,
@@ -640,6 +712,10 @@ async fn run_one(
         daemon_log: mode.daemon_mode().map(|_| log.display().to_string()),
         ready_s,
         daemon_ksmd_cpu_s: None,
+        cpus: plan.cpus,
+        guest_cpu_s,
+        lifetime_s: (kind == Workload::Churn).then_some(plan.lifetime.as_secs_f64()),
+        footprint: Default::default(),
         samples,
     })
 }
