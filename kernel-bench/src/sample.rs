@@ -129,12 +129,16 @@ pub fn ksmd_pid() -> Result<Option<u32>, SampleError> {
     Ok(None)
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces and
+/// parentheses: it ends at the last `)`), from field 3 (`state`) on.
+fn stat_fields_after_comm(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat.get(stat.rfind(')')? + 1..)?.split_whitespace())
+}
+
 /// `comm` and `ppid` from `/proc/<pid>/stat` (`pid (comm) state ppid ...`).
 fn parse_stat_comm_ppid(stat: &str) -> Option<(&str, u32)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?;
-    let mut rest = stat.get(close + 1..)?.split_whitespace();
+    let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?;
+    let mut rest = stat_fields_after_comm(stat)?;
     let _state = rest.next()?;
     Some((comm, rest.next()?.parse().ok()?))
 }
@@ -151,9 +155,8 @@ pub fn schedstat_cpu_ns(path: &Path) -> Result<u64, SampleError> {
 /// `utime` + `stime` (fields 14 and 15 of `/proc/<pid>/stat`, every thread of the process),
 /// in clock ticks.
 fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
-    let close = stat.rfind(')')?;
-    // After the command name: field 3 (state) first, so field n is at n - 3.
-    let mut rest = stat.get(close + 1..)?.split_whitespace().skip(14 - 3);
+    // Field 3 (state) first, so field n is at n - 3.
+    let mut rest = stat_fields_after_comm(stat)?.skip(14 - 3);
     let utime: u64 = rest.next()?.parse().ok()?;
     let stime: u64 = rest.next()?.parse().ok()?;
     Some(utime + stime)

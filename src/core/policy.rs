@@ -610,8 +610,8 @@ impl Policy {
         }
     }
 
-    /// Aggressive to standard as merging settled or stalled; the watch
-    /// goes on at the new pace, its runs and its yield counted afresh from there.
+    /// Aggressive to standard as merging settled or stalled; the watch goes on at the new pace,
+    /// its runs and its yield counted afresh from there.
     fn pace_down(&mut self, now: Instant, c: Counters, w: Watch, cause: Cause) -> Option<Transition> {
         let next = Setting::Standard;
         let t = self.move_to(next, self.duration_of(next).map(|d| now + d), cause);
@@ -988,13 +988,7 @@ mod tests {
             at = p.wake_at().expect("driving: a wake-up");
             let scans = (at - t0).as_millis() as u64 / 100; // a scan every 100 ms
             if p.sample_at().is_some_and(|s| s <= at) {
-                let c = Counters {
-                    full_scans: scans,
-                    pages_sharing: 0,
-                    scanned: 500_000,
-                    general_profit: Some(profit),
-                    pages_scanned: None,
-                };
+                let c = unprofitable(scans, 500_000, profit);
                 if let Some(t) = p.counters(at, c) {
                     seen.push((scans, t.to, t.cause));
                 }
@@ -1053,13 +1047,7 @@ mod tests {
             at += Duration::from_millis(100);
             // 50,000 pages arrive every 100 ms for 20 s, then none.
             let scanned = 50_000 * scans.min(200);
-            let c = Counters {
-                full_scans: scans,
-                pages_sharing: 0,
-                scanned,
-                general_profit: Some(-4352),
-                pages_scanned: None,
-            };
+            let c = unprofitable(scans, scanned, -4352);
             p.postpone_sample(at);
             if let Some(t) = p.counters(at, c) {
                 seen.push((at - t0, t.to, t.cause));
@@ -1082,13 +1070,7 @@ mod tests {
         for scans in 1..=19u64 {
             at += Duration::from_millis(100);
             let profit = if scans == 10 { 1 } else { -1 };
-            let c = Counters {
-                full_scans: scans,
-                pages_sharing: 0,
-                scanned: 500_000,
-                general_profit: Some(profit),
-                pages_scanned: None,
-            };
+            let c = unprofitable(scans, 500_000, profit);
             p.postpone_sample(at);
             let t = p.counters(at, c);
             assert!(t.is_none_or(|t| t.cause != Cause::Unprofitable), "scan {scans}: {t:?}");
@@ -1132,6 +1114,11 @@ mod tests {
         assert_eq!(p.start(t0), None);
         assert_eq!(p.wake_at(), None, "no wake-ups while idle");
         (p, t0)
+    }
+
+    /// Counters of memory that does not merge: nothing sharing, `general_profit` as given.
+    fn unprofitable(full_scans: u64, scanned: u64, profit: i64) -> Counters {
+        Counters { full_scans, pages_sharing: 0, scanned, general_profit: Some(profit), pages_scanned: None }
     }
 
     /// Counters over memory that is all there already (the synthetic workload's).
