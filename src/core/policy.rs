@@ -123,9 +123,21 @@ fn merging_still(then: Counters, now: Counters) -> bool {
 /// a booting guest's, or the unique memory of those already merged.
 pub const STALL_VISITS_PER_MERGED: u64 = 16;
 
+/// Whether memory left from `then` to `now`: ksmd tracks fewer pages (a sandbox stopped, and its
+/// rmap items went with it). What merged meanwhile is then hidden by what left: such scans are
+/// neither quiet nor a stall.
+fn departed(then: Counters, now: Counters) -> bool {
+    now.scanned < then.scanned
+}
+
 /// Whether the scans from `then` to `now` merged under 1/[`STALL_VISITS_PER_MERGED`] of the
-/// pages they visited; `false` where the kernel does not count visits.
+/// pages they visited; `false` where the kernel does not count visits, and over scans in which
+/// memory left (pages ksmd tracks or pages sharing fell: a sandbox stopped), whose merging the
+/// totals cannot tell from what left with it.
 fn uneconomic(then: Counters, now: Counters) -> bool {
+    if departed(then, now) || now.pages_sharing < then.pages_sharing {
+        return false;
+    }
     match (then.pages_scanned, now.pages_scanned) {
         (Some(a), Some(b)) => {
             let merged = now.pages_sharing.saturating_sub(then.pages_sharing);
@@ -574,9 +586,13 @@ impl Policy {
             }
             _ => w.unprofitable_from = None,
         }
-        let merge_quiet = merging.extend(now, c, merging_still(merging.base, c));
-        let settled =
-            merge_quiet && merging_still(settling.base, c) && arrival_still(settling.base, c, settling.span(now));
+        // A scan in which memory left says nothing of merging: the runs start again from it.
+        let left = departed(last, c);
+        let merge_quiet = merging.extend(now, c, !left && merging_still(merging.base, c));
+        let settled = merge_quiet
+            && !left
+            && merging_still(settling.base, c)
+            && arrival_still(settling.base, c, settling.span(now));
         settling.extend(now, c, settled);
         w.merged_since_kick |= !merge_quiet;
         if !w.arrived_since_kick && (w.merged_since_kick || !arrival_still(first, c, Duration::ZERO)) {
@@ -1522,6 +1538,35 @@ mod tests {
         let blind = Counters { pages_scanned: None, ..MERGED_HOST };
         let (t, _, _) = boot_beside_merged(&mut p, t0, t0 + 10 * S, 700_000, 3_000, blind);
         assert_eq!(t, None, "merging progresses and memory arrives: aggressive, as before");
+    }
+
+    #[test]
+    fn a_pass_in_which_a_sandbox_left_is_no_stall() {
+        // Churn: an old guest stops (its 120,000 merged pages and 130,000 tracked leave) in the
+        // pass that merges 100,000 of the newcomer's: the totals fall, which looked settled (no
+        // growth) and a stall (nothing merged), and the pass, 7 visits a page merged, was paying
+        // for new memory.
+        let (mut p, t0) = adaptive();
+        p.kick(t0);
+        let (t, at, mut c) = boot_beside_merged(&mut p, t0, t0 + S, 700_000, 100_000, MERGED_HOST);
+        assert_eq!(t, None);
+        let mut now = at;
+        for n in 0..16u64 {
+            let (left_sharing, left_tracked) = if n % 4 == 0 { (120_000, 130_000) } else { (0, 0) };
+            c = Counters {
+                full_scans: c.full_scans + 1,
+                pages_sharing: c.pages_sharing + 100_000 - left_sharing,
+                scanned: c.scanned + 5_000 - left_tracked,
+                pages_scanned: c.pages_scanned.map(|v| v + 700_000),
+                ..c
+            };
+            now = p.sample_at().expect("sampling");
+            assert_eq!(p.counters(now, c), None, "pass {n}: merging well, a sandbox gone or not");
+        }
+        assert_eq!(p.setting(), Setting::Aggressive);
+        // The same passes with nothing leaving and merging little are a stall, as ever.
+        let (t, _, _) = boot_beside_merged(&mut p, now, now + 20 * S, 700_000, 3_000, c);
+        assert_eq!(t.map(|t| t.cause), Some(Cause::Stalled));
     }
 
     #[test]
