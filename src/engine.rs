@@ -719,7 +719,9 @@ impl Engine {
             read("pages_volatile")?,
         )
         .with_profit(ksm.read_counter("general_profit")?)
-        .with_visits(ksm.read_counter("pages_scanned")?.map(|v| v.max(0) as u64)))
+        .with_visits(ksm.read_counter("pages_scanned")?.map(|v| v.max(0) as u64))
+        // Unread, it only takes away the arrival rule (see `policy::ARRIVAL_QUIET`).
+        .with_anon(meminfo::anon_pages(&self.config.meminfo, self.config.page_size).ok()))
     }
 
     /// Runs one policy event and applies its transition; on failure the policy is left as it was,

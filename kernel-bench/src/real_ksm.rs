@@ -22,6 +22,8 @@ pub enum RealKsmError {
     Sysfs(#[from] SysfsError),
     #[error("KSM did not unmerge within {limit:?}: pages_shared {shared}, pages_sharing {sharing}")]
     Unmerge { limit: Duration, shared: i64, sharing: i64 },
+    #[error("priming the advisor: {0}")]
+    Prime(std::io::Error),
     #[error("KSM reads {now:?}, not {want:?}")]
     NotAsWanted { want: Knobs, now: Knobs },
 }
@@ -90,6 +92,61 @@ impl RealKsm {
         let took = start.elapsed();
         self.put(&self.run_with)?;
         Ok(took)
+    }
+
+    /// Brings the kernel's scan-time advisor (just turned on) to its steady state before guests
+    /// arrive, as on a host that has run it for a while. Turned on, its first full scan takes
+    /// ksmd's CPU time since boot for that scan's (the kernel keeps no earlier reading), and on a
+    /// ksmd that has worked before it then sizes pages_to_scan at its floor of 10: the run's
+    /// first full scan over the guests would take many minutes. So a page set of our own
+    /// (unique pages: nothing merges) is scanned until pages_to_scan holds over a full scan, or
+    /// `limit` passes. Returns the pages_to_scan the advisor ended at and the full scans it took.
+    pub fn prime_advisor(&self, limit: Duration) -> Result<(u64, u64), RealKsmError> {
+        use rustix::mm::{madvise, mmap_anonymous, munmap, Advice, MapFlags, ProtFlags};
+        const PAGES: usize = 64;
+        let page = rustix::param::page_size();
+        let len = PAGES * page;
+        // SAFETY: a fresh private anonymous mapping, written below as bytes and unmapped before
+        // this returns; nothing else sees it.
+        let ptr =
+            unsafe { mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE) }
+                .map_err(|e| RealKsmError::Prime(e.into()))?;
+        // SAFETY: the mapping is `len` bytes and ours alone.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
+        for (i, p) in bytes.chunks_mut(page).enumerate() {
+            p.fill(0x5a);
+            p[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        }
+        // SAFETY: advice on our own mapping; it does not change its contents.
+        let result = unsafe { madvise(ptr, len, Advice::LinuxMergeable) }
+            .map_err(|e| RealKsmError::Prime(e.into()))
+            .and_then(|()| self.settle_advisor(limit));
+        // SAFETY: the mapping made above, no longer used (`bytes` ends here).
+        let unmapped = unsafe { munmap(ptr, len) }.map_err(|e| RealKsmError::Prime(e.into()));
+        let settled = result?;
+        unmapped?;
+        Ok(settled)
+    }
+
+    fn settle_advisor(&self, limit: Duration) -> Result<(u64, u64), RealKsmError> {
+        let start = Instant::now();
+        let scans = || self.ksm.read_counter("full_scans").map(|n| n.unwrap_or(0).max(0) as u64);
+        let first = scans()?;
+        let (mut seen, mut pages) = (first, self.ksm.read()?.pages_to_scan);
+        while start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = scans()?;
+            if now == seen {
+                continue;
+            }
+            let p = self.ksm.read()?.pages_to_scan;
+            // The first scan's sizing is the one off the reading since boot: judge from the 2nd.
+            if now >= first + 2 && p == pages {
+                return Ok((p, now - first));
+            }
+            (seen, pages) = (now, p);
+        }
+        Ok((pages, seen - first))
     }
 
     /// Writes `want` and checks that the kernel reads it back.

@@ -44,6 +44,11 @@ pub enum Cause {
     /// Adaptive, aggressive: a full scan merged under 1/[`STALL_VISITS_PER_MERGED`] of the pages it
     /// visited.
     Stalled,
+    /// Adaptive: memory is arriving (AnonPages growing): scanning it while it is written is waste,
+    /// so ksmd slows down until it is in place.
+    Arriving,
+    /// Adaptive: the memory that arrived is in place (AnonPages still): aggressive, to merge it.
+    Arrived,
 }
 
 impl fmt::Display for Cause {
@@ -57,6 +62,8 @@ impl fmt::Display for Cause {
             Cause::Need => "memory-needed",
             Cause::Unprofitable => "no-profit",
             Cause::Stalled => "merging-stalled",
+            Cause::Arriving => "memory-arriving",
+            Cause::Arrived => "memory-arrived",
         })
     }
 }
@@ -82,13 +89,23 @@ pub struct Counters {
     pub general_profit: Option<i64>,
     /// `pages_scanned`: ksmd's page visits since boot (Linux 6.7+), `None` where absent.
     pub pages_scanned: Option<u64>,
+    /// AnonPages (`/proc/meminfo`), in pages, `None` where unread. Unlike the pages ksmd tracks,
+    /// it shows memory arriving whatever ksmd's pace.
+    pub anon_pages: Option<u64>,
 }
 
 impl Counters {
     /// The counters from the four page counts the kernel shows.
     pub fn new(full_scans: u64, shared: u64, sharing: u64, unshared: u64, volatile: u64) -> Counters {
         let scanned = shared.saturating_add(sharing).saturating_add(unshared).saturating_add(volatile);
-        Counters { full_scans, pages_sharing: sharing, scanned, general_profit: None, pages_scanned: None }
+        Counters {
+            full_scans,
+            pages_sharing: sharing,
+            scanned,
+            general_profit: None,
+            pages_scanned: None,
+            anon_pages: None,
+        }
     }
 
     pub fn with_profit(self, general_profit: Option<i64>) -> Counters {
@@ -97,6 +114,10 @@ impl Counters {
 
     pub fn with_visits(self, pages_scanned: Option<u64>) -> Counters {
         Counters { pages_scanned, ..self }
+    }
+
+    pub fn with_anon(self, anon_pages: Option<u64>) -> Counters {
+        Counters { anon_pages, ..self }
     }
 }
 
@@ -122,6 +143,17 @@ fn merging_still(then: Counters, now: Counters) -> bool {
 /// measured on 6.18), so what a stalled pass pays for is mostly memory that is still changing:
 /// a booting guest's, or the unique memory of those already merged.
 pub const STALL_VISITS_PER_MERGED: u64 = 16;
+
+/// Memory is *arriving* while AnonPages ([`Counters::anon_pages`]) grew, by more than
+/// [`ARRIVAL_SLACK_PAGES`] or 1/[`ARRIVAL_SLACK_FRACTION`], within the last [`ARRIVAL_QUIET`]
+/// (merging only lowers it: growth is memory written anew, net of what merged meanwhile). A booting guest writes its RAM for seconds (tens of MiB/s
+/// under TCG), and a page written between two visits never merges: adaptive scans slowly then,
+/// and goes aggressive once it is in place. A guest rewriting a little in place does not grow it.
+pub const ARRIVAL_SLACK_PAGES: u64 = 1024;
+pub const ARRIVAL_SLACK_FRACTION: u64 = 256;
+pub const ARRIVAL_QUIET: Duration = Duration::from_secs(2);
+/// How often a slow entered for arriving memory reads the counters and AnonPages.
+pub const ARRIVAL_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// Whether memory left from `then` to `now`: ksmd tracks fewer pages (a sandbox stopped, and its
 /// rmap items went with it). What merged meanwhile is then hidden by what left: such scans are
@@ -240,6 +272,52 @@ struct Watch {
     /// full_scans when the setting in force began to be watched: its own pace is judged only
     /// from the scan after.
     paced_since: Option<u64>,
+    /// AnonPages as of its last growth (lowered by memory that merged or left), and when it last
+    /// grew (`None`: not since the watch began).
+    anon: Option<u64>,
+    grew_at: Option<Instant>,
+    /// Pages arrived since the watch began (growth only: what leaves takes none of it back), and
+    /// that count when the arrival under way began.
+    arrived: u64,
+    burst_from: u64,
+    /// Set while at a slow entered for arriving memory: the count of pages arrived when that
+    /// arrival began. Going aggressive needs memory arrived since.
+    slowed_at: Option<u64>,
+}
+
+/// How much AnonPages may grow and still be still: pages written in place (a guest's
+/// own data) do not grow it, merging does not change it.
+fn arrival_slack(base: u64) -> u64 {
+    ARRIVAL_SLACK_PAGES.max(base / ARRIVAL_SLACK_FRACTION)
+}
+
+impl Watch {
+    /// Follows AnonPages; whether it is arriving.
+    fn track_arrival(&mut self, now: Instant, c: Counters) -> bool {
+        if let Some(written) = c.anon_pages {
+            match self.anon {
+                Some(mark) if written <= mark.saturating_add(arrival_slack(mark)) => {
+                    // Memory that left (a sandbox stopped) lowers the mark growth is judged from.
+                    self.anon = Some(mark.min(written));
+                }
+                Some(mark) => {
+                    if !self.arriving(now) {
+                        self.burst_from = self.arrived;
+                    }
+                    self.arrived = self.arrived.saturating_add(written - mark);
+                    self.anon = Some(written);
+                    self.grew_at = Some(now);
+                }
+                None => self.anon = Some(written),
+            }
+        }
+        self.arriving(now)
+    }
+
+    /// Whether AnonPages grew within [`ARRIVAL_QUIET`] of `now`.
+    fn arriving(&self, now: Instant) -> bool {
+        self.grew_at.is_some_and(|at| now.saturating_duration_since(at) < ARRIVAL_QUIET)
+    }
 }
 
 /// Scans in a row in which something (merging; merging or arriving memory) did not happen.
@@ -552,7 +630,14 @@ impl Policy {
     pub fn counters(&mut self, now: Instant, c: Counters) -> Option<Transition> {
         let mut w = self.watch?;
         let interval = sample_interval(self.setting)?;
-        w.next_sample = now + interval;
+        // A slow waiting for arriving memory looks as often as standard: the sooner the memory
+        // is seen in place, the sooner it merges.
+        w.next_sample = now + if w.slowed_at.is_some() { ARRIVAL_SAMPLE_EVERY.min(interval) } else { interval };
+        let arriving = w.track_arrival(now, c);
+        // Read at every sample, not at finished scans only: at slow a scan takes a minute.
+        if let Some(t) = self.pace_arrival(now, c, &mut w, arriving) {
+            return Some(t);
+        }
         let (first, last, mut merging, mut settling) = match (w.first, w.last, w.merging, w.settling) {
             (Some(first), Some(last), Some(m), Some(s)) => (first, last, m, s),
             _ => {
@@ -614,9 +699,9 @@ impl Policy {
             Setting::Aggressive
                 if judged && w.arrived_since_kick && merge_quiet && (settled || merging.span(now) >= STALLED_FOR) =>
             {
-                self.pace_down(now, c, w, Cause::Settled)
+                self.pace_down(now, c, w, Cause::Settled, arriving)
             }
-            Setting::Aggressive if judged && stalled => self.pace_down(now, c, w, Cause::Stalled),
+            Setting::Aggressive if judged && stalled => self.pace_down(now, c, w, Cause::Stalled, arriving),
             Setting::Standard | Setting::Slow
                 if settling.scans >= CONFIRM_SCANS && settling.span(now) >= SETTLED_FOR =>
             {
@@ -626,16 +711,44 @@ impl Policy {
         }
     }
 
-    /// Aggressive to standard as merging settled or stalled; the watch goes on at the new pace,
-    /// its runs and its yield counted afresh from there.
-    fn pace_down(&mut self, now: Instant, c: Counters, w: Watch, cause: Cause) -> Option<Transition> {
-        let next = Setting::Standard;
+    /// Aggressive to standard as merging settled or stalled (to slow while memory is arriving);
+    /// the watch goes on at the new pace, its runs and its yield counted afresh from there.
+    fn pace_down(&mut self, now: Instant, c: Counters, w: Watch, cause: Cause, arriving: bool) -> Option<Transition> {
+        let next = if arriving { Setting::Slow } else { Setting::Standard };
+        self.repace(now, c, w, next, cause)
+    }
+
+    /// Adaptive, while a cycle runs: slow while memory arrives, aggressive once what arrived is
+    /// in place. Only a slow entered for arriving memory goes aggressive again, and only for
+    /// memory that arrived since: the timeline's slow, or the profit back-off's, stays.
+    fn pace_arrival(&mut self, now: Instant, c: Counters, w: &mut Watch, arriving: bool) -> Option<Transition> {
+        if self.deadline.is_none() || w.first.is_none() {
+            return None;
+        }
+        let mark = w.anon?;
+        match self.setting {
+            Setting::Standard if arriving => self.repace(now, c, *w, Setting::Slow, Cause::Arriving),
+            Setting::Slow
+                if !arriving
+                    && w.slowed_at.is_some_and(|from| w.arrived > from.saturating_add(arrival_slack(mark))) =>
+            {
+                self.repace(now, c, *w, Setting::Aggressive, Cause::Arrived)
+            }
+            _ => None,
+        }
+    }
+
+    /// A step decided by adaptive mode's pace rules: the setting's own duration from now, the
+    /// runs and the yield counted afresh.
+    fn repace(&mut self, now: Instant, c: Counters, w: Watch, next: Setting, cause: Cause) -> Option<Transition> {
         let t = self.move_to(next, self.duration_of(next).map(|d| now + d), cause);
+        let slowed_at = (next == Setting::Slow && w.arriving(now)).then_some(w.burst_from);
         self.watch = sample_interval(next).map(|i| Watch {
-            next_sample: now + i,
+            next_sample: now + if slowed_at.is_some() { ARRIVAL_SAMPLE_EVERY.min(i) } else { i },
             merging: Some(Run::from(now, c)),
             settling: Some(Run::from(now, c)),
             paced_since: Some(c.full_scans),
+            slowed_at,
             ..w
         });
         self.resize_carry_on(now);
@@ -673,6 +786,11 @@ impl Policy {
                 arrived_since_kick: false,
                 unprofitable_from: None,
                 paced_since: None,
+                anon: None,
+                grew_at: None,
+                arrived: 0,
+                burst_from: 0,
+                slowed_at: None,
             }),
             _ => None,
         };
@@ -1134,12 +1252,26 @@ mod tests {
 
     /// Counters of memory that does not merge: nothing sharing, `general_profit` as given.
     fn unprofitable(full_scans: u64, scanned: u64, profit: i64) -> Counters {
-        Counters { full_scans, pages_sharing: 0, scanned, general_profit: Some(profit), pages_scanned: None }
+        Counters {
+            full_scans,
+            pages_sharing: 0,
+            scanned,
+            general_profit: Some(profit),
+            pages_scanned: None,
+            anon_pages: None,
+        }
     }
 
     /// Counters over memory that is all there already (the synthetic workload's).
     fn c(full_scans: u64, pages_sharing: u64) -> Counters {
-        Counters { full_scans, pages_sharing, scanned: 1_000_000, general_profit: None, pages_scanned: None }
+        Counters {
+            full_scans,
+            pages_sharing,
+            scanned: 1_000_000,
+            general_profit: None,
+            pages_scanned: None,
+            anon_pages: None,
+        }
     }
 
     #[test]
@@ -1218,6 +1350,7 @@ mod tests {
             scanned: 1_065_536,
             general_profit: None,
             pages_scanned: None,
+            anon_pages: None,
         };
         assert_eq!(p.counters(s(4), c(23, 460_100)), None);
         assert_eq!(p.counters(s(5), c(24, 460_100)), None, "scan 24");
@@ -1268,6 +1401,7 @@ mod tests {
                     scanned: arrived,
                     general_profit: None,
                     pages_scanned: None,
+                    anon_pages: None,
                 };
                 if let Some(tr) = p.counters(now, c) {
                     seen.push((t.as_secs_f64(), tr.to, arrived));
@@ -1316,6 +1450,7 @@ mod tests {
                 scanned: 100_000 + 2_560 * t.as_millis() as u64 / 1000,
                 general_profit: None,
                 pages_scanned: None,
+                anon_pages: None,
             };
             if let Some(tr) = p.counters(now, c) {
                 stepped = Some((t, tr.to));
@@ -1343,6 +1478,7 @@ mod tests {
                 scanned: 50_000,
                 general_profit: None,
                 pages_scanned: None,
+                anon_pages: None,
             };
             assert_eq!(p.counters(ms(50 * n), c), None, "nothing arrived yet: {n}");
         }
@@ -1354,6 +1490,7 @@ mod tests {
             scanned,
             general_profit: None,
             pages_scanned: None,
+            anon_pages: None,
         };
         assert_eq!(p.counters(ms(5_000), c(1_010, 1_000, 150_000)), None);
         assert_eq!(p.counters(ms(5_050), c(1_020, 40_000, 150_000)), None);
@@ -1483,6 +1620,7 @@ mod tests {
                 scanned: c.scanned + 5_000,
                 general_profit: None,
                 pages_scanned: c.pages_scanned.map(|v| v + visits),
+                anon_pages: None,
             };
             if let Some(t) = p.counters(now, c) {
                 return (Some(t), now, c);
@@ -1497,6 +1635,7 @@ mod tests {
         scanned: 650_000,
         general_profit: None,
         pages_scanned: Some(0),
+        anon_pages: None,
     };
 
     #[test]
@@ -1567,6 +1706,104 @@ mod tests {
         // The same passes with nothing leaving and merging little are a stall, as ever.
         let (t, _, _) = boot_beside_merged(&mut p, now, now + 20 * S, 700_000, 3_000, c);
         assert_eq!(t.map(|t| t.cause), Some(Cause::Stalled));
+    }
+
+    /// Feeds the policy counters made by `next` from the last, at each sample it asks for, from
+    /// `start` until it moves or `until` passes.
+    fn feed(
+        p: &mut Policy,
+        until: Instant,
+        start: Counters,
+        mut next: impl FnMut(Counters) -> Counters,
+    ) -> (Option<Transition>, Instant, Counters) {
+        let mut c = start;
+        let mut now = p.sample_at().expect("sampling");
+        while now < until {
+            c = next(c);
+            if let Some(t) = p.counters(now, c) {
+                return (Some(t), now, c);
+            }
+            now = p.sample_at().expect("sampling");
+        }
+        (None, now, c)
+    }
+
+    /// A full pass: `visits` pages visited, `merged` of them merged, `arrived` pages written anew.
+    fn pass(c: Counters, visits: u64, merged: u64, arrived: u64) -> Counters {
+        Counters {
+            full_scans: c.full_scans + 1,
+            pages_sharing: c.pages_sharing + merged,
+            scanned: c.scanned + arrived.min(5_000),
+            pages_scanned: c.pages_scanned.map(|v| v + visits),
+            anon_pages: c.anon_pages.map(|a| a + arrived - merged.min(a + arrived)),
+            ..c
+        }
+    }
+
+    #[test]
+    fn memory_arriving_is_scanned_slowly_and_merged_aggressively_once_in_place() {
+        // Staggered, measured (issue 27): a guest kicked beside merged ones writes its RAM for
+        // ~10 s; the passes meanwhile cost ksmd most of its CPU and merged little of it.
+        let (mut p, t0) = adaptive();
+        let host = Counters { anon_pages: Some(400_000), ..MERGED_HOST };
+        p.kick(t0);
+        // Writing 5,000 pages every 50 ms, a pass a sample merging 3,000 for 700,000 visits.
+        let (t, at, c) = feed(&mut p, t0 + 10 * S, host, |c| pass(c, 700_000, 3_000, 5_000));
+        let t = t.expect("stalls");
+        assert_eq!((t.to, t.cause), (Setting::Slow, Cause::Stalled), "slow, while memory arrives");
+        assert!(at < t0 + S, "{:?}", at - t0);
+        // At slow a pass takes a minute: none finishes while the guest boots on.
+        let (t, at, c) =
+            feed(&mut p, at + 10 * S, c, |c| Counters { anon_pages: c.anon_pages.map(|a| a + 40_000), ..c });
+        assert_eq!(t, None, "still arriving: slow");
+        // In place: aggressive, once ARRIVAL_QUIET has passed with nothing written.
+        let (t, at2, c) = feed(&mut p, at + 10 * S, c, |c| c);
+        let t = t.expect("goes aggressive");
+        assert_eq!((t.from, t.to, t.cause), (Setting::Slow, Setting::Aggressive, Cause::Arrived));
+        // (`at` is the sample after the last one that saw memory written.)
+        let quiet = at2 - (at - ARRIVAL_SAMPLE_EVERY);
+        assert!(quiet >= ARRIVAL_QUIET && quiet <= ARRIVAL_QUIET + ARRIVAL_SAMPLE_EVERY, "{quiet:?}");
+        // Its passes merge it (7 visits a page), then yield little: standard, nothing arriving.
+        let mut passes = 0;
+        let (t, _, _) = feed(&mut p, at2 + 20 * S, c, |c| {
+            passes += 1;
+            pass(c, 700_000, if passes <= 4 { 100_000 } else { 3_000 }, 0)
+        });
+        let t = t.expect("steps down once merged");
+        assert_eq!((t.from, t.to), (Setting::Aggressive, Setting::Standard), "{t:?}");
+        assert!(passes > 4, "not before the memory merged: {passes} passes");
+    }
+
+    #[test]
+    fn memory_that_leaves_is_no_arrival() {
+        // Churn: a sandbox stops while the newcomer is merged; AnonPages falls by what it held.
+        // The same trace with and without AnonPages gives the same decisions: leaving memory
+        // neither slows ksmd down nor speeds it up.
+        let trace = |anon: Option<u64>| {
+            let (mut p, t0) = adaptive();
+            p.kick(t0);
+            let mut n = 0;
+            let mut seen = vec![];
+            let mut c = Counters { anon_pages: anon, ..MERGED_HOST };
+            let mut now = t0;
+            while now < t0 + 20 * S {
+                now = p.sample_at().expect("sampling");
+                n += 1;
+                let gone = if n % 10 == 0 { 30_000 } else { 0 };
+                c = pass(c, 700_000, 20_000, 0);
+                c = Counters { anon_pages: c.anon_pages.map(|a| a.saturating_sub(gone)), ..c };
+                if let Some(t) = p.counters(now, c) {
+                    seen.push((t.to, t.cause));
+                }
+                if p.sample_at().is_none() {
+                    break;
+                }
+            }
+            seen
+        };
+        let with = trace(Some(20_000_000));
+        assert_eq!(with, trace(None));
+        assert!(with.iter().all(|(to, _)| *to != Setting::Slow), "{with:?}");
     }
 
     #[test]
