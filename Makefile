@@ -40,7 +40,7 @@ NAME := kata-ksm-throttler
 BUS_NAME := org.kata.KsmThrottler
 SHIPPED_EXEC := /usr/libexec/$(NAME)
 KATA_BINARIES := kata-ksm-throttler-grpc kata-vc-throttler kata-ksm-throttler-exporter
-KATA_UNITS := kata-ksm-throttler-grpc.socket kata-ksm-throttler-grpc.service kata-vc-throttler.service \
+KATA_UNITS := kata-ksm-throttler-grpc.socket kata-vc-throttler.service \
 	kata-ksm-throttler-exporter.socket kata-ksm-throttler-exporter.service
 # ksmtctl metrics for node_exporter's textfile collector, every 30 s (they name ksmtctl's path).
 METRICS_UNITS := kata-ksm-throttler-metrics.service kata-ksm-throttler-metrics.timer

@@ -8,6 +8,7 @@
 //!   cargo bench --bench throughput -- --daemon BIN       # measure another build of the daemon
 //!   cargo bench --bench throughput -- --clients N        # N clients in the many-clients phase
 //!   cargo bench --bench throughput -- --hold 60s         # keep daemon A up after its phases
+//!   cargo bench --bench throughput -- --before BIN       # the Kick hot path of BIN too, same run
 //!
 //! The gRPC shim has a benchmark of its own: `cargo bench -p kata-ksm-throttler-grpc --bench grpc`.
 //!
@@ -75,6 +76,8 @@ struct Options {
     json: PathBuf,
     /// Keep daemon A running this long after its phases, to look at it (gdb, perf, smaps).
     hold: Duration,
+    /// Another build whose Kick hot path is measured beside this one's, in the same run.
+    before: Option<String>,
 }
 
 /// The daemon measured: the release build of this package, or another (`--daemon BIN`) to
@@ -86,7 +89,8 @@ fn daemon_bin() -> &'static str {
 }
 
 fn options() -> Result<Options> {
-    let mut o = Options { plan: Plan::FULL, json: PathBuf::from("target/throughput.json"), hold: Duration::ZERO };
+    let mut o =
+        Options { plan: Plan::FULL, json: PathBuf::from("target/throughput.json"), hold: Duration::ZERO, before: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -99,9 +103,10 @@ fn options() -> Result<Options> {
             // cargo bench passes --bench to harness-less benches.
             "--hold" => o.hold = humantime::parse_duration(&args.next().context("--hold needs a duration")?)?,
             "--clients" => o.plan.many_clients = args.next().context("--clients needs a number")?.parse()?,
+            "--before" => o.before = Some(args.next().context("--before needs a binary")?),
             "--bench" => {}
             other => {
-                bail!("unknown argument {other:?} (--smoke, --json FILE, --daemon BIN, --clients N, --hold DURATION)")
+                bail!("unknown argument {other:?} (--smoke, --json FILE, --daemon BIN, --before BIN, --clients N, --hold DURATION)")
             }
         }
     }
@@ -124,9 +129,13 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(bus: &PrivateBus, scratch: &Scratch, extra: &[&str]) -> Result<Daemon> {
+        Daemon::spawn_bin(daemon_bin(), bus, scratch, extra)
+    }
+
+    fn spawn_bin(bin: &str, bus: &PrivateBus, scratch: &Scratch, extra: &[&str]) -> Result<Daemon> {
         let log = scratch.dir.path().join("daemon.log");
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let child = Command::new(daemon_bin())
+        let child = Command::new(bin)
             .arg("--bus")
             .arg(bus.address())
             .args(scratch.args())
@@ -135,7 +144,7 @@ impl Daemon {
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
-            .with_context(|| format!("starting {}", daemon_bin()))?;
+            .with_context(|| format!("starting {bin}"))?;
         Ok(Daemon { child, log })
     }
 
@@ -244,6 +253,23 @@ impl Cpu {
 
 /// `clients` connections, opened first, then kicking `each` times all at once.
 async fn concurrent(bus: &PrivateBus, clients: usize, each: usize) -> Result<(Latencies, Duration)> {
+    concurrent_calls(bus, clients, each, Call::Kick).await
+}
+
+/// What the many-clients phases call: the throttler's Kick, or the bus's own GetId (the floor).
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Kick,
+    GetId,
+}
+
+async fn get_id(conn: &Connection) -> zbus::Result<()> {
+    conn.call_method(Some("org.freedesktop.DBus"), "/org/freedesktop/DBus", Some("org.freedesktop.DBus"), "GetId", &())
+        .await
+        .map(drop)
+}
+
+async fn concurrent_calls(bus: &PrivateBus, clients: usize, each: usize, call: Call) -> Result<(Latencies, Duration)> {
     let opened = Instant::now();
     let mut conns = Vec::with_capacity(clients);
     // In batches: the bus authenticates a bounded number of new connections at a time.
@@ -267,7 +293,10 @@ async fn concurrent(bus: &PrivateBus, clients: usize, each: usize) -> Result<(La
             gate.wait().await;
             for _ in 0..each {
                 let t = Instant::now();
-                kick(&conn).await?;
+                match call {
+                    Call::Kick => kick(&conn).await?,
+                    Call::GetId => get_id(&conn).await?,
+                }
                 samples.push(t.elapsed());
             }
             drop(conn);
@@ -514,6 +543,16 @@ async fn run() -> Result<()> {
 
     out.insert("activation".into(), activation(plan).await?);
 
+    // The Kick hot path beside the bus's own round trip, for this build and (--before) another,
+    // one after the other in this run.
+    let mut hot = serde_json::Map::new();
+    hot.insert("this".into(), hot_path(daemon_bin(), plan).await?);
+    if let Some(before) = &opts.before {
+        hot.insert("before".into(), hot_path(before, plan).await?);
+        hot.insert("before_bin".into(), json!(before));
+    }
+    out.insert("hot_path".into(), Value::Object(hot));
+
     out.insert("loadavg_after".into(), json!(std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()));
     let out = Value::Object(out);
     print!("{}", table(&out));
@@ -523,6 +562,37 @@ async fn run() -> Result<()> {
     std::fs::write(&opts.json, serde_json::to_string_pretty(&out)? + "\n")?;
     println!("JSON: {}", opts.json.display());
     Ok(())
+}
+
+/// Kick against GetId on one bus, 1 client then 8, and the fresh RSS, for daemon binary `bin`
+/// (aggressive throughout: every Kick after the first changes nothing but the deadline).
+async fn hot_path(bin: &str, plan: Plan) -> Result<Value> {
+    let bus = start_bus(vec![])?;
+    let scratch = Scratch::new()?;
+    let mut d = Daemon::spawn_bin(bin, &bus, &scratch, &["--aggressive-duration", "1h"])?;
+    let conn = connect_bus(&bus).await?;
+    wait_for_name(&conn, &d).await?;
+    let fresh = procfs::footprint(d.pid())?;
+    kick(&conn).await?;
+    let kick1 = Latencies::sequential(plan.single, || kick(&conn)).await?;
+    let getid1 = Latencies::sequential(plan.single, || get_id(&conn)).await?;
+    let cpu = Cpu::start(d.pid(), bus.pid())?;
+    let (kick8, _) = concurrent_calls(&bus, 8, plan.eight_each, Call::Kick).await?;
+    let kick8_cpu = cpu.per_call(8 * plan.eight_each)?;
+    let (getid8, _) = concurrent_calls(&bus, 8, plan.eight_each, Call::GetId).await?;
+    let status = d.terminate()?;
+    ensure!(status.success(), "{bin} exited {status:?}:\n{}", d.log_text());
+    let ratio = |a: f64, b: f64| (a / b * 100.0).round() / 100.0;
+    Ok(json!({
+        "fresh": footprint_json(fresh),
+        "kick_1_client": kick1.json(),
+        "get_id_1_client": getid1.json(),
+        "kick_8_clients": kick8.json(),
+        "kick_8_clients_cpu_per_call": kick8_cpu,
+        "get_id_8_clients": getid8.json(),
+        "kick_p99_over_get_id_p99": ratio(kick1.quantile(0.99).as_secs_f64(), getid1.quantile(0.99).as_secs_f64()),
+        "kick_8_per_sec_over_get_id_8": ratio(kick8.per_sec(), getid8.per_sec()),
+    }))
 }
 
 /// The figures and targets, one line each.
@@ -630,6 +700,36 @@ fn table(v: &Value) -> String {
         ),
         "≤ 50 ms",
     );
+    for (key, what) in [("this", "this build"), ("before", "--before")] {
+        let p = format!("/hot_path/{key}");
+        if v.pointer(&p).is_none() {
+            continue;
+        }
+        row(
+            &format!("hot path, {what}: Kick / GetId, 1 client"),
+            format!(
+                "p50 {} / {} µs, p99 {} / {} µs (p99 {}×)",
+                n(&format!("{p}/kick_1_client/p50_us")),
+                n(&format!("{p}/get_id_1_client/p50_us")),
+                n(&format!("{p}/kick_1_client/p99_us")),
+                n(&format!("{p}/get_id_1_client/p99_us")),
+                n(&format!("{p}/kick_p99_over_get_id_p99"))
+            ),
+            "p99 ≤ 1.8× GetId's",
+        );
+        row(
+            &format!("hot path, {what}: Kick / GetId, 8 clients"),
+            format!(
+                "{} / {} calls/s ({}×); daemon CPU per Kick {} µs",
+                n(&format!("{p}/kick_8_clients/per_sec")),
+                n(&format!("{p}/get_id_8_clients/per_sec")),
+                n(&format!("{p}/kick_8_per_sec_over_get_id_8")),
+                n(&format!("{p}/kick_8_clients_cpu_per_call/daemon_us"))
+            ),
+            "≥ 0.65× GetId's",
+        );
+        row(&format!("hot path, {what}: fresh"), fp(&format!("{p}/fresh")), "RSS ≤ 4.3 MiB");
+    }
     let _ = writeln!(
         s,
         "\nload average before: {}; after: {}",

@@ -17,6 +17,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -32,6 +33,7 @@ use crate::io::meminfo::{self, MeminfoError};
 use crate::io::pressure;
 use crate::io::state_file::{Handover, StateError, StateFile};
 use crate::io::sysfs::{Ksm, SysfsError};
+use crate::quick_kick::{self, QuickKick};
 
 /// How long a failed timer step waits before it is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -146,11 +148,21 @@ pub struct CycleCpu {
 #[derive(Debug, Clone)]
 pub struct Handle {
     commands: mpsc::Sender<Command>,
+    quick: Arc<QuickKick>,
 }
 
 impl Handle {
+    /// Answered at once if it changes nothing (see [`crate::quick_kick`]), else once applied.
     pub async fn kick(&self) -> Result<(), EngineError> {
+        if self.quick.try_answer(now()) {
+            return Ok(());
+        }
         self.call(Command::Kick).await
+    }
+
+    /// Kicks received since start-up, those answered without the engine included.
+    pub fn kick_count(&self) -> u64 {
+        self.quick.count()
     }
 
     pub async fn set_mode(&self, mode: Mode) -> Result<(), EngineError> {
@@ -186,8 +198,8 @@ pub struct Engine {
     saved: Option<Knobs>,
     /// The AnonPages (in pages) the setting in force was sized on, if it has a profile.
     sized_on: Option<u64>,
-    /// Kicks since start-up; published with the rest of the status.
-    kick_count: u64,
+    /// Kicks that change nothing, answered by the handles; also counts every kick.
+    quick: Arc<QuickKick>,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
     idle: Option<IdleExit>,
@@ -239,12 +251,13 @@ impl Engine {
         let (tx, rx) = mpsc::channel(256);
         let ksmd = Ksmd::new(&config.proc_root);
         let need = NeedGate::new(config.need);
+        let quick = Arc::new(QuickKick::new(now()));
         let engine = Engine {
             config,
             policy,
             saved: None,
             sized_on: None,
-            kick_count: 0,
+            quick: quick.clone(),
             status: status_tx,
             commands: rx,
             idle: None,
@@ -258,7 +271,7 @@ impl Engine {
             need_poll_at: None,
             need_garbled: false,
         };
-        (engine, Handle { commands: tx }, status_rx)
+        (engine, Handle { commands: tx, quick }, status_rx)
     }
 
     /// Sends a notice on the returned channel each time the engine has been at rest in its
@@ -500,6 +513,8 @@ impl Engine {
                     Some(cmd) => if let Some(ended) = self.handle(cmd) { break ended },
                     None => break Ended::Shutdown,
                 },
+                // Before every timer: a kick answered in the window moves the deadline first.
+                () = self.quick.answered() => self.take_quick_kicks(),
                 () = sleep_until(wake) => self.on_wake(),
                 () = sleep_until(self.kick_retry) => self.retry_kick(),
                 () = sleep_until(self.need_poll_at) => self.on_need_poll(),
@@ -507,6 +522,7 @@ impl Engine {
             }
         };
         self.commands.close();
+        self.quick.open_until(None);
         match ended {
             Ended::HandedOver => Ok(ended),
             Ended::Idle => self.restore("idle exit").map(|()| ended),
@@ -587,18 +603,8 @@ impl Engine {
         // sent, so a caller that reads a property after its call returned sees what it did.
         let (result, reply) = match cmd {
             Command::Kick(reply) => {
-                self.kick_count += 1;
-                let before = self.policy.setting();
-                let result = self.step(|p, now| p.kick(now));
-                // A kick that could not be applied is not lost (the caller still gets this error).
-                self.retry_kick_if_failed(&result);
-                // A kick that moved nothing (a storm, a pinned setting) still means new memory.
-                if result.is_ok() && self.policy.setting() == before {
-                    if let Err(e) = self.resize_if_moved() {
-                        tracing::error!("sizing {before} again for the kick: {e}");
-                    }
-                }
-                (result, reply)
+                self.quick.count_one();
+                (self.kick(), reply)
             }
             Command::SetMode(mode, reply) => {
                 let setting = self.policy.setting();
@@ -639,6 +645,51 @@ impl Engine {
         self.publish();
         let _ = reply.send(result);
         None
+    }
+
+    fn kick(&mut self) -> Result<(), EngineError> {
+        let before = self.policy.setting();
+        let result = self.step(|p, now| p.kick(now));
+        // A kick that could not be applied is not lost (the caller still gets this error).
+        self.retry_kick_if_failed(&result);
+        // A kick that moved nothing (a storm, a pinned setting) still means new memory.
+        if result.is_ok() && self.policy.setting() == before {
+            if let Err(e) = self.resize_if_moved() {
+                tracing::error!("sizing {before} again for the kick: {e}");
+            }
+        }
+        result
+    }
+
+    /// The kicks the handles answered in the window, taken in as one: they changed nothing
+    /// but the deadline (from now) and perhaps the size.
+    fn take_quick_kicks(&mut self) {
+        if self.quick.take() == 0 {
+            return;
+        }
+        if let Err(e) = self.kick() {
+            tracing::error!("a kick answered while nothing was to change: {e}");
+        }
+        self.note_activity();
+        self.publish();
+    }
+
+    /// Until when a kick would change nothing but the deadline: never past the next timer (the
+    /// policy's, the need gate's), never while a kick waits to be retried, an idle exit is being
+    /// concluded (a hand-over records the deadline) or the engine stops.
+    fn quick_window(&self) -> Option<Instant> {
+        let exiting = self.idle.as_ref().is_some_and(|i| i.asked);
+        if !self.started || self.kick_retry.is_some() || self.stop_requested || exiting {
+            return None;
+        }
+        let now = now();
+        if self.policy.clone().kick(now).is_some() {
+            return None;
+        }
+        match [self.policy.wake_at(), self.need_poll_at].into_iter().flatten().min() {
+            Some(next) => next.checked_sub(quick_kick::MARGIN).filter(|&t| t > now),
+            None => Some(now + quick_kick::NO_TIMER),
+        }
     }
 
     /// A kick that failed (meminfo or sysfs unreadable, the record unwritable), applied again.
@@ -966,7 +1017,8 @@ impl Engine {
     fn publish(&self) {
         let next_step_down_us = self.shown_next_step_down_us();
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
-        let kick_count = self.kick_count;
+        let kick_count = self.quick.count();
+        self.quick.open_until(self.quick_window());
         let cycle_cpu = self.cycle_cpu;
         let gate = self.policy.gate();
         let (need, need_reason) = if self.policy.gated() {

@@ -20,4 +20,5 @@ pub mod engine;
 pub mod grpc;
 pub mod io;
 pub mod names;
+pub mod quick_kick;
 pub mod startup;

@@ -55,7 +55,14 @@ async fn run(args: Args) -> Result<()> {
         print!("{}", settings.to_toml());
         return Ok(());
     }
-    if args.grpc_uri.is_some() && settings.exit_idle_after.take().is_some() {
+    // Taken first, before anything else owns descriptors. systemd holds the socket it passes
+    // across this process's exits, so exiting on idle loses nothing; one made here (`--grpc-uri`)
+    // would close with it.
+    let passed_grpc = grpc::socket::named_from_systemd().context("the gRPC socket systemd passed")?;
+    if passed_grpc.is_some() && args.grpc_uri.is_some() {
+        tracing::info!("--grpc-uri ignored: serving the gRPC socket systemd passed");
+    }
+    if passed_grpc.is_none() && args.grpc_uri.is_some() && settings.exit_idle_after.take().is_some() {
         tracing::warn!("--grpc-uri: not exiting on idle (the gRPC socket would close with it)");
     }
 
@@ -75,10 +82,12 @@ async fn run(args: Args) -> Result<()> {
     })?;
     // Bound now, while nothing else creates files (the socket is made 0660 under a umask of
     // its own); served once the engine has restored, connections waiting in the backlog meanwhile.
-    let grpc_socket = match &args.grpc_uri {
-        Some(uri) => Some(grpc_listener(uri)?),
-        None => None,
+    let grpc_socket = match (passed_grpc, &args.grpc_uri) {
+        (Some(passed), _) => Some((grpc::socket::register(passed).context("registering the gRPC socket")?, None)),
+        (None, Some(uri)) => Some(grpc_listener(uri)?),
+        (None, None) => None,
     };
+    let intake = grpc::conn::Intake::default();
 
     let private_bus;
     let address = match &args.bus {
@@ -163,9 +172,13 @@ async fn run(args: Args) -> Result<()> {
     let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut grpc_stop = Some(grpc_stop);
     let grpc_served = grpc_socket.map(|(listener, path)| {
-        tracing::info!(path = %path.display(), "serving ksm.KSMThrottler");
-        tokio::spawn(serve_grpc(listener, path, handle.clone(), grpc_stopped))
+        match &path {
+            Some(path) => tracing::info!(path = %path.display(), "serving ksm.KSMThrottler"),
+            None => tracing::info!("serving ksm.KSMThrottler on the socket systemd passed"),
+        }
+        tokio::spawn(serve_grpc(listener, path, handle.clone(), intake.clone(), grpc_stopped))
     });
+    let grpc_intake = grpc_served.is_some().then(|| Arc::new(intake) as Arc<dyn idle_exit::Intake>);
 
     if let Some(bus) = &private_bus {
         let address = bus.address().split(",guid=").next().unwrap_or_default();
@@ -194,7 +207,7 @@ async fn run(args: Args) -> Result<()> {
     let (edge_failed, edge_failure) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let edge = async {
         if let Some(notices) = notices {
-            if let Err(e) = idle_exit::serve(conn.clone(), handle, notices, calls).await {
+            if let Err(e) = idle_exit::serve(conn.clone(), handle, notices, calls, grpc_intake).await {
                 let _ = edge_failed.send(e);
             }
         }
@@ -294,28 +307,33 @@ fn run_engine(
 const GRPC_DRAIN: Duration = Duration::from_secs(2);
 
 /// `--grpc-uri`'s socket, made as the shim makes its own, and its path (removed at exit).
-fn grpc_listener(uri: &str) -> Result<(tokio::net::UnixListener, std::path::PathBuf)> {
+fn grpc_listener(uri: &str) -> Result<(tokio::net::UnixListener, Option<std::path::PathBuf>)> {
     let path = grpc::socket::parse_uri(uri).context("--grpc-uri")?;
     let listener = grpc::socket::bind(&path).context("--grpc-uri")?;
     let listener = grpc::socket::register(listener).context("registering the gRPC socket")?;
-    Ok((listener, path))
+    Ok((listener, Some(path)))
 }
 
-/// Serves ksm.KSMThrottler on `listener`, each Kick handed to the engine, until `stopped`.
+/// Serves ksm.KSMThrottler on `listener`, each Kick handed to the engine, until `stopped`; then
+/// removes the socket if this process made it (`made`): one systemd passed stays, listening, with
+/// whatever waits in its backlog, for the next instance.
 async fn serve_grpc(
     listener: tokio::net::UnixListener,
-    path: std::path::PathBuf,
+    made: Option<std::path::PathBuf>,
     handle: kata_ksm_throttler::engine::Handle,
+    intake: grpc::conn::Intake,
     stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
     let limits = grpc::server::Limits::new(GRPC_KICK_TIMEOUT);
     let stop = async {
         let _ = stopped.await;
     };
-    if let Err(e) = grpc::server::serve(listener, Arc::new(handle), &limits, stop, GRPC_DRAIN).await {
+    if let Err(e) = grpc::server::serve(listener, Arc::new(handle), &limits, &intake, stop, GRPC_DRAIN).await {
         tracing::error!("serving gRPC: {e}");
     }
-    grpc::socket::remove(&path);
+    if let Some(path) = made {
+        grpc::socket::remove(&path);
+    }
 }
 
 /// A gRPC Kick's bound, as the shim's default `--kick-timeout`.

@@ -90,9 +90,11 @@ async fn pages_to_scan_follows_memory_that_arrives_after_the_kick() {
     anon((2 << 20) + (2 << 20) / 10);
     sleep(20 * S).await;
     assert_eq!(scratch.knob("pages_to_scan"), "3\n");
-    // A kick reads it again at once (here, memory doubled since the last size).
+    // A kick reads it again at once (here, memory doubled since the last size): answered
+    // without waiting, as it changes no setting, and taken in by the engine right after.
     anon(4 << 20);
     r.handle.kick().await.expect("kick");
+    sleep(MS).await;
     assert_eq!(scratch.knobs(), (1, pages(4 << 20, 10), 1));
     assert_eq!(r.setting(), Setting::Aggressive);
     // Every later setting is sized when applied, and followed too.
@@ -163,7 +165,9 @@ async fn a_storm_of_kicks_costs_no_sysfs_write_after_the_first() {
         r.handle.kick().await.expect("kick");
     }
     assert_eq!(scratch.knob("pages_to_scan"), "3\n");
-    assert_eq!(r.status.borrow().kick_count, 10_001);
+    assert_eq!(r.handle.kick_count(), 10_001, "counted as answered");
+    sleep(MS).await;
+    assert_eq!(r.status.borrow().kick_count, 10_001, "and published once taken in");
 }
 
 #[tokio::test(start_paused = true)]
@@ -270,4 +274,36 @@ async fn adaptive_keeps_smart_scan_on_while_aggressive_once_pages_are_merged() {
     scratch.set("pages_shared", "0\n");
     r.shut_down().await;
     assert_eq!(scratch.knob("smart_scan"), "1\n", "restored on exit");
+}
+
+/// Issue 28: a kick that changes nothing (aggressive already) is answered in its first poll,
+/// before the engine's task has run at all; one that is a transition is answered only once the
+/// transition is in force. The kick answered so still moves the deadline.
+#[tokio::test(start_paused = true)]
+async fn a_kick_that_changes_nothing_is_answered_without_the_engine_and_a_transition_after_it() {
+    use std::task::Poll;
+    let scratch = Scratch::fresh();
+    let r = Running::start(&scratch, Mode::Throttle);
+    sleep(MS).await;
+
+    let mut first = std::pin::pin!(r.handle.kick());
+    assert!(futures_util::poll!(first.as_mut()).is_pending(), "a transition waits for the engine");
+    first.await.expect("kick");
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Aggressive, expected(10, 1)), "in force at the reply");
+
+    sleep(20 * S).await;
+    let mut again = std::pin::pin!(r.handle.kick());
+    assert!(matches!(futures_util::poll!(again.as_mut()), Poll::Ready(Ok(()))), "answered without the engine");
+    assert_eq!(r.handle.kick_count(), 2);
+    // Taken in: 30 s from this kick, not from the first.
+    sleep(30 * S - MS).await;
+    assert_eq!(r.setting(), Setting::Aggressive, "the deadline moved with the kick answered at once");
+    sleep(2 * MS).await;
+    assert_eq!(r.setting(), Setting::Standard);
+
+    // Standard: a kick is a transition again, answered once aggressive is back.
+    let mut back = std::pin::pin!(r.handle.kick());
+    assert!(futures_util::poll!(back.as_mut()).is_pending());
+    back.await.expect("kick");
+    assert_eq!((r.setting(), scratch.knobs()), (Setting::Aggressive, expected(10, 1)));
 }

@@ -13,8 +13,10 @@
 //!
 //! Kicks over a kept connection are timed in rounds that take turns: the shim, the bare D-Bus
 //! call it makes (the same daemon, no gRPC: what the shim cannot be faster than), a `Peer.Ping`
-//! to the daemon (the bus hop alone), and the `--against` server; so a busy moment of the
-//! machine falls on all of them alike.
+//! to the daemon (the bus hop alone), the installed path (a second daemon, on a bus of its own,
+//! started by `systemd-socket-activate` on its socket named `grpc` with the command line of
+//! `systemd/kata-ksm-throttler.service`, as the shipped socket unit starts it), and the
+//! `--against` server; so a busy moment of the machine falls on all of them alike.
 //!
 //! The daemon is built as the shim's tests build it (the test-support crate: the same cargo,
 //! target folder and profile), or taken from `KSM_THROTTLER_DAEMON`. Nothing here touches the
@@ -144,6 +146,81 @@ impl Drop for Shim {
     }
 }
 
+/// The daemon as installed: `systemd-socket-activate` listens on `socket` (its descriptor named
+/// `grpc`, as `kata-ksm-throttler-grpc.socket` names it) and execs the daemon with the shipped
+/// unit's flags on the first connection; ended by its PID when dropped.
+struct Installed {
+    child: Child,
+    log: PathBuf,
+    socket: PathBuf,
+    /// The unit's flags, as read from the unit file.
+    flags: Vec<String>,
+    _scratch: Scratch,
+    _bus: PrivateBus,
+}
+
+/// The flags of `systemd/kata-ksm-throttler.service`'s ExecStart= (after the binary).
+fn unit_flags() -> Result<Vec<String>> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/kata-ksm-throttler.service");
+    let text = std::fs::read_to_string(&unit).with_context(|| format!("reading {}", unit.display()))?;
+    let exec = text.lines().find_map(|l| l.strip_prefix("ExecStart=")).context("no ExecStart= in the unit")?;
+    Ok(exec.split_whitespace().skip(1).map(str::to_owned).collect())
+}
+
+impl Installed {
+    fn start() -> Result<Installed> {
+        let bus = PrivateBus::start(&BusConfig { policy_texts: vec![PROJECT_POLICY.into()], ..BusConfig::default() })
+            .context("starting a private dbus-daemon")?;
+        let scratch = Scratch::new().context("making the scratch sysfs")?;
+        let socket = scratch.path().join("installed.sock");
+        let log = scratch.path().join("installed.log");
+        let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let flags = unit_flags()?;
+        let child = Command::new("systemd-socket-activate")
+            .arg("--listen")
+            .arg(&socket)
+            .arg("--fdname=grpc")
+            .arg("--")
+            .arg(try_daemon_binary().map_err(anyhow::Error::msg)?)
+            .args(&flags)
+            .arg("--bus")
+            .arg(bus.address())
+            .args(scratch.args())
+            .args(["--aggressive-duration", "1h"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting systemd-socket-activate")?;
+        let installed = Installed { child, log, socket, flags, _scratch: scratch, _bus: bus };
+        let start = Instant::now();
+        while !installed.log_text().contains("Listening on") {
+            ensure!(start.elapsed() < Duration::from_secs(10), "not listening; log:\n{}", installed.log_text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(installed)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        // SIGTERM first (it restores), then reaped.
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A tonic client on the Unix socket, plain HTTP/2, as in `tests/grpc.rs`.
 async fn client(socket: &Path) -> Result<KsmThrottlerClient<Channel>> {
     let path = socket.to_owned();
@@ -192,6 +269,7 @@ async fn run() -> Result<()> {
 
     let socket = scratch.path().join("ksm.sock");
     let shim = Shim::serve(&bus, &socket, scratch.path().join("shim.log"))?;
+    let installed = Installed::start()?;
     println!("daemon pid {} (bus pid {}), shim pid {}", daemon.pid(), bus.pid(), shim.pid());
     let fresh = procfs::footprint(shim.pid()).context("the shim's footprint")?;
 
@@ -202,6 +280,11 @@ async fn run() -> Result<()> {
         kick(&mut kept.clone()).await.context("the first kick")?;
         let direct = client(&direct).await?;
         kick(&mut direct.clone()).await.context("the first kick on the daemon's own socket")?;
+        // The first connection starts the installed daemon; its first kick is its transition.
+        let started = Instant::now();
+        let as_installed = client(&installed.socket).await?;
+        kick(&mut as_installed.clone()).await.context("the first kick on the installed socket")?;
+        let installed_first = started.elapsed();
         let against = match &opts.against {
             Some(path) => {
                 let other = client(path).await?;
@@ -218,6 +301,7 @@ async fn run() -> Result<()> {
             .context("a Peer proxy")?;
         let (mut shim_parts, mut direct_parts, mut bus_parts, mut ping_parts, mut against_parts) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut installed_parts = Vec::new();
         let mut done = 0;
         while done < plan.kept {
             let n = plan.round.min(plan.kept - done);
@@ -228,6 +312,8 @@ async fn run() -> Result<()> {
             shim_parts.push(Latencies::sequential(n, || over(&kept)).await.context("kicks over a kept connection")?);
             direct_parts
                 .push(Latencies::sequential(n, || over(&direct)).await.context("kicks on the daemon's own socket")?);
+            installed_parts
+                .push(Latencies::sequential(n, || over(&as_installed)).await.context("kicks on the installed socket")?);
             bus_parts.push(
                 Latencies::sequential(n, || async { proxy.kick().await.context("Kick on the bus") })
                     .await
@@ -248,13 +334,31 @@ async fn run() -> Result<()> {
             Latencies::sequential(plan.new_connection, || async { kick(&mut client(&socket).await?).await })
                 .await
                 .context("kicks on a new connection each")?;
+        let installed_new =
+            Latencies::sequential(plan.new_connection, || async { kick(&mut client(&installed.socket).await?).await })
+                .await
+                .context("kicks on a new connection each, installed")?;
         let against = against.map(|_| Latencies::join(against_parts));
         let (shim, bus, ping) = (Latencies::join(shim_parts), Latencies::join(bus_parts), Latencies::join(ping_parts));
-        Ok::<_, anyhow::Error>((shim, Latencies::join(direct_parts), bus, ping, against, new_connection))
+        let installed = (installed_first, Latencies::join(installed_parts), installed_new);
+        Ok::<_, anyhow::Error>((shim, Latencies::join(direct_parts), bus, ping, against, new_connection, installed))
     }
     .await;
-    let (kept, direct_kicks, bus_kicks, bus_pings, against, new_connection) =
-        measured.with_context(|| format!("shim log:\n{}", shim.log_text()))?;
+    let (
+        kept,
+        direct_kicks,
+        bus_kicks,
+        bus_pings,
+        against,
+        new_connection,
+        (installed_first, installed_kept, installed_new),
+    ) = measured
+        .with_context(|| format!("shim log:\n{}\ninstalled log:\n{}", shim.log_text(), installed.log_text()))?;
+    ensure!(
+        installed.log_text().contains("on the socket systemd passed"),
+        "the installed daemon did not serve the passed socket; log:\n{}",
+        installed.log_text()
+    );
     let after = procfs::footprint(shim.pid()).context("the shim's footprint")?;
 
     let kicks = proxy.kick_count().await.context("reading KickCount")?;
@@ -279,6 +383,10 @@ async fn run() -> Result<()> {
         "against_socket": opts.against.as_ref().map(|p| p.display().to_string()),
         "against_kept": against.as_ref().map(Latencies::json),
         "new_connection": new_connection.json(),
+        "installed_flags": installed.flags.join(" "),
+        "installed_first_kick_us": installed_first.as_micros() as u64,
+        "installed_kept": installed_kept.json(),
+        "installed_new_connection": installed_new.json(),
         "shim_fresh": footprint_json(fresh),
         "shim_after": footprint_json(after),
     });
@@ -325,6 +433,25 @@ fn table(v: &Value) -> String {
     row(
         &format!("the bus hop alone, Peer.Ping to the daemon ({})", n("/ping_kept/calls")),
         lat("/ping_kept", "pings"),
+        "",
+    );
+    row(
+        &format!(
+            "as installed (systemd-socket-activate, {}) Kick, kept connection ({})",
+            v["installed_flags"].as_str().unwrap_or(""),
+            n("/installed_kept/calls")
+        ),
+        lat("/installed_kept", "kicks"),
+        "(the original's p50/p99 or less)",
+    );
+    row(
+        &format!("as installed, Kick, new connection each ({})", n("/installed_new_connection/calls")),
+        lat("/installed_new_connection", "kicks"),
+        "",
+    );
+    row(
+        "as installed, the first connection (starts the daemon) to its reply",
+        format!("{} µs", n("/installed_first_kick_us")),
         "",
     );
     if let Some(socket) = v["against_socket"].as_str() {

@@ -63,7 +63,8 @@ async fn run(args: Args) -> Result<()> {
             _ = sigint.recv() => tracing::info!("SIGINT: exiting"),
         }
     };
-    let served = server::serve(listener, kicker, &limits, shutdown, DRAIN).await;
+    let intake = kata_ksm_throttler::grpc::conn::Intake::default();
+    let served = server::serve(listener, kicker, &limits, &intake, shutdown, DRAIN).await;
     // A socket systemd made is systemd's to remove.
     if let Some(path) = made {
         socket::remove(&path);

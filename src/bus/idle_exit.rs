@@ -1,9 +1,15 @@
 //! The bus side of exiting on idle (`--exit-idle-after`), after systemd's `bus_event_loop_with_idle`:
 //! release the name, serve whatever the bus had already routed here, then let the engine decide
 //! (see [`crate::engine`]). What makes "already routed" exact is [`CallTracker`]'s fence.
+//! Another way in to the engine (the gRPC socket systemd passes) is closed first, as an
+//! [`Intake`]: nothing more is accepted, and the connections already accepted must have closed,
+//! else the throttler stays. What arrives meanwhile waits in the socket's backlog, which systemd
+//! keeps: served by this instance if it stays, or by the one systemd starts on it next.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::future::BoxFuture;
 
 use tokio::sync::mpsc;
 use zbus::fdo::DBusProxy;
@@ -22,6 +28,15 @@ pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// Bounds the whole exchange with the bus, so a stop signal held back meanwhile is not held long.
 pub const PROTOCOL_LIMIT: Duration = Duration::from_secs(10);
 
+/// A way in to the engine besides the bus, closed before the name is released.
+pub trait Intake: Send + Sync {
+    /// Accepts nothing more (what is already accepted is still served).
+    fn pause(&self);
+    fn resume(&self);
+    /// Completes once everything accepted has been served and closed.
+    fn quiet(&self) -> BoxFuture<'_, ()>;
+}
+
 /// Answers the engine's idle notices until it ends; an error means the name could not be taken
 /// back, and the throttler can no longer be reached.
 pub async fn serve(
@@ -29,19 +44,26 @@ pub async fn serve(
     engine: Handle,
     mut notices: mpsc::Receiver<()>,
     calls: Arc<CallTracker>,
+    intake: Option<Arc<dyn Intake>>,
 ) -> anyhow::Result<()> {
     while notices.recv().await.is_some() {
-        let drain = match tokio::time::timeout(PROTOCOL_LIMIT, release_and_drain(&conn, &calls)).await {
-            Ok(drain) => drain,
-            Err(_) => {
-                tracing::warn!("the bus did not answer within {}s: staying", PROTOCOL_LIMIT.as_secs());
-                Drain::Unsure
-            }
+        let drain = match close_intake(intake.as_deref()).await {
+            false => Drain::Unsure,
+            true => match tokio::time::timeout(PROTOCOL_LIMIT, release_and_drain(&conn, &calls)).await {
+                Ok(drain) => drain,
+                Err(_) => {
+                    tracing::warn!("the bus did not answer within {}s: staying", PROTOCOL_LIMIT.as_secs());
+                    Drain::Unsure
+                }
+            },
         };
         match engine.conclude_idle(drain).await {
             Ok(Verdict::Exit) | Err(EngineError::ShuttingDown) => return Ok(()),
             Err(e) => return Err(e.into()),
             Ok(Verdict::Stay) => {
+                if let Some(intake) = &intake {
+                    intake.resume();
+                }
                 conn.request_name(BUS_NAME)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot take {BUS_NAME} back after an aborted idle exit: {e}"))?;
@@ -49,6 +71,18 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Stops `intake` accepting and waits (up to [`DRAIN_LIMIT`]) for what it accepted to close;
+/// `false` if something is still open.
+async fn close_intake(intake: Option<&dyn Intake>) -> bool {
+    let Some(intake) = intake else { return true };
+    intake.pause();
+    if tokio::time::timeout(DRAIN_LIMIT, intake.quiet()).await.is_err() {
+        tracing::info!("gRPC connections still open after {}s: staying", DRAIN_LIMIT.as_secs());
+        return false;
+    }
+    true
 }
 
 async fn release_and_drain(conn: &Connection, calls: &CallTracker) -> Drain {

@@ -13,6 +13,11 @@
 //! backlog is taken in at once. A peer that has not sent the HTTP/2 preface within the handshake timeout is
 //! dropped. Once the preface is in, HTTP/2 keep-alive and the connection age take over. What the
 //! peer sends reaches h2 through the [`Rewriter`], for the authorities h2 would refuse.
+//!
+//! An [`Intake`] stops and resumes accepting, for exiting on idle: once it is paused, nothing more
+//! is taken from the listen backlog (what arrives waits there, for this instance if it stays or
+//! for the next one systemd starts on the same socket), and [`Intake::quiet`] says when every
+//! connection already accepted has closed.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -26,7 +31,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
@@ -54,6 +59,84 @@ const EVICTION_GRACE: Duration = Duration::from_secs(1);
 struct Table {
     next_id: u64,
     open: HashMap<u64, Entry>,
+}
+
+/// Whether connections are accepted, and the open ones (see the module documentation). Cloned,
+/// it controls the same listener.
+#[derive(Clone)]
+pub struct Intake {
+    accepting: Arc<watch::Sender<bool>>,
+    table: Shared,
+    /// Notified whenever a connection closes.
+    closed: Arc<Notify>,
+}
+
+impl Default for Intake {
+    fn default() -> Intake {
+        Intake { accepting: Arc::new(watch::Sender::new(true)), table: Shared::default(), closed: Arc::default() }
+    }
+}
+
+impl Intake {
+    /// Accepts nothing more until [`Intake::resume`]; connections already accepted are served.
+    pub fn pause(&self) {
+        self.accepting.send_replace(false);
+    }
+
+    pub fn resume(&self) {
+        self.accepting.send_replace(true);
+    }
+
+    /// Connections accepted and not yet closed (those waiting for room hold none while a slot is
+    /// free, so they are only ever queued behind open ones).
+    pub fn open(&self) -> usize {
+        lock(&self.table).open.len()
+    }
+
+    /// Completes once no accepted connection is open.
+    pub async fn quiet(&self) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl crate::bus::idle_exit::Intake for Intake {
+    fn pause(&self) {
+        Intake::pause(self);
+    }
+
+    fn resume(&self) {
+        Intake::resume(self);
+    }
+
+    fn quiet(&self) -> BoxFuture<'_, ()> {
+        Intake::quiet(self).boxed()
+    }
+}
+
+/// The next connection of `listener`, taken only while `accepting` says so.
+async fn accept_while_open(
+    listener: &tokio::net::UnixListener,
+    accepting: &mut watch::Receiver<bool>,
+) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
+    loop {
+        // The sender lives as long as the Intake the server was given: gone, nothing pauses.
+        if accepting.wait_for(|open| *open).await.is_err() {
+            return listener.accept().await;
+        }
+        tokio::select! {
+            biased;
+            paused = accepting.wait_for(|open| !*open) => if paused.is_ok() { continue },
+            accepted = listener.accept() => return accepted,
+        }
+    }
 }
 
 struct Entry {
@@ -123,6 +206,7 @@ fn make_room(table: &Mutex<Table>, uid: u32, share_only: bool) -> Result<OwnedSe
 struct Slot {
     id: u64,
     table: Shared,
+    closed: Arc<Notify>,
 }
 
 impl Slot {
@@ -136,6 +220,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         lock(&self.table).open.remove(&self.id);
+        self.closed.notify_waiters();
     }
 }
 
@@ -322,6 +407,7 @@ fn peer_uid(stream: &UnixStream) -> u32 {
 /// `head`) for [`take_slot`], the rest behind it.
 struct Accepting {
     listener: tokio::net::UnixListener,
+    accepting: watch::Receiver<bool>,
     slots: Arc<Semaphore>,
     table: Shared,
     max: usize,
@@ -347,9 +433,9 @@ impl Accepting {
             let next = match &mut self.head {
                 Some(head) => tokio::select! {
                     permit = head => Next::Room(permit),
-                    accepted = self.listener.accept() => Next::Accepted(accepted),
+                    accepted = accept_while_open(&self.listener, &mut self.accepting) => Next::Accepted(accepted),
                 },
-                None => Next::Accepted(self.listener.accept().await),
+                None => Next::Accepted(accept_while_open(&self.listener, &mut self.accepting).await),
             };
             match next {
                 Next::Room(permit) => {
@@ -389,50 +475,58 @@ impl Accepting {
     }
 }
 
-/// The accepted connections of `listener`, never more than `max` open at once.
+/// The accepted connections of `listener`, never more than `max` open at once, taken while
+/// `intake` lets them in.
 pub fn incoming(
     listener: tokio::net::UnixListener,
     max: usize,
     handshake_timeout: Duration,
     bounds: Bounds,
+    intake: &Intake,
 ) -> impl Stream<Item = io::Result<Conn>> {
+    let closed = intake.closed.clone();
     let accepting = Accepting {
         listener,
+        accepting: intake.accepting.subscribe(),
         slots: Arc::new(Semaphore::new(max)),
-        table: Shared::default(),
+        table: intake.table.clone(),
         max,
         queue: VecDeque::new(),
         head: None,
     };
-    futures_util::stream::unfold(accepting, move |mut accepting| async move {
-        let conn = match accepting.next().await? {
-            Ok((stream, permit)) => {
-                let uid = peer_uid(&stream);
-                let (close_tx, close) = oneshot::channel();
-                let table = accepting.table.clone();
-                let id = {
-                    let mut t = lock(&table);
-                    let id = t.next_id;
-                    t.next_id += 1;
-                    let entry = Entry { idle_since: Instant::now(), calls_in_flight: 0, close: close_tx, uid, permit };
-                    t.open.insert(id, entry);
-                    id
-                };
-                let deadline = Box::pin(tokio::time::sleep(handshake_timeout));
-                Ok(Conn {
-                    stream,
-                    slot: Slot { id, table },
-                    close,
-                    closing: false,
-                    preface: Some((PREFACE_LEN, deadline)),
-                    rewriter: Rewriter::new(bounds),
-                    pending: vec![],
-                    pending_at: 0,
-                    eof: false,
-                })
-            }
-            Err(e) => Err(e),
-        };
-        Some((conn, accepting))
+    futures_util::stream::unfold(accepting, move |mut accepting| {
+        let closed = closed.clone();
+        async move {
+            let conn = match accepting.next().await? {
+                Ok((stream, permit)) => {
+                    let uid = peer_uid(&stream);
+                    let (close_tx, close) = oneshot::channel();
+                    let table = accepting.table.clone();
+                    let id = {
+                        let mut t = lock(&table);
+                        let id = t.next_id;
+                        t.next_id += 1;
+                        let entry =
+                            Entry { idle_since: Instant::now(), calls_in_flight: 0, close: close_tx, uid, permit };
+                        t.open.insert(id, entry);
+                        id
+                    };
+                    let deadline = Box::pin(tokio::time::sleep(handshake_timeout));
+                    Ok(Conn {
+                        stream,
+                        slot: Slot { id, table, closed },
+                        close,
+                        closing: false,
+                        preface: Some((PREFACE_LEN, deadline)),
+                        rewriter: Rewriter::new(bounds),
+                        pending: vec![],
+                        pending_at: 0,
+                        eof: false,
+                    })
+                }
+                Err(e) => Err(e),
+            };
+            Some((conn, accepting))
+        }
     })
 }

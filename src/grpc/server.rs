@@ -113,11 +113,13 @@ impl<K: Kick> KsmThrottler for KickService<K> {
     }
 }
 
-/// Serves until `shutdown` completes, then lets calls in flight finish for up to `drain`.
+/// Serves until `shutdown` completes, then lets calls in flight finish for up to `drain`;
+/// `intake` pauses and resumes accepting meanwhile (see [`conn::Intake`]).
 pub async fn serve<K: Kick>(
     listener: tokio::net::UnixListener,
     kick: Arc<K>,
     limits: &Limits,
+    intake: &conn::Intake,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> Result<(), tonic::transport::Error> {
@@ -127,7 +129,7 @@ pub async fn serve<K: Kick>(
         max_block: limits.max_rewritten_block,
         max_headers: limits.max_rewritten_block,
     };
-    let incoming = conn::incoming(listener, limits.max_connections, limits.handshake_timeout, bounds);
+    let incoming = conn::incoming(listener, limits.max_connections, limits.handshake_timeout, bounds, intake);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .timeout(limits.call_timeout)

@@ -102,6 +102,15 @@ pub fn remove(path: &Path) {
     }
 }
 
+/// The `FileDescriptorName=` of the gRPC socket unit (`kata-ksm-throttler-grpc.socket`), by which
+/// the daemon finds it among the descriptors systemd passes.
+pub const FD_NAME: &str = "grpc";
+
+/// The gRPC socket systemd passed the daemon (named [`FD_NAME`]), if it passed one.
+pub fn named_from_systemd() -> Result<Option<UnixListener>, SocketError> {
+    Ok(activation::passed_named(FD_NAME, &[AddressFamily::UNIX], "a Unix socket")?.map(UnixListener::from))
+}
+
 /// The listening socket systemd passed, if it passed one to this process.
 pub fn from_systemd() -> Result<Option<UnixListener>, SocketError> {
     Ok(activation::passed(&[AddressFamily::UNIX], "a Unix socket")?.map(UnixListener::from))
