@@ -1775,6 +1775,34 @@ mod tests {
     }
 
     #[test]
+    fn unmergeable_memory_costs_a_few_fast_passes_once_in_place_then_rest() {
+        // Guests filled with data of their own: arriving, scanned slowly; in place, a few
+        // aggressive passes find nothing to merge, and the cycle ends at the initial settings
+        // long before the timeline's 4.5 min (throttle scans on flat out meanwhile).
+        let (mut p, t0) = adaptive();
+        let host = Counters { anon_pages: Some(400_000), ..MERGED_HOST };
+        p.kick(t0);
+        let (t, at, c) = feed(&mut p, t0 + 10 * S, host, |c| pass(c, 700_000, 0, 5_000));
+        assert_eq!(t.map(|t| t.to), Some(Setting::Slow));
+        let (t, at, c) =
+            feed(&mut p, at + 10 * S, c, |c| Counters { anon_pages: c.anon_pages.map(|a| a + 40_000), ..c });
+        assert_eq!(t, None);
+        let (t, at, c) = feed(&mut p, at + 10 * S, c, |c| c);
+        assert_eq!(t.map(|t| t.cause), Some(Cause::Arrived));
+        let mut fast = 0;
+        let (t, at, c) = feed(&mut p, at + 10 * S, c, |c| {
+            fast += 1;
+            pass(c, 900_000, 0, 0)
+        });
+        let t = t.expect("steps down");
+        assert!(t.to == Setting::Standard && matches!(t.cause, Cause::Stalled | Cause::Settled), "{t:?}");
+        assert!(fast <= 4, "{fast} aggressive passes over memory that merges nothing");
+        let (t, end, _) = feed(&mut p, at + 30 * S, c, |c| pass(c, 900_000, 0, 0));
+        assert_eq!(t.map(|t| (t.to, t.cause)), Some((Setting::Initial, Cause::Settled)));
+        assert!(end - t0 < 40 * S, "{:?}", end - t0);
+    }
+
+    #[test]
     fn memory_that_leaves_is_no_arrival() {
         // Churn: a sandbox stops while the newcomer is merged; AnonPages falls by what it held.
         // The same trace with and without AnonPages gives the same decisions: leaving memory
