@@ -27,6 +27,7 @@ use crate::core::plan::{self, plan};
 use crate::core::policy::{resize_needed, Cause, Counters, Durations, Policy, Transition};
 use crate::core::setting::Profiles;
 use crate::core::setting::{Mode, Setting};
+use crate::core::transitions::TransitionCounts;
 use crate::io::ksmd::Ksmd;
 use crate::io::meminfo::{self, MeminfoError};
 use crate::io::pressure;
@@ -123,6 +124,9 @@ pub struct Status {
     /// CLOCK_REALTIME microseconds of the next scheduled step, 0 when none.
     pub next_step_down_us: u64,
     pub kick_count: u64,
+    /// Transitions applied since start-up, by cause; changes without a signal of its own (the
+    /// setting's change is signalled).
+    pub transitions: TransitionCounts,
     /// ksmd's CPU time at the start of the cycle under way or the last one (and at its end),
     /// for the bus to show ksmd's share of a CPU over it; `None` before any cycle, or where
     /// ksmd could not be read when it began.
@@ -188,6 +192,7 @@ pub struct Engine {
     sized_on: Option<u64>,
     /// Kicks since start-up; published with the rest of the status.
     kick_count: u64,
+    transitions: TransitionCounts,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
     idle: Option<IdleExit>,
@@ -229,6 +234,7 @@ impl Engine {
             setting: policy.setting(),
             next_step_down_us: 0,
             kick_count: 0,
+            transitions: TransitionCounts::default(),
             cycle_cpu: None,
             gate: Gate::Always,
             need: Need::NotGated,
@@ -245,6 +251,7 @@ impl Engine {
             saved: None,
             sized_on: None,
             kick_count: 0,
+            transitions: TransitionCounts::default(),
             status: status_tx,
             commands: rx,
             idle: None,
@@ -791,6 +798,7 @@ impl Engine {
             t.to,
             t.cause
         );
+        self.transitions.record(t.cause);
         Ok(())
     }
 
@@ -965,6 +973,7 @@ impl Engine {
         let next_step_down_us = self.shown_next_step_down_us();
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
         let kick_count = self.kick_count;
+        let transitions = self.transitions;
         let cycle_cpu = self.cycle_cpu;
         let gate = self.policy.gate();
         let (need, need_reason) = if self.policy.gated() {
@@ -990,6 +999,7 @@ impl Engine {
             s.setting = setting;
             s.next_step_down_us = next_step_down_us;
             s.kick_count = kick_count;
+            s.transitions = transitions;
             s.cycle_cpu = cycle_cpu;
             s.gate = gate;
             s.need = need;
