@@ -2,7 +2,7 @@
 # The README's test command on a bare Debian: a debootstrapped bookworm minbase root with nothing
 # added (cached by rootfs.sh), the host's Rust toolchain bound in read-only, the repository and
 # cargo's crate cache as throw-away overlays (so the host's build is reused and never written).
-# Inside, with systemd-nspawn:
+# Inside (a chroot in a mount namespace of its own, the host's PIDs: see below):
 #   1. as nobody, tools/test.sh must exit non-zero with one line naming what to install;
 #   2. as root, tools/test.sh [ARGS] installs the missing packages and runs the tests.
 #
@@ -10,9 +10,10 @@
 #   sudo tests/system/bare.sh --test bus_contract    # what CI runs (see CONTRIBUTING.md)
 #
 # The real KSM is not touched (KSM_THROTTLER_SKIP_REAL_KSM=1 inside; /sys is read-only there).
-# Nothing is left behind: the overlays are unmounted, the work directory removed, and whatever
-# nspawn left running ended by PID from the run's own cgroups. KSM_BARE_TIMEOUT: seconds for the
-# run in the container (default 3600). CARGO_INCREMENTAL and CARGO_PROFILE_DEV_DEBUG are passed
+# Nothing is left behind: the mounts inside go with their namespace, the overlays are unmounted,
+# the work directory removed, and whatever was left running ended by PID from the run's own
+# cgroups. KSM_BARE_TIMEOUT: seconds for the
+# run in the root (default 3600). CARGO_INCREMENTAL and CARGO_PROFILE_DEV_DEBUG are passed
 # on, so that the host's build artefacts match.
 set -euo pipefail
 
@@ -26,8 +27,8 @@ die() { say "$*"; exit 1; }
 # shellcheck source=cgroups.sh
 . "$HERE/cgroups.sh"
 
-[ "$(id -u)" -eq 0 ] || die "needs root (mounts, cgroups, systemd-nspawn)"
-command -v systemd-nspawn >/dev/null || die "systemd-nspawn is missing (apt-get install systemd-container)"
+[ "$(id -u)" -eq 0 ] || die "needs root (mounts, cgroups, chroot)"
+command -v unshare >/dev/null || die "unshare is missing (util-linux)"
 SYSROOT=$(rustc --print sysroot) || die "no rustc on PATH: the host's toolchain is what the root gets"
 REGISTRY=${CARGO_HOME:-$HOME/.cargo}/registry
 mkdir -p "$REGISTRY"
@@ -35,14 +36,13 @@ mkdir -p "$REGISTRY"
 ROOTFS=$(KSM_ROOTFS_PACKAGES= "$HERE/rootfs.sh")
 
 WORK=
-NSPAWN_PID=
+RUN_PID=
 MOUNTS=()
-NSPAWN_RUN_EXISTED=1
 cleanup() {
   local ok=0 m i
-  if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
-    kill -TERM "$NSPAWN_PID" 2>/dev/null || true
-    wait "$NSPAWN_PID" 2>/dev/null || true
+  if [ -n "$RUN_PID" ] && kill -0 "$RUN_PID" 2>/dev/null; then
+    kill -TERM "$RUN_PID" 2>/dev/null || true
+    wait "$RUN_PID" 2>/dev/null || true
   fi
   [ ${#CG_DIRS[@]} -eq 0 ] || remove_cgroups || ok=1
   for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
@@ -56,9 +56,6 @@ cleanup() {
     else
       rm -rf --one-file-system "$WORK"
     fi
-  fi
-  if [ "$NSPAWN_RUN_EXISTED" = 0 ] && [ -d /run/systemd/nspawn ]; then
-    find /run/systemd/nspawn -depth -type d -empty -delete 2>/dev/null || true
   fi
   return $ok
 }
@@ -112,27 +109,45 @@ chmod +x "$WORK/root/bare-steps.sh"
 
 pass_env=()
 for v in CARGO_INCREMENTAL CARGO_PROFILE_DEV_DEBUG CARGO_TERM_COLOR KSM_THROTTLER_EDIT_HOST_POLKIT; do
-  [ -z "${!v:-}" ] || pass_env+=("--setenv=$v=${!v}")
+  [ -z "${!v:-}" ] || pass_env+=("$v=${!v}")
 done
 
-[ -d /run/systemd/nspawn ] || NSPAWN_RUN_EXISTED=0
 make_cgroups
 say "running in $ROOTFS (overlay $WORK): tools/test.sh $*"
 start=$SECONDS
+R=$WORK/root
+# What an installed Debian has and debootstrap leaves out: name resolution and localhost.
+cp /etc/resolv.conf "$R/etc/resolv.conf"
+cp /etc/hosts "$R/etc/hosts"
 (
   enter_cgroups
-  # The repository at its own path, so that the host's build artefacts are fresh there.
-  exec timeout --kill-after=20 "$TIMEOUT" systemd-nspawn --quiet --register=no --keep-unit \
-    --machine="ksm-bare-$$" -D "$WORK/root" \
-    --bind="$WORK/repo:$REPO" --bind-ro="$SYSROOT:/opt/rust" --bind="$WORK/registry:/root/.cargo/registry" \
-    --setenv=PATH=/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    --setenv=CARGO_HOME=/root/.cargo --setenv=KSM_THROTTLER_SKIP_REAL_KSM=1 --setenv=REPO="$REPO" \
-    "${pass_env[@]}" -- /bare-steps.sh "$@"
+  # A mount namespace of its own (every mount below goes with it) and a chroot, not a container:
+  # the host's PID namespace, so that the tests see ksmd and the VMMs they start as on a host.
+  # /sys is read-only there: nothing inside can write the real KSM.
+  exec timeout --kill-after=20 "$TIMEOUT" unshare --mount --propagation private -- bash -euc '
+    R=$1 REPO=$2 SYSROOT=$3 WORK=$4
+    shift 4
+    mount --rbind /dev "$R/dev"
+    mount -t proc proc "$R/proc"
+    mount --rbind /sys "$R/sys"
+    mount -o remount,bind,ro "$R/sys"
+    mount -t tmpfs tmpfs "$R/run"
+    mount -t tmpfs tmpfs "$R/tmp"
+    mkdir -p "$R$REPO" "$R/opt/rust" "$R/root/.cargo/registry"
+    # The repository at its own path, so that the host'"'"'s build artefacts are fresh there.
+    mount --bind "$WORK/repo" "$R$REPO"
+    mount --bind "$SYSROOT" "$R/opt/rust"
+    mount -o remount,bind,ro "$R/opt/rust"
+    mount --bind "$WORK/registry" "$R/root/.cargo/registry"
+    exec chroot "$R" /usr/bin/env -i HOME=/root REPO="$REPO" CARGO_HOME=/root/.cargo \
+      PATH=/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+      KSM_THROTTLER_SKIP_REAL_KSM=1 "$@"
+  ' bare "$R" "$REPO" "$SYSROOT" "$WORK" "${pass_env[@]}" /bare-steps.sh "$@"
 ) </dev/null &
-NSPAWN_PID=$!
+RUN_PID=$!
 rc=0
-wait "$NSPAWN_PID" || rc=$?
-NSPAWN_PID=
-say "container ended after $((SECONDS - start)) s (exit $rc)"
+wait "$RUN_PID" || rc=$?
+RUN_PID=
+say "the run ended after $((SECONDS - start)) s (exit $rc)"
 [ "$rc" -eq 0 ] || die "FAIL: the README's test command on a bare root (exit $rc)"
 say "PASS: the README's test command on a bare root"

@@ -1,4 +1,4 @@
-# Sourced: a cgroup subtree of this script's own for a systemd-nspawn run, in every hierarchy
+# Sourced: a cgroup subtree of this script's own for a run (systemd-nspawn, or a chroot), in every hierarchy
 # nspawn uses (cgroup2, and the v1 name=systemd one), so that the end can end exactly what the
 # run started (by PID) and remove exactly that. With --keep-unit and no host systemd, nspawn
 # makes its payload/ and supervisor/ cgroups beside its own. Needs CG_NAME set and a die().
