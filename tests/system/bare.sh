@@ -9,7 +9,7 @@
 #   sudo tests/system/bare.sh                 # the full `cargo test --workspace`
 #   sudo tests/system/bare.sh --test bus_contract    # what CI runs (see CONTRIBUTING.md)
 #
-# The real KSM is not touched (KSM_THROTTLER_SKIP_REAL_KSM=1 inside; /sys is read-only there).
+# The real KSM is not touched (KSM_THROTTLER_SKIP_REAL_KSM=1 inside; /sys/kernel/mm/ksm is read-only there).
 # Nothing is left behind: the mounts inside go with their namespace, the overlays are unmounted,
 # the work directory removed, and whatever was left running ended by PID from the run's own
 # cgroups. KSM_BARE_TIMEOUT: seconds for the
@@ -123,14 +123,16 @@ cp /etc/hosts "$R/etc/hosts"
   enter_cgroups
   # A mount namespace of its own (every mount below goes with it) and a chroot, not a container:
   # the host's PID namespace, so that the tests see ksmd and the VMMs they start as on a host.
-  # /sys is read-only there: nothing inside can write the real KSM.
+  # /sys as on a host (a test reads a root-only attribute's EACCES), but /sys/kernel/mm/ksm
+  # read-only: nothing inside can write the real KSM.
   exec timeout --kill-after=20 "$TIMEOUT" unshare --mount --propagation private -- bash -euc '
     R=$1 REPO=$2 SYSROOT=$3 WORK=$4
     shift 4
     mount --rbind /dev "$R/dev"
     mount -t proc proc "$R/proc"
     mount --rbind /sys "$R/sys"
-    mount -o remount,bind,ro "$R/sys"
+    mount --bind "$R/sys/kernel/mm/ksm" "$R/sys/kernel/mm/ksm"
+    mount -o remount,bind,ro "$R/sys/kernel/mm/ksm"
     mount -t tmpfs tmpfs "$R/run"
     mount -t tmpfs tmpfs "$R/tmp"
     mkdir -p "$R$REPO" "$R/opt/rust" "$R/root/.cargo/registry"
