@@ -45,13 +45,18 @@ KATA_UNITS := kata-ksm-throttler-grpc.socket kata-vc-throttler.service \
 # ksmtctl metrics for node_exporter's textfile collector, every 30 s (they name ksmtctl's path).
 METRICS_UNITS := kata-ksm-throttler-metrics.service kata-ksm-throttler-metrics.timer
 
-.PHONY: all build install uninstall
+.PHONY: all build install uninstall test
 
 all: build
 
 build:
 	$(CARGO) build --release --locked -p kata-ksm-throttler -p kata-ksm-throttler-grpc -p kata-vc-throttler -p kata-ksm-throttler-exporter
 	$(CARGO) run --release --locked -q -p xtask -- docs "$(DOCS)" >/dev/null
+
+# The README's test command: the Debian packages the tests need (as root, when missing), then
+# cargo test --workspace (or ARGS, e.g. make test ARGS='--test bus_contract').
+test:
+	tools/test.sh $(ARGS)
 
 # Installs what is built; it does not build, so that `sudo make install` never runs cargo as root.
 install:

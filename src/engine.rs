@@ -28,6 +28,7 @@ use crate::core::plan::{self, plan};
 use crate::core::policy::{resize_needed, Cause, Counters, Durations, Policy, Transition};
 use crate::core::setting::Profiles;
 use crate::core::setting::{Mode, Setting};
+use crate::core::transitions::TransitionCounts;
 use crate::io::ksmd::Ksmd;
 use crate::io::meminfo::{self, MeminfoError};
 use crate::io::pressure;
@@ -125,6 +126,9 @@ pub struct Status {
     /// CLOCK_REALTIME microseconds of the next scheduled step, 0 when none.
     pub next_step_down_us: u64,
     pub kick_count: u64,
+    /// Transitions applied since start-up, by cause; changes without a signal of its own (the
+    /// setting's change is signalled).
+    pub transitions: TransitionCounts,
     /// ksmd's CPU time at the start of the cycle under way or the last one (and at its end),
     /// for the bus to show ksmd's share of a CPU over it; `None` before any cycle, or where
     /// ksmd could not be read when it began.
@@ -200,6 +204,7 @@ pub struct Engine {
     sized_on: Option<u64>,
     /// Kicks that change nothing, answered by the handles; also counts every kick.
     quick: Arc<QuickKick>,
+    transitions: TransitionCounts,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
     idle: Option<IdleExit>,
@@ -241,6 +246,7 @@ impl Engine {
             setting: policy.setting(),
             next_step_down_us: 0,
             kick_count: 0,
+            transitions: TransitionCounts::default(),
             cycle_cpu: None,
             gate: Gate::Always,
             need: Need::NotGated,
@@ -258,6 +264,7 @@ impl Engine {
             saved: None,
             sized_on: None,
             quick: quick.clone(),
+            transitions: TransitionCounts::default(),
             status: status_tx,
             commands: rx,
             idle: None,
@@ -844,6 +851,7 @@ impl Engine {
             t.to,
             t.cause
         );
+        self.transitions.record(t.cause);
         Ok(())
     }
 
@@ -1019,6 +1027,7 @@ impl Engine {
         let (mode, setting) = (self.policy.mode(), self.policy.setting());
         let kick_count = self.quick.count();
         self.quick.open_until(self.quick_window());
+        let transitions = self.transitions;
         let cycle_cpu = self.cycle_cpu;
         let gate = self.policy.gate();
         let (need, need_reason) = if self.policy.gated() {
@@ -1044,6 +1053,7 @@ impl Engine {
             s.setting = setting;
             s.next_step_down_us = next_step_down_us;
             s.kick_count = kick_count;
+            s.transitions = transitions;
             s.cycle_cpu = cycle_cpu;
             s.gate = gate;
             s.need = need;

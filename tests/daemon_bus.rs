@@ -362,3 +362,47 @@ async fn calls_caught_by_a_stop_are_answered_shutting_down_never_no_reply() {
     assert!(seen.keys().all(|e| allowed.contains(&e.as_str())), "errors at the stop: {seen:?}");
     assert!(seen.contains_key(allowed[0]), "no call was caught by the stop: {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transitions_are_counted_by_cause_every_cause_present() {
+    let s = setup(FAST).await;
+    let counts = async || s.proxy.transition_counts().await.expect("TransitionCounts");
+    let at_start = counts().await;
+    let causes = [
+        "kick",
+        "timer",
+        "mode-change",
+        "startup",
+        "merging-settled",
+        "memory-needed",
+        "no-profit",
+        "merging-stalled",
+        "memory-arriving",
+        "memory-arrived",
+    ];
+    let mut names: Vec<&str> = at_start.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let mut want = causes.to_vec();
+    want.sort_unstable();
+    assert_eq!(names, want, "every cause, 0 included: {at_start:?}");
+    assert!(at_start.values().all(|&n| n == 0), "{at_start:?}");
+
+    // One kick and a storm while aggressive: one transition by kick; then the timeline's three.
+    for _ in 0..20 {
+        s.proxy.kick().await.expect("kick");
+    }
+    eventually(Duration::from_secs(10), "the timeline back to initial", async || {
+        s.proxy.current_setting().await.is_ok_and(|v| v == "initial")
+    })
+    .await;
+    let after = counts().await;
+    assert_eq!((after["kick"], after["timer"], after["mode-change"]), (1, 3, 0), "{after:?}");
+
+    // SetMode: pinned aggressive, then off; a kick in off moves nothing.
+    s.proxy.set_mode("aggressive").await.expect("aggressive");
+    s.proxy.set_mode("off").await.expect("off");
+    s.proxy.kick().await.expect("kick");
+    let last = counts().await;
+    assert_eq!((last["kick"], last["timer"], last["mode-change"]), (1, 3, 2), "{last:?}");
+    assert_eq!(s.proxy.kick_count().await.expect("KickCount"), 21);
+}

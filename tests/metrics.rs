@@ -80,11 +80,18 @@ async fn the_metrics_of_a_running_throttler_read_by_nobody_pass_promtool() {
         ("ksm_sysfs_file_present{file=\"pages_scanned\"}", 1.0),
         ("ksm_sysfs_file_present{file=\"use_zero_pages\"}", 0.0),
         ("ksm_throttler_property_present{property=\"KickCount\"}", 1.0),
+        ("ksm_throttler_transitions_total{cause=\"kick\"}", 1.0),
+        ("ksm_throttler_transitions_total{cause=\"timer\"}", 0.0),
+        ("ksm_throttler_transitions_total{cause=\"merging-stalled\"}", 0.0),
     ];
     for (series, value) in want {
         assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");
     }
     assert_eq!(sample(&text, "ksm_throttler_kicks_total"), Some(2.0));
+    for (cause, n) in p.transition_counts().await.expect("TransitionCounts") {
+        let series = format!("ksm_throttler_transitions_total{{cause=\"{cause}\"}}");
+        assert_eq!(sample(&text, &series), Some(n as f64), "{series} in:\n{text}");
+    }
     let next = sample(&text, "ksm_throttler_next_step_down_timestamp_seconds").expect("next step");
     assert_eq!(next, p.next_step_down().await.expect("NextStepDown") as f64 / 1e6);
     assert!(text.contains("# HELP ksm_throttler_up "), "help text:\n{text}");

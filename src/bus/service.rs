@@ -184,6 +184,13 @@ impl Throttler {
         self.engine.kick_count()
     }
 
+    /// Setting changes applied since start-up, by cause, every cause present. Not signalled: the
+    /// change of CurrentSetting that comes with each one is.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn transition_counts(&self) -> HashMap<String, u64> {
+        self.status.borrow().transitions.iter().map(|(c, n)| (c.to_string(), n)).collect()
+    }
+
     /// The throttler's version.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {

@@ -45,6 +45,9 @@ pub const MODES: [&str; 7] = ["throttle", "adaptive", "initial", "off", "aggress
 
 /// The longest label value taken from the bus (a setting or mode the exporter does not know).
 const MAX_LABEL: usize = 32;
+/// At most this many causes of `TransitionCounts` get series (the throttler has 8), so a
+/// throttler answering nonsense cannot make a scrape's label values unbounded.
+const MAX_CAUSES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -388,11 +391,12 @@ fn property_values() -> Vec<PropertyValue> {
 }
 
 /// Every property the exporter reads, for `ksm_throttler_property_present`.
-pub const KNOWN_PROPERTIES: [&str; 25] = [
+pub const KNOWN_PROPERTIES: [&str; 26] = [
     "CurrentSetting",
     "Mode",
     "NextStepDown",
     "KickCount",
+    "TransitionCounts",
     "Version",
     "PagesShared",
     "PagesSharing",
@@ -430,6 +434,18 @@ fn number(v: &Value<'_>) -> Option<f64> {
         Value::F64(n) => *n,
         _ => return None,
     })
+}
+
+/// `TransitionCounts` (`a{st}`): cause and count, the names cut to [`MAX_LABEL`] characters and
+/// at most [`MAX_CAUSES`] of them, in the order of their names.
+fn transition_counts(v: &Value<'_>) -> Option<Vec<(String, u64)>> {
+    let map = HashMap::<String, u64>::try_from(v.try_clone().ok()?).ok()?;
+    let mut counts: Vec<(String, u64)> =
+        map.into_iter().map(|(cause, n)| (cause.chars().take(MAX_LABEL).collect(), n)).collect();
+    counts.sort();
+    counts.dedup_by(|a, b| a.0 == b.0);
+    counts.truncate(MAX_CAUSES);
+    Some(counts)
 }
 
 fn string(v: &Value<'_>) -> Option<String> {
@@ -644,6 +660,17 @@ pub fn registry(s: &Snapshot) -> Registry {
             register_number(&mut reg, p.name, p.help, p.counter, p.unit, v);
         }
     }
+    if let Some(counts) = prop("TransitionCounts").and_then(transition_counts) {
+        let family: Family<Labels, Counter<u64>> = Family::default();
+        for (cause, n) in counts {
+            family.get_or_create(&vec![("cause", cause)]).inc_by(n);
+        }
+        reg.register(
+            "ksm_throttler_transitions",
+            "Setting changes the throttler applied since it started, by cause (kick, timer, mode-change for SetMode, startup, merging-settled, memory-needed, no-profit, merging-stalled, memory-arriving, memory-arrived)",
+            family,
+        );
+    }
     // A string on the bus: a state set here (a number for it would never have been exported).
     if let Some(need) = prop("Need").and_then(string) {
         state_set(
@@ -816,6 +843,42 @@ mod tests {
         assert!(!text.contains("ksm_ksmd_cpu_seconds"), "absent property, absent metric:\n{text}");
         assert!(text.ends_with("# EOF\n"));
         assert!(text.contains("# HELP ksm_throttler_kicks Kicks"), "{text}");
+    }
+
+    #[test]
+    fn transitions_by_cause_are_one_counter_family_bounded_and_ignored_when_mistyped() {
+        let mut counts: HashMap<String, u64> = [("kick", 2u64), ("timer", 6), ("merging-stalled", 1)]
+            .into_iter()
+            .map(|(c, n)| (c.to_owned(), n))
+            .collect();
+        counts.insert("y".repeat(500), 1);
+        for i in 0..40 {
+            counts.insert(format!("z{i:02}"), 0);
+        }
+        let snapshot = |v: Value<'static>| Snapshot {
+            sandboxes: None,
+            throttler: Throttler::Up(props(&[("TransitionCounts", v)])),
+            activatable: None,
+            ksm: files(&[]),
+            page_size: 4096,
+        };
+        let text = encode(&snapshot(Value::from(counts)), Format::OpenMetrics).expect("encode");
+        let l = lines(&text);
+        for want in [
+            "ksm_throttler_transitions_total{cause=\"kick\"} 2",
+            "ksm_throttler_transitions_total{cause=\"timer\"} 6",
+            "ksm_throttler_transitions_total{cause=\"merging-stalled\"} 1",
+            "ksm_throttler_property_present{property=\"TransitionCounts\"} 1",
+        ] {
+            assert!(l.contains(&want), "{want:?} missing from:\n{text}");
+        }
+        assert!(text.contains("# TYPE ksm_throttler_transitions counter"), "{text}");
+        let series = l.iter().filter(|l| l.starts_with("ksm_throttler_transitions_total{")).count();
+        assert_eq!(series, MAX_CAUSES, "{text}");
+        assert!(!text.contains(&"y".repeat(MAX_LABEL + 1)), "a long cause is cut:\n{text}");
+
+        let text = encode(&snapshot(Value::from(7u64)), Format::OpenMetrics).expect("encode");
+        assert!(!text.contains("ksm_throttler_transitions"), "a mistyped property is no metric:\n{text}");
     }
 
     #[test]

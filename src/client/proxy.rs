@@ -27,6 +27,8 @@ pub trait KsmThrottler {
     fn next_step_down(&self) -> zbus::Result<u64>;
     #[zbus(property(emits_changed_signal = "false"))]
     fn kick_count(&self) -> zbus::Result<u64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn transition_counts(&self) -> zbus::Result<std::collections::HashMap<String, u64>>;
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> zbus::Result<String>;
 

@@ -26,15 +26,27 @@ pub struct Prometheus {
 impl Prometheus {
     /// Scrapes `targets` (job `ksm`) every second, with `rule_files` loaded.
     pub fn start(targets: &[SocketAddr], rule_files: &[PathBuf]) -> Result<Prometheus, String> {
-        let dir = tempfile::Builder::new().prefix("prometheus-").tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        Prometheus::start_with(&format!("static_configs:\n      - targets: [{}]", targets.join(", ")), rule_files)
+    }
+
+    /// Scrapes what the file-based service discovery file `sd_file` lists (job `ksm`, re-read
+    /// every second), as a fleet's Prometheus does. Its configuration is `prometheus.yml` in
+    /// [`Prometheus::dir`].
+    pub fn start_file_sd(sd_file: &Path, rule_files: &[PathBuf]) -> Result<Prometheus, String> {
+        let sd = format!("file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s", sd_file.display());
+        Prometheus::start_with(&sd, rule_files)
+    }
+
+    /// Prometheus with one scrape job `ksm` whose discovery is `discovery` (YAML at its indent).
+    fn start_with(discovery: &str, rule_files: &[PathBuf]) -> Result<Prometheus, String> {
+        let dir = tempfile::Builder::new().prefix("prometheus-").tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let rules: Vec<String> = rule_files.iter().map(|r| format!("'{}'", r.display())).collect();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files: [{}]\n\
-             scrape_configs:\n  - job_name: ksm\n    static_configs:\n      - targets: [{}]\n",
+             scrape_configs:\n  - job_name: ksm\n    {discovery}\n",
             rules.join(", "),
-            targets.join(", ")
         );
         let config_file = dir.path().join("prometheus.yml");
         std::fs::write(&config_file, config).map_err(|e| format!("writing the configuration: {e}"))?;

@@ -2,12 +2,13 @@
 # Builds (once) a minimal Debian bookworm root for the end-to-end checks, cached outside the
 # repository and keyed by everything that goes into it. Prints the root's path.
 #   tests/system/rootfs.sh            # build if missing, print the path
+#   KSM_ROOTFS_PACKAGES= tests/system/rootfs.sh   # minbase alone (tests/system/bare.sh)
 set -euo pipefail
 
 SUITE=bookworm
 VARIANT=minbase
 # libnss-systemd: as on a standard Debian install (the end-to-end run of the exporter used it).
-PACKAGES=systemd,systemd-sysv,dbus,polkitd,libpam-systemd,libnss-systemd,procps
+PACKAGES=${KSM_ROOTFS_PACKAGES-systemd,systemd-sysv,dbus,polkitd,libpam-systemd,libnss-systemd,procps}
 CACHE=${KSM_E2E_CACHE:-/var/cache/kata-ksm-throttler-e2e}
 
 # The mirror this machine's apt already uses for Debian (first deb.debian.org-like URI), so the
@@ -38,7 +39,9 @@ if [ ! -e "$root/.complete" ]; then
   trap 'rm -rf --one-file-system "$tmp"' EXIT
   echo "rootfs.sh: debootstrap $SUITE ($VARIANT, $PACKAGES) from $MIRROR into $root" >&2
   start=$(date +%s)
-  if ! debootstrap --variant="$VARIANT" --include="$PACKAGES" "$SUITE" "$tmp/root" "$MIRROR" >"$tmp/debootstrap.log" 2>&1; then
+  include=()
+  [ -z "$PACKAGES" ] || include=(--include="$PACKAGES")
+  if ! debootstrap --variant="$VARIANT" "${include[@]}" "$SUITE" "$tmp/root" "$MIRROR" >"$tmp/debootstrap.log" 2>&1; then
     tail -n 30 "$tmp/debootstrap.log" >&2
     die "debootstrap failed (log above)"
   fi
