@@ -8,8 +8,8 @@
 //! daemon is tested on a bus that lets them through (as dbus-daemon does for a policy without
 //! interface rules), and the refusal under the shipped policy is checked too.
 
-use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use kata_ksm_throttler::bus::private::BusConfig;
+use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use kata_ksm_throttler_test_support::*;
 use zbus::message::Message;
 use zbus::OwnedVariant;
@@ -48,10 +48,8 @@ const NO_INTERFACE_TO_THE_THROTTLER: &str = r#"<!DOCTYPE busconfig PUBLIC "-//fr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_an_interface_reach_the_one_interface_with_that_member() {
-    let bus = start_bus_with(BusConfig {
-        policy_texts: vec![NO_INTERFACE_TO_THE_THROTTLER.into()],
-        ..BusConfig::default()
-    });
+    let bus =
+        start_bus_with(BusConfig { policy_texts: vec![NO_INTERFACE_TO_THE_THROTTLER.into()], ..BusConfig::default() });
     let scratch = Scratch::fresh();
     let daemon = Daemon::spawn(&bus, &scratch, &[]);
     let s = daemon::serve(bus, scratch, daemon).await;
@@ -128,9 +126,7 @@ async fn a_member_of_several_interfaces_is_refused_and_a_unique_one_called() {
     let to = server.unique_name().expect("a unique name").to_owned();
     let call = |member: &'static str| {
         let (client, to) = (client.clone(), to.clone());
-        async move {
-            client.call_method(Some(to.as_str()), "/o", None::<&str>, member, &()).await
-        }
+        async move { client.call_method(Some(to.as_str()), "/o", None::<&str>, member, &()).await }
     };
     let reply: String = call("OnlyFirst").await.expect("unique").body().deserialize().expect("string");
     assert_eq!(reply, "only first");

@@ -9,3 +9,4 @@ pub(crate) mod plan;
 pub mod policy;
 pub mod sandbox;
 pub mod setting;
+pub mod written;
