@@ -29,6 +29,7 @@ use crate::core::policy::{resize_needed, Cause, Counters, Durations, Policy, Tra
 use crate::core::setting::Profiles;
 use crate::core::setting::{Mode, Setting};
 use crate::core::transitions::TransitionCounts;
+use crate::core::written::{self, Written};
 use crate::io::ksmd::Ksmd;
 use crate::io::meminfo::{self, MeminfoError};
 use crate::io::pressure;
@@ -200,6 +201,10 @@ pub struct Engine {
     policy: Policy,
     /// The administrator's settings while the throttler has changed anything; also on disk.
     saved: Option<Knobs>,
+    /// What the cycle wrote over them, recorded beside them before each write.
+    written: Written,
+    /// `saved` is on disk (see [`Engine::record_writes`]).
+    recorded: bool,
     /// The AnonPages (in pages) the setting in force was sized on, if it has a profile.
     sized_on: Option<u64>,
     /// Kicks that change nothing, answered by the handles; also counts every kick.
@@ -262,6 +267,8 @@ impl Engine {
             config,
             policy,
             saved: None,
+            written: Written::default(),
+            recorded: false,
             sized_on: None,
             quick: quick.clone(),
             transitions: TransitionCounts::default(),
@@ -311,8 +318,9 @@ impl Engine {
             return Ok(());
         }
         let config = &self.config;
-        match config.state.load() {
-            Ok(Some(knobs)) => {
+        match config.state.load_record() {
+            Ok(Some(record)) => {
+                let knobs = &record.knobs;
                 tracing::warn!(
                     path = %config.state.path().display(),
                     run = knobs.run,
@@ -320,12 +328,14 @@ impl Engine {
                     sleep_millisecs = knobs.sleep_millisecs,
                     "a previous instance stopped mid-cycle: restoring the settings it recorded"
                 );
-                if self.restore_recorded(&knobs)? {
+                if self.restore_recorded(&record)? {
                     config.state.remove()?;
                 } else {
                     // Kept, in memory and on disk, for the next restore (at exit, or by a
                     // successor) to try again; meanwhile the throttler serves.
-                    self.saved = Some(knobs);
+                    self.saved = Some(record.knobs);
+                    self.written = record.written.unwrap_or_default();
+                    self.recorded = true;
                 }
             }
             Ok(None) => {}
@@ -422,13 +432,32 @@ impl Engine {
         Readings { mem_available, psi_some }
     }
 
-    /// Puts a previous instance's record back; `Ok(false)` if some knob could not be, which is
-    /// logged. Knobs that cannot even be read (one left empty by a kill mid-write on a scratch
-    /// directory) are all written blind, each one that can be.
-    fn restore_recorded(&self, knobs: &Knobs) -> Result<bool, EngineError> {
-        let target = Target::from(knobs);
-        let e = match self.config.ksm.apply(&target) {
-            Ok(_) => return Ok(true),
+    /// Puts a previous instance's record back over the knobs that still hold what it wrote
+    /// (the others were set by someone else since, and stay: logged); `Ok(false)` if some knob
+    /// could not be, which is logged. Knobs that cannot even be read (one left empty by a kill
+    /// mid-write on a scratch directory) are all written blind, each one that can be.
+    fn restore_recorded(&self, record: &crate::io::state_file::Record) -> Result<bool, EngineError> {
+        let target = Target::from(&record.knobs);
+        let e = match self.config.ksm.read() {
+            Ok(have) => {
+                let restore = written::restore(&record.knobs, record.written.as_ref(), &have);
+                for kept in &restore.kept {
+                    tracing::warn!(
+                        knob = kept.knob,
+                        found = kept.found,
+                        recorded = kept.recorded,
+                        "{} holds {}, which this throttler did not write: set since by someone else, it stays \
+                         (the record says {})",
+                        kept.knob,
+                        kept.found,
+                        kept.recorded
+                    );
+                }
+                match self.config.ksm.execute(&plan(&have, &restore.target)) {
+                    Ok(_) => return Ok(true),
+                    Err(e) => e,
+                }
+            }
             Err(e) => e,
         };
         tracing::error!("{e}: writing every recorded knob");
@@ -451,8 +480,8 @@ impl Engine {
             }
             Err(e) => return Err(e.into()),
         };
-        let saved = match self.config.state.load() {
-            Ok(saved) => saved,
+        let record = match self.config.state.load_record() {
+            Ok(record) => record,
             Err(e @ StateError::Corrupt { .. }) => {
                 tracing::error!("{e}");
                 return Ok(false);
@@ -472,7 +501,7 @@ impl Engine {
             }
             _ => None,
         };
-        let Some(policy) = policy.filter(|p| p.setting() == Setting::Initial || saved.is_some()) else {
+        let Some(policy) = policy.filter(|p| p.setting() == Setting::Initial || record.is_some()) else {
             tracing::error!(?handover, "ignoring a hand-over that does not hold together");
             return Ok(false);
         };
@@ -481,7 +510,11 @@ impl Engine {
             setting = %policy.setting(),
             "carrying on where the instance that exited on idle left off"
         );
-        self.saved = saved;
+        self.recorded = record.is_some();
+        (self.saved, self.written) = match record {
+            Some(r) => (Some(r.knobs), r.written.unwrap_or_default()),
+            None => (None, Written::default()),
+        };
         self.policy = policy;
         if self.policy.setting() == Setting::Initial {
             // A record beside an initial setting is from a cycle that did not finish: put it back.
@@ -832,8 +865,10 @@ impl Engine {
         } else {
             if self.saved.is_none() {
                 self.warn_if_our_own(&have);
-                self.config.state.save(&have)?;
+                // Recorded with the first writes (see record_writes).
                 self.saved = Some(have.clone());
+                self.written = Written::default();
+                self.recorded = false;
                 self.cycle_began();
             }
             self.put_in_force(&have, t.to)?
@@ -907,9 +942,34 @@ impl Engine {
     /// Writes `setting` sized on `anon` (AnonPages, for a setting with a profile) over `have`.
     fn put_sized(&mut self, have: &Knobs, setting: Setting, anon: Option<u64>) -> Result<Knobs, EngineError> {
         let target = self.target_for(setting, anon);
-        let now = self.config.ksm.execute(&plan(have, &target))?;
+        let plan = plan(have, &target);
+        self.record_writes(&plan.writes)?;
+        let now = self.config.ksm.execute(&plan)?;
         self.sized_on = anon;
         Ok(now)
+    }
+
+    /// Records the administrator's settings with `writes` added to what the cycle wrote, before
+    /// they are made: a successor puts a knob back only over a value listed (see
+    /// [`crate::core::written`]). The first record of a cycle must be made; a later one that
+    /// cannot (a state folder turned read-only) is logged, and the cycle goes on rather than
+    /// hold ksmd at its current pace.
+    fn record_writes(&mut self, writes: &[plan::Write]) -> Result<(), EngineError> {
+        let Some(saved) = &self.saved else { return Ok(()) };
+        let written = self.written.with(writes);
+        if self.recorded && written == self.written {
+            return Ok(());
+        }
+        match self.config.state.save_with(saved, &written) {
+            Ok(()) => self.recorded = true,
+            Err(e) if !self.recorded => return Err(e.into()),
+            Err(e) => tracing::error!(
+                "{e}: the record of the initial KSM settings cannot list this write; after a crash, a \
+                 successor would take the knobs it changes for someone else's and leave them"
+            ),
+        }
+        self.written = written;
+        Ok(())
     }
 
     /// Sizes the setting in force again if AnonPages moved by more than a fair share since it
@@ -960,13 +1020,13 @@ impl Engine {
         let Some(saved) = self.saved.clone() else { return Ok(have) };
         let now = self.config.ksm.execute(&plan(&have, &self.target_for(Setting::Initial, None)))?;
         // The knobs are back: a record that cannot be removed (a read-only or full state folder)
-        // must not make the timeline flap between the originals and the last setting. It is said
-        // loudly, since a later start would put these values back over any made by hand since.
+        // must not make the timeline flap between the originals and the last setting. A later
+        // start puts it back only over knobs that still hold what this cycle wrote.
         if let Err(e) = self.config.state.remove() {
             tracing::error!(
                 path = %self.config.state.path().display(),
                 "the initial KSM settings are back, but their record cannot be removed ({e}): a later \
-                 start would put them back over any setting made by hand since; remove it by hand"
+                 start puts it back only over knobs that still hold this throttler's values; remove it by hand"
             );
         }
         tracing::info!(
@@ -976,6 +1036,8 @@ impl Engine {
             "initial KSM settings restored ({why})"
         );
         self.saved = None;
+        self.written = Written::default();
+        self.recorded = false;
         self.sized_on = None;
         self.cycle_ended();
         Ok(now)

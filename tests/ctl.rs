@@ -72,8 +72,28 @@ async fn a_knob_the_throttler_cannot_read_is_unknown_and_status_fails() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["unreadable"], serde_json::json!(["pages_to_scan"]));
+    assert_eq!(v["pages_to_scan"], serde_json::Value::Null, "unknown, never a value: {v}");
+    assert_eq!((&v["run"], &v["sleep_millisecs"]), (&serde_json::json!(1), &serde_json::json!(1)));
     s.scratch.set("pages_to_scan", "100\n");
     assert!(ctl(&s, &["status"]).status.success());
+}
+
+/// Issue 30, item 3: a directory in place of `pages_to_scan` (read fails with EISDIR) is `null`
+/// in `status --json`, as JSON readers take a number for a value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_shows_an_unreadable_knob_as_null() {
+    let s = setup(&[]).await;
+    let knob = s.scratch.ksm().join("pages_to_scan");
+    std::fs::remove_file(&knob).expect("rm");
+    std::fs::create_dir(&knob).expect("a directory in its place");
+    let out = ctl(&s, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["pages_to_scan"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["unreadable"], serde_json::json!(["pages_to_scan"]), "{v}");
+    assert_eq!(v["sleep_millisecs"], 20, "{v}");
+    std::fs::remove_dir(&knob).expect("rmdir");
+    s.scratch.set("pages_to_scan", "100\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use kata_ksm_throttler::bus::authorize::{POLKIT_INTERACTIVE_LIMIT, POLKIT_LIMIT, POLKIT_PENDING_PER_CALLER};
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus};
 use kata_ksm_throttler::names::BUS_NAME;
 use kata_ksm_throttler_test_support::*;
@@ -194,9 +195,15 @@ fn nobody_client() {
         _ => MethodFlags::empty(),
     };
     println!("CLIENT-UID {}", rustix::process::getuid().as_raw());
+    // A bound of the caller's own, as libdbus and sd-bus callers have (25 s by default).
+    let timeout = std::env::var("KSM_TEST_TIMEOUT_S").ok().and_then(|s| s.parse().ok()).map(Duration::from_secs);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let result: zbus::Result<String> = runtime.block_on(async {
-        let conn = zbus::connection::Builder::address(address.as_str()).build().await?;
+        let mut builder = zbus::connection::Builder::address(address.as_str());
+        if let Some(timeout) = timeout {
+            builder = builder.method_timeout(timeout);
+        }
+        let conn = builder.build().await?;
         let throttler = bus::proxy_result(&conn).await?;
         match call.as_str() {
             "kick" => throttler.inner().call_with_flags::<_, _, ()>("Kick", flags, &()).await.map(|_| String::new()),
@@ -217,6 +224,17 @@ fn nobody_client() {
                 })
             }
             "own" => conn.request_name(BUS_NAME).await.map(|()| String::new()),
+            // More Kicks at once than one caller may have waiting for polkit: the error names (or
+            // "ok") in the order the answers came.
+            "kick-burst" => {
+                use futures_util::StreamExt;
+                let calls: futures_util::stream::FuturesUnordered<_> = (0..POLKIT_PENDING_PER_CALLER + 2)
+                    .map(|_| throttler.inner().call_with_flags::<_, _, ()>("Kick", flags, &()))
+                    .collect();
+                let answers: Vec<String> =
+                    calls.map(|r| r.map_or_else(|e| error_name(&e), |_| "ok".to_owned())).collect().await;
+                Ok(answers.join(","))
+            }
             other => panic!("unknown call {other}"),
         }
     });
@@ -356,8 +374,57 @@ async fn a_hung_polkitd_is_waited_for_a_bounded_time_then_refused_and_root_is_se
         }
         ok => panic!("allowed by a polkitd that never answered: {ok:?}"),
     }
-    assert!(waited >= kata_ksm_throttler::bus::authorize::POLKIT_LIMIT, "refused after {waited:?}, before the limit");
+    assert!(waited >= POLKIT_LIMIT, "refused after {waited:?}, before the limit");
     eprintln!("a hung polkitd: nobody refused after {waited:?}");
+}
+
+/// Issue 30, item 2: a call that allows interactive authorization is bounded too (longer: a
+/// person may be typing a password), and the refusal comes before the caller's own 25 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_polkitd_refuses_an_interactive_call_within_its_longer_bound() {
+    let Some(w) = world("a_hung_polkitd_refuses_an_interactive_call_within_its_longer_bound", None, &[]).await else {
+        return;
+    };
+    let s = &w.setup;
+    w.polkitd.signal(Signal::STOP);
+    let started = std::time::Instant::now();
+    let mut client = nobody_command(&s.bus, "kick", true);
+    client.env("KSM_TEST_TIMEOUT_S", "25");
+    let client = Guarded::new(client.spawn().expect("client"), "the client as nobody");
+    let out = client.wait_with_output().expect("wait for the client");
+    let waited = started.elapsed();
+    w.polkitd.signal(Signal::CONT);
+    match parse_client_output(&String::from_utf8_lossy(&out.stdout), &String::from_utf8_lossy(&out.stderr)) {
+        Outcome::Err { name, message } => {
+            assert_eq!(name, ACCESS_DENIED, "answered before the caller's 25 s: {message}");
+            assert!(message.contains("did not answer within 20s"), "{message}");
+        }
+        ok => panic!("allowed by a polkitd that never answered: {ok:?}"),
+    }
+    assert!(waited >= POLKIT_INTERACTIVE_LIMIT, "refused after {waited:?}, before the limit");
+    assert_eq!(s.scratch.knobs(), (0, 100, 20), "nothing done");
+    eprintln!("a hung polkitd: an interactive call refused after {waited:?}");
+}
+
+/// Issue 30, item 2: one caller may have only so many checks waiting for polkit; the ones over
+/// are refused at once with LimitsExceeded, before polkit's bound ends the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_may_have_only_so_many_checks_waiting_for_polkit() {
+    let Some(w) = world("one_caller_may_have_only_so_many_checks_waiting_for_polkit", None, &[]).await else {
+        return;
+    };
+    let s = &w.setup;
+    w.polkitd.signal(Signal::STOP);
+    let outcome = as_nobody(&s.bus, "kick-burst", false);
+    w.polkitd.signal(Signal::CONT);
+    let Outcome::Ok(answers) = outcome else { panic!("the burst: {outcome:?}") };
+    let answers: Vec<&str> = answers.split(',').collect();
+    let over = ["org.freedesktop.DBus.Error.LimitsExceeded"; 2];
+    assert_eq!(answers[..2], over, "the two over the cap first, at once: {answers:?}");
+    assert_eq!(answers[2..], [ACCESS_DENIED; POLKIT_PENDING_PER_CALLER], "the others once polkit's bound passed");
+    // The count went back down: the same caller is asked about again (and refused by polkit).
+    assert_eq!(as_nobody(&s.bus, "kick", false).error_name(), ACCESS_DENIED);
+    assert_eq!(s.scratch.knobs(), (0, 100, 20), "nothing done");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

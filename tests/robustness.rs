@@ -658,6 +658,47 @@ async fn a_record_that_cannot_be_removed_does_not_make_the_timeline_flap() {
     drop(frozen);
 }
 
+/// Issue 30, item 1: a record that could not be removed (its folder immutable through a clean
+/// stop), then the administrator's own settings by hand: the next start leaves them, says so,
+/// and removes the stale record. After a kill mid-cycle, only the knobs that still hold what the
+/// daemon wrote are put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_record_is_put_back_only_over_knobs_that_hold_what_the_daemon_wrote() {
+    let fast = ["--aggressive-duration", "300ms", "--standard-duration", "300ms", "--slow-duration", "300ms"];
+    let mut s = setup(&fast).await;
+    s.proxy.kick().await.expect("kick");
+    let frozen = Immutable::set(&s.scratch.state_dir());
+    eventually(Duration::from_secs(20), "the cycle back to initial", async || {
+        s.proxy.current_setting().await.expect("get") == "initial"
+    })
+    .await;
+    assert!(s.daemon.terminate().success(), "a clean stop: {}", s.daemon.log_text());
+    drop(frozen);
+    assert!(state_file(&s.scratch).exists(), "the record could not be removed");
+    assert_eq!(s.scratch.knobs(), (0, 100, 20));
+
+    // The administrator's own settings, by hand.
+    s.scratch.set("pages_to_scan", "555\n");
+    s.scratch.set("sleep_millisecs", "55\n");
+    s.daemon = Daemon::spawn(&s.bus, &s.scratch, &fast);
+    daemon::wait_for_name(&s.conn, &s.daemon).await;
+    assert_eq!(s.scratch.knobs(), (0, 555, 55), "the administrator's settings stay:\n{}", s.daemon.log_text());
+    let log = s.daemon.log_text();
+    assert!(log.contains("pages_to_scan holds 555, which this throttler did not write"), "{log}");
+    assert!(log.contains("sleep_millisecs holds 55, which this throttler did not write"), "{log}");
+    assert!(!state_file(&s.scratch).exists(), "the stale record is gone");
+
+    // A kill -9 while aggressive, then one knob set by hand: the others are put back.
+    s.proxy.kick().await.expect("kick");
+    let aggressive = s.scratch.knobs();
+    assert_eq!(aggressive.0, 1);
+    s.daemon.kill9();
+    s.scratch.set("sleep_millisecs", "77\n");
+    s.daemon = Daemon::spawn(&s.bus, &s.scratch, &fast);
+    daemon::wait_for_name(&s.conn, &s.daemon).await;
+    assert_eq!(s.scratch.knobs(), (0, 555, 77), "ours back, the hand-set one kept:\n{}", s.daemon.log_text());
+}
+
 /// Issue 14, item 4: knobs found at the start of a cycle that look like the throttler's own
 /// aggressive setting (a crashed instance whose record was lost) are said loudly, not silently
 /// taken as the administrator's.

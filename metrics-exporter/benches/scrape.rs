@@ -7,6 +7,9 @@
 //!   none arrived while another was being read);
 //! - the exporter's RSS fresh (before any scrape), after the first scrape and after the load;
 //! - 1,000 scrapes at once: every one answered, the wall time, the peak RSS (VmHWM);
+//! - under fire (issue 30, item 6): scrapes one every 100 ms while 1,000 connections are held
+//!   open saying nothing, 50 drip their headers a byte at a time and oversized and fuzzed requests
+//!   keep coming: latency p50/p99/max (it must stay under 1 s) and the peak RSS;
 //! - wake-ups while not scraped: the exporter's context switches over 10 s of no scrape.
 //!
 //!   cargo bench -p kata-ksm-throttler-exporter --bench scrape                 # the full run (~20 s)
@@ -23,8 +26,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use kata_ksm_throttler_test_support::bench::Latencies;
 use kata_ksm_throttler_test_support::http::free_port;
+use kata_ksm_throttler_test_support::http_fire::{Fire, FirePlan};
 use kata_ksm_throttler_test_support::{procfs, start_bus, Daemon, Guarded, Scratch};
 use serde_json::json;
+use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const EXPORTER: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler-exporter");
@@ -35,12 +40,15 @@ struct Plan {
     smoke: bool,
     sequential: usize,
     concurrent: usize,
+    under_fire: usize,
     idle: Duration,
 }
 
 impl Plan {
-    const FULL: Plan = Plan { smoke: false, sequential: 1_000, concurrent: 1_000, idle: Duration::from_secs(10) };
-    const SMOKE: Plan = Plan { smoke: true, sequential: 100, concurrent: 100, idle: Duration::from_secs(2) };
+    const FULL: Plan =
+        Plan { smoke: false, sequential: 1_000, concurrent: 1_000, under_fire: 100, idle: Duration::from_secs(10) };
+    const SMOKE: Plan =
+        Plan { smoke: true, sequential: 100, concurrent: 100, under_fire: 20, idle: Duration::from_secs(2) };
 }
 
 fn options() -> Result<(Plan, PathBuf)> {
@@ -150,6 +158,23 @@ async fn run() -> Result<()> {
     let flood = Latencies::new(times, flood_start.elapsed());
     let after_flood = procfs::footprint(pid)?;
 
+    // Under fire: the hostile clients on threads of their own, the scrapes spaced as a scraper's.
+    ensure!(procfs::raise_fd_limit() >= 1_500, "1,000 held connections need the descriptors");
+    let fire = Fire::start(addr, FirePlan { held: 1_000, drips: 50, seed: 30 });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fire_start = Instant::now();
+    let mut fire_times = Vec::with_capacity(plan.under_fire);
+    for _ in 0..plan.under_fire {
+        let asked = Instant::now();
+        let (status, _) = scrape(addr).await?;
+        ensure!(status == 200, "a scrape under fire: status {status}; log:\n{}", exporter.log_text());
+        fire_times.push(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let under_fire = Latencies::new(fire_times, fire_start.elapsed());
+    let counts = fire.stop();
+    let after_fire = procfs::footprint(pid)?;
+
     // Not scraped: wait for what the load left (tokio's idle blocking threads end after 10 s),
     // then count.
     tokio::time::sleep(Duration::from_secs(if plan.smoke { 1 } else { 11 })).await;
@@ -185,10 +210,21 @@ async fn run() -> Result<()> {
         ms(flood.quantile(0.99)),
         ms(flood.quantile(1.0))
     )?;
+    writeln!(
+        table,
+        "  {} scrapes under fire:      p50 {}  p99 {}  max {}  ({} hostile connections closed, {} hostile requests)",
+        plan.under_fire,
+        ms(under_fire.quantile(0.5)),
+        ms(under_fire.quantile(0.99)),
+        ms(under_fire.quantile(1.0)),
+        counts.closed_by_server.load(Ordering::Relaxed),
+        counts.hostile_requests.load(Ordering::Relaxed)
+    )?;
     writeln!(table, "  RSS fresh:                   {}", kib(fresh))?;
     writeln!(table, "  RSS after the first scrape:  {}", kib(first))?;
     writeln!(table, "  RSS after {} in sequence:  {}", plan.sequential, kib(after_sequential))?;
     writeln!(table, "  RSS after {} at once:      {}", plan.concurrent, kib(after_flood))?;
+    writeln!(table, "  RSS after the fire:          {}", kib(after_fire))?;
     writeln!(table, "  RSS after idling:            {}", kib(after_idle))?;
     writeln!(
         table,
@@ -210,6 +246,7 @@ async fn run() -> Result<()> {
         "rss_first_scrape": fp(first),
         "rss_after_sequential": fp(after_sequential),
         "rss_after_concurrent": fp(after_flood),
+        "under_fire": { "scrapes": plan.under_fire, "latency": under_fire.json(), "rss": fp(after_fire) },
         "rss_after_idle": fp(after_idle),
         "idle": { "seconds": plan.idle.as_secs_f64(), "voluntary": idle.voluntary, "involuntary": idle.involuntary },
     });
@@ -217,5 +254,10 @@ async fn run() -> Result<()> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     println!("figures: {}", json_path.display());
     ensure!(failed.is_empty(), "{} of {} concurrent scrapes failed", failed.len(), plan.concurrent);
+    ensure!(
+        under_fire.quantile(1.0) < Duration::from_secs(1),
+        "a scrape under fire took {} (issue 30: within 1 s)",
+        ms(under_fire.quantile(1.0))
+    );
     Ok(())
 }

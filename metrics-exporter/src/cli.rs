@@ -28,8 +28,10 @@ pub struct Args {
     #[arg(long, default_value = "/sys/kernel/mm/ksm", value_name = "DIR")]
     pub sysfs_root: PathBuf,
 
-    /// Connections served at once; more wait in the listen backlog until one is done.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..), value_name = "N")]
+    /// Connections open at once; a new one closes the oldest (of 100 ms or more) that has no
+    /// request being answered (silent or slow clients), and waits in the listen backlog only
+    /// while every one has.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..), value_name = "N")]
     pub max_connections: u16,
 
     /// error, warn, info, debug or trace.

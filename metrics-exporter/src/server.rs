@@ -1,14 +1,24 @@
-//! HTTP/1.1 on `/metrics`. Bounded: at most `max_connections` served at once (more wait in the
-//! listen backlog, costing nothing here), one request per connection (no idle keep-alive
-//! connection holds a slot), request headers within 8 KiB and 5 s. Scrapes that arrive while one
-//! is being read wait for it and take its answer, read after they arrived, so a flood of 1,000
-//! costs a couple of bus round trips, and memory stays that of `max_connections` requests.
-//! Nothing runs between scrapes: no timer, no poll of the bus.
+//! HTTP/1.1 on `/metrics`. Bounded: at most `max_connections` open at once, one request per
+//! connection (no idle keep-alive connection holds a slot), request headers within 8 KiB and
+//! 5 s. The port is any local user's to reach, so connections that hold a slot without a
+//! request being answered (silent, dripping their headers, or not reading the answer) must not
+//! keep a scrape out: with every slot taken, a new connection closes the oldest one that has sent
+//! nothing at all, else the oldest one with no request in the handler, once it is [`GRACE`]
+//! old. A scrape sends its request on connecting, so a flood of silent connections closes one
+//! another, and not it. Only when every open connection has a request in the
+//! handler (at most [`BUS_TIMEOUT`] each) does a new one wait in the listen backlog. Scrapes that
+//! arrive while one is being read wait for it and take its answer, read after they arrived, so
+//! a flood of 1,000 costs a couple of bus round trips, and memory stays that of
+//! `max_connections` requests. Nothing runs between scrapes: no timer, no poll of the bus.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,8 +27,9 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCEPT, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Mutex, Notify};
 use zbus::Connection;
 
 use kata_ksm_throttler::client::address::BusArg;
@@ -184,6 +195,129 @@ pub async fn handle(req: Request<Incoming>, exporter: Arc<Exporter>) -> Result<R
     })
 }
 
+/// The open connections, by id in the order they were accepted.
+#[derive(Default)]
+struct Table {
+    next_id: u64,
+    open: BTreeMap<u64, Open>,
+}
+
+struct Open {
+    accepted: Instant,
+    /// A request is in the handler (being answered): not to be closed.
+    in_request: bool,
+    /// The peer has sent a byte.
+    heard: Arc<AtomicBool>,
+    close: oneshot::Sender<()>,
+}
+
+/// What [`Table::make_room`] did.
+enum Room {
+    Made,
+    /// Only connections younger than [`GRACE`] could be closed: ask again then.
+    WaitUntil(Instant),
+    /// Every connection has a request in the handler.
+    Full,
+}
+
+/// A connection is not closed to make room before it is this old: a client that has just
+/// connected gets this long for its request to reach us, however fast others connect. It bounds
+/// how fast a flood of connections can close one another (`max_connections` per `GRACE`).
+pub const GRACE: Duration = Duration::from_millis(100);
+
+impl Table {
+    /// Closes the oldest connection that has sent nothing, else the oldest with no request in the
+    /// handler, once it is [`GRACE`] old.
+    fn make_room(&mut self, now: Instant) -> Room {
+        let closable = |o: &Open| !o.in_request;
+        let silent = |o: &Open| closable(o) && !o.heard.load(Ordering::Relaxed);
+        let old = |o: &Open| o.accepted + GRACE <= now;
+        let pick = self
+            .open
+            .iter()
+            .find(|(_, o)| silent(o) && old(o))
+            .or_else(|| self.open.iter().find(|(_, o)| closable(o) && old(o)))
+            .map(|(&id, _)| id);
+        if let Some(open) = pick.and_then(|id| self.open.remove(&id)) {
+            let _ = open.close.send(());
+            return Room::Made;
+        }
+        // Ids rise with the accept time: the first closable is the next to come of age.
+        match self.open.values().find(|o| closable(o)) {
+            Some(o) => Room::WaitUntil(o.accepted + GRACE),
+            None => Room::Full,
+        }
+    }
+}
+
+/// The connection's stream, noting when the peer first sent something.
+struct Heard {
+    stream: TcpStream,
+    heard: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Heard {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Heard {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Whether the peer has sent something already, without taking it from the socket.
+fn has_sent(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    rustix::net::recv(stream, &mut byte[..], flags).is_ok_and(|(n, _)| n > 0)
+}
+
+fn lock(table: &StdMutex<Table>) -> MutexGuard<'_, Table> {
+    table.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Marks a connection's request as in the handler until dropped; then the connection may be
+/// closed to make room, which `freed` tells a waiting accept.
+struct InRequest {
+    table: Arc<StdMutex<Table>>,
+    freed: Arc<Notify>,
+    id: u64,
+}
+
+impl InRequest {
+    fn enter(table: &Arc<StdMutex<Table>>, freed: &Arc<Notify>, id: u64) -> InRequest {
+        if let Some(open) = lock(table).open.get_mut(&id) {
+            open.in_request = true;
+        }
+        InRequest { table: table.clone(), freed: freed.clone(), id }
+    }
+}
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        if let Some(open) = lock(&self.table).open.get_mut(&self.id) {
+            open.in_request = false;
+        }
+        self.freed.notify_one();
+    }
+}
+
 /// Serves until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
@@ -191,15 +325,31 @@ pub async fn serve(
     max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let table = Arc::new(StdMutex::new(Table::default()));
+    let freed = Arc::new(Notify::new());
     tokio::pin!(shutdown);
     loop {
-        // A slot first: with every one taken, new connections wait in the kernel's backlog.
-        let slot = tokio::select! {
-            s = slots.clone().acquire_owned() => s,
-            _ = &mut shutdown => return,
-        };
-        let Ok(slot) = slot else { return };
+        // Room first: with every connection in the handler, new ones wait in the kernel's backlog.
+        loop {
+            let room = {
+                let mut t = lock(&table);
+                if t.open.len() < max_connections {
+                    Room::Made
+                } else {
+                    t.make_room(Instant::now())
+                }
+            };
+            let until = match room {
+                Room::Made => break,
+                Room::WaitUntil(at) => Some(tokio::time::Instant::from_std(at)),
+                Room::Full => None,
+            };
+            tokio::select! {
+                () = freed.notified() => {}
+                () = async { match until { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {}
+                _ = &mut shutdown => return,
+            }
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = &mut shutdown => return,
@@ -207,27 +357,51 @@ pub async fn serve(
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
-                // EMFILE and the like: the slot goes back, and the next accept is tried a little later.
+                // EMFILE and the like: the next accept is tried a little later.
                 tracing::warn!("accepting a connection: {e}");
-                drop(slot);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let exporter = exporter.clone();
+        let (close, closed) = oneshot::channel();
+        let heard = Arc::new(AtomicBool::new(has_sent(&stream)));
+        let id = {
+            let mut t = lock(&table);
+            let id = t.next_id;
+            t.next_id += 1;
+            t.open.insert(id, Open { accepted: Instant::now(), in_request: false, heard: heard.clone(), close });
+            id
+        };
+        let (exporter, table, freed) = (exporter.clone(), table.clone(), freed.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req| handle(req, exporter.clone()));
+            let (requests, answered) = (table.clone(), freed.clone());
+            let service = hyper::service::service_fn(move |req| {
+                let in_request = InRequest::enter(&requests, &answered, id);
+                let exporter = exporter.clone();
+                async move {
+                    let _in_request = in_request;
+                    handle(req, exporter).await
+                }
+            });
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .keep_alive(false)
                 .max_buf_size(8192)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!("connection: {e}");
+                .serve_connection(TokioIo::new(Heard { stream, heard }), service);
+            tokio::select! {
+                served = served => if let Err(e) = served {
+                    tracing::debug!("connection: {e}");
+                },
+                // Dropping the connection closes the socket.
+                _ = closed => tracing::debug!("connection closed to make room for a new one"),
             }
+            lock(&table).open.remove(&id);
+            freed.notify_one();
         });
+        // Every connection already in gets polled (hyper reads its request, marking it heard)
+        // before the next accept may close one: a flood of accepts must not close a scrape
+        // before its request, already in the socket, was read.
+        tokio::task::yield_now().await;
     }
 }

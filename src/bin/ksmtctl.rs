@@ -237,9 +237,9 @@ async fn watch(props: &PropertiesProxy<'_>, json: bool, interval: Duration) -> R
                 match read_status(props, MethodFlags::NO_AUTO_START).await {
                     Ok(s) if json => println!("{}", json!({"time": now_stamp(), "event": "stats", "status": s})),
                     Ok(s) => println!(
-                        "{} stats mode={} setting={} saved={} pages_sharing={} full_scans={} run={} pages_to_scan={} sleep_millisecs={} ksmd: {}",
+                        "{} stats mode={} setting={} saved={} pages_sharing={} full_scans={} {} ksmd: {}",
                         now_stamp(), s.mode, s.current_setting, ctl::mib(s.saved_bytes as f64), s.pages_sharing,
-                        s.full_scans, s.run, s.pages_to_scan, s.sleep_millisecs, s.ksmd_line(),
+                        s.full_scans, s.knobs_line(), s.ksmd_line(),
                     ),
                     Err(Failure(_, message)) if json => println!("{}", json!({"time": now_stamp(), "event": "unavailable", "reason": message})),
                     Err(Failure(_, message)) => println!("{} unavailable: {message}", now_stamp()),

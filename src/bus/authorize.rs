@@ -57,13 +57,44 @@ impl CallerId {
 
 /// How long polkit may take to answer a check that asks nobody anything.
 pub const POLKIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long a check that lets polkit ask the caller's user to authenticate may take.
-pub const POLKIT_INTERACTIVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long a check that lets polkit ask the caller's user to authenticate may take: longer, as
+/// a person may be typing a password, and still inside the 25 s a libdbus or sd-bus caller waits
+/// for a reply by default, so that the refusal reaches it.
+pub const POLKIT_INTERACTIVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// Checks one caller (one unique name) may have waiting for polkit at once; more are refused at
+/// once, so that a caller cannot pile up work behind a slow or hung polkitd.
+pub const POLKIT_PENDING_PER_CALLER: usize = 8;
 
 pub struct Authority {
     dbus: DBusProxy<'static>,
     polkit: AuthorityProxy<'static>,
     uids: Mutex<HashMap<CallerId, u32>>,
+    /// Checks waiting for polkit, per caller; a caller leaves the map with its last check.
+    pending: Mutex<HashMap<String, usize>>,
+}
+
+/// One check counted in [`Authority::pending`] until dropped (answered, timed out, or the call
+/// dropped).
+struct Pending<'a> {
+    pending: &'a Mutex<HashMap<String, usize>>,
+    caller: String,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut pending = lock(self.pending);
+        if let Some(n) = pending.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(&self.caller);
+            }
+        }
+    }
+}
+
+/// A panic while holding one of these locks cannot leave its map inconsistent: keep using it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Authority {
@@ -72,7 +103,7 @@ impl Authority {
     pub async fn new(conn: &Connection) -> zbus::Result<Self> {
         let dbus = DBusProxy::new(conn).await?;
         let polkit = AuthorityProxy::builder(conn).cache_properties(zbus::proxy::CacheProperties::No).build().await?;
-        Ok(Authority { dbus, polkit, uids: Mutex::new(HashMap::new()) })
+        Ok(Authority { dbus, polkit, uids: Mutex::new(HashMap::new()), pending: Mutex::new(HashMap::new()) })
     }
 
     pub async fn check(&self, header: &Header<'_>, action: Action) -> Result<(), BusError> {
@@ -87,6 +118,7 @@ impl Authority {
         } else {
             CheckAuthorizationFlags::empty()
         };
+        let _pending = self.enter(sender, action)?;
         let subject = Subject::new_for_message_header(header)
             .map_err(|e| BusError::AccessDenied(format!("cannot name the caller to polkit: {e}")))?;
         // A hung polkitd must not hold callers forever: denied once the wait is over (a person
@@ -124,6 +156,22 @@ impl Authority {
         }
     }
 
+    /// Counts a check of `caller`'s, or refuses it with `LimitsExceeded` if it has too many
+    /// waiting already.
+    fn enter(&self, caller: &UniqueName<'_>, action: Action) -> Result<Pending<'_>, BusError> {
+        let mut pending = lock(&self.pending);
+        let n = pending.entry(caller.as_str().to_owned()).or_insert(0);
+        if *n >= POLKIT_PENDING_PER_CALLER {
+            tracing::warn!(action = action.id(), caller = %caller, "{n} authorization checks already waiting for polkit: refused");
+            return Err(BusError::LimitsExceeded(format!(
+                "{caller} has {n} authorization checks waiting for polkit already, the most allowed; \
+                 call again once they are answered"
+            )));
+        }
+        *n += 1;
+        Ok(Pending { pending: &self.pending, caller: caller.as_str().to_owned() })
+    }
+
     async fn uid_of(&self, sender: &UniqueName<'_>) -> Result<u32, BusError> {
         let id = CallerId::parse(sender.as_str());
         if let Some(uid) = id.and_then(|id| self.cache().get(&id).copied()) {
@@ -145,8 +193,7 @@ impl Authority {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<CallerId, u32>> {
-        // A panic while holding this lock cannot leave the map inconsistent: keep using it.
-        self.uids.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.uids)
     }
 }
 

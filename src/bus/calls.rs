@@ -243,7 +243,9 @@ fn counted_call(msg: &Message) -> Option<CallId> {
         return None;
     }
     let header = msg.header();
-    if header.path()?.as_str() != OBJECT_PATH || header.interface()?.as_str() != INTERFACE {
+    // The INTERFACE field is optional: a call without it is dispatched to our interface by its
+    // member (these three are only ours), so it is counted too.
+    if header.path()?.as_str() != OBJECT_PATH || header.interface().is_some_and(|i| i.as_str() != INTERFACE) {
         return None;
     }
     let signature = match header.member()?.as_str() {

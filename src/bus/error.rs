@@ -15,6 +15,8 @@ pub enum BusError {
     InvalidArgs(String),
     AccessDenied(String),
     InteractiveAuthorizationRequired(String),
+    /// Too many calls of one caller waiting (for polkit).
+    LimitsExceeded(String),
     /// A KSM knob could not be read or written; the message names the path and errno.
     Sysfs(String),
     /// /proc/meminfo could not be read.
@@ -31,7 +33,7 @@ impl BusError {
     /// Every error, with an empty message: for lists that must not miss one (the contract's
     /// documentation, the tests). `all_lists_every_variant_once` fails when a variant is added
     /// here and not there.
-    pub const ALL: [BusError; 8] = [
+    pub const ALL: [BusError; 9] = [
         BusError::InvalidArgs(String::new()),
         BusError::AccessDenied(String::new()),
         BusError::InteractiveAuthorizationRequired(String::new()),
@@ -40,6 +42,7 @@ impl BusError {
         BusError::StateFile(String::new()),
         BusError::ShuttingDown(String::new()),
         BusError::Inspect(String::new()),
+        BusError::LimitsExceeded(String::new()),
     ];
 
     pub fn message(&self) -> &str {
@@ -51,7 +54,8 @@ impl BusError {
             | BusError::Meminfo(m)
             | BusError::StateFile(m)
             | BusError::ShuttingDown(m)
-            | BusError::Inspect(m) => m,
+            | BusError::Inspect(m)
+            | BusError::LimitsExceeded(m) => m,
         }
     }
 
@@ -67,6 +71,7 @@ impl BusError {
             BusError::StateFile(_) => "org.kata.KsmThrottler.Error.StateFile",
             BusError::ShuttingDown(_) => "org.kata.KsmThrottler.Error.ShuttingDown",
             BusError::Inspect(_) => "org.kata.KsmThrottler.Error.Inspect",
+            BusError::LimitsExceeded(_) => "org.freedesktop.DBus.Error.LimitsExceeded",
         }
     }
 }
@@ -142,7 +147,8 @@ mod tests {
             BusError::StateFile(_) => 5,
             BusError::ShuttingDown(_) => 6,
             BusError::Inspect(_) => 7,
+            BusError::LimitsExceeded(_) => 8,
         };
-        assert_eq!(BusError::ALL.each_ref().map(at), [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(BusError::ALL.each_ref().map(at), [0, 1, 2, 3, 4, 5, 6, 7, 8]);
     }
 }

@@ -117,9 +117,11 @@ pub struct Status {
     pub next_step_down_us: u64,
     pub kick_count: u64,
     pub version: String,
-    pub run: u32,
-    pub pages_to_scan: u64,
-    pub sleep_millisecs: u64,
+    /// The knobs; `None` (JSON `null`) where the throttler could not read one (then listed in
+    /// `unreadable`): a reader must never take an unknown for a value.
+    pub run: Option<u32>,
+    pub pages_to_scan: Option<u64>,
+    pub sleep_millisecs: Option<u64>,
     pub pages_shared: u64,
     pub pages_sharing: u64,
     pub pages_unshared: u64,
@@ -145,8 +147,7 @@ pub struct Status {
 }
 
 /// The knob properties every throttler answers; one missing means it could not read it.
-const KNOBS: [(&str, &str); 3] =
-    [("Run", "run"), ("PagesToScan", "pages_to_scan"), ("SleepMillisecs", "sleep_millisecs")];
+const KNOBS: [&str; 3] = ["run", "pages_to_scan", "sleep_millisecs"];
 
 fn get<T: TryFrom<OwnedVariant>>(all: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
     all.get(name).and_then(|v| v.try_clone().ok()).and_then(|v| T::try_from(v).ok())
@@ -155,15 +156,18 @@ fn get<T: TryFrom<OwnedVariant>>(all: &HashMap<String, OwnedVariant>, name: &str
 impl Status {
     /// From the answer of `Properties.GetAll`; absent or mistyped properties read as 0 / "".
     pub fn from_properties(all: &HashMap<String, OwnedVariant>) -> Status {
+        let (run, pages_to_scan, sleep_millisecs) =
+            (get::<u32>(all, "Run"), get::<u64>(all, "PagesToScan"), get::<u64>(all, "SleepMillisecs"));
+        let read = [run.is_some(), pages_to_scan.is_some(), sleep_millisecs.is_some()];
         Status {
             mode: get(all, "Mode").unwrap_or_default(),
             current_setting: get(all, "CurrentSetting").unwrap_or_default(),
             next_step_down_us: get(all, "NextStepDown").unwrap_or_default(),
             kick_count: get(all, "KickCount").unwrap_or_default(),
             version: get(all, "Version").unwrap_or_default(),
-            run: get(all, "Run").unwrap_or_default(),
-            pages_to_scan: get(all, "PagesToScan").unwrap_or_default(),
-            sleep_millisecs: get(all, "SleepMillisecs").unwrap_or_default(),
+            run,
+            pages_to_scan,
+            sleep_millisecs,
             pages_shared: get(all, "PagesShared").unwrap_or_default(),
             pages_sharing: get(all, "PagesSharing").unwrap_or_default(),
             pages_unshared: get(all, "PagesUnshared").unwrap_or_default(),
@@ -181,21 +185,21 @@ impl Status {
             need_gate: get(all, "NeedGate").unwrap_or_default(),
             need: get(all, "Need").unwrap_or_default(),
             need_reason: get(all, "NeedReason").unwrap_or_default(),
-            unreadable: KNOBS
-                .iter()
-                .filter(|(property, _)| get::<u64>(all, property).is_none() && get::<u32>(all, property).is_none())
-                .map(|&(_, knob)| knob)
-                .collect(),
+            unreadable: KNOBS.into_iter().zip(read).filter(|&(_, read)| !read).map(|(knob, _)| knob).collect(),
         }
     }
 
-    /// A knob as shown: its value, or `unknown` when the throttler could not read it.
-    fn knob(&self, name: &str, value: u64) -> String {
-        if self.unreadable.contains(&name) {
-            "unknown".to_owned()
-        } else {
-            value.to_string()
+    /// The knobs as shown: each value, or `unknown` where the throttler could not read it.
+    pub fn knobs_line(&self) -> String {
+        fn shown(value: Option<u64>) -> String {
+            value.map_or_else(|| "unknown".to_owned(), |v| v.to_string())
         }
+        format!(
+            "run={} pages_to_scan={} sleep_millisecs={}",
+            shown(self.run.map(u64::from)),
+            shown(self.pages_to_scan),
+            shown(self.sleep_millisecs)
+        )
     }
 
     /// ksmd's cost beside what it saved: its share of a CPU over the cycle, and MiB saved now
@@ -250,15 +254,13 @@ impl Status {
             None => String::new(),
         };
         format!(
-            "mode:     {}\nsetting:  {}{next}\nknobs:    run={} pages_to_scan={} sleep_millisecs={}\n\
+            "mode:     {}\nsetting:  {}{next}\nknobs:    {}\n\
              saved:    {} (pages_sharing {}, ksm_zero_pages {})\nksmd:     {}\nprofit:   {}\nmemory:   {}\nneed:     {} (gate {}: {})\n\
              scanning: {} full scans; pages shared {}, unshared {}, volatile {}\n\
              kicks:    {}\nversion:  {}\n",
             self.mode,
             self.current_setting,
-            self.knob("run", u64::from(self.run)),
-            self.knob("pages_to_scan", self.pages_to_scan),
-            self.knob("sleep_millisecs", self.sleep_millisecs),
+            self.knobs_line(),
             mib(self.saved_bytes as f64),
             self.pages_sharing,
             self.ksm_zero_pages,
@@ -352,7 +354,10 @@ mod tests {
         put(&mut all, "GeneralProfit", (-1048576i64).into());
         put(&mut all, "Run", 1u32.into());
         let st = Status::from_properties(&all);
-        assert_eq!((st.mode.as_str(), st.run, st.general_profit), ("throttle", 1, -1_048_576));
+        assert_eq!((st.mode.as_str(), st.run, st.general_profit), ("throttle", Some(1), -1_048_576));
+        assert_eq!(st.unreadable, ["pages_to_scan", "sleep_millisecs"]);
+        let json = serde_json::to_value(&st).expect("JSON");
+        assert_eq!((&json["run"], &json["pages_to_scan"]), (&serde_json::json!(1), &serde_json::Value::Null));
         let text = st.render(UNIX_EPOCH + Duration::from_secs(1000));
         assert!(text.contains("setting:  standard (next step in 2m 5s)"), "{text}");
         assert!(text.contains("saved:    3.0 MiB"), "{text}");

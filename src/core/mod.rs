@@ -10,3 +10,4 @@ pub mod policy;
 pub mod sandbox;
 pub mod setting;
 pub mod transitions;
+pub mod written;

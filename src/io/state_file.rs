@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::core::knobs::Knobs;
+use crate::core::written::Written;
 
 const FILE_NAME: &str = "initial-settings.json";
 const BACKUP_FILE_NAME: &str = "initial-settings.backup.json";
@@ -21,9 +22,20 @@ const HANDOVER_FILE_NAME: &str = "handover.json";
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
-struct Record {
+struct RecordFile {
     version: u32,
     knobs: Knobs,
+    /// Absent in records of versions that did not keep it (and ignored by them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    written: Option<Written>,
+}
+
+/// What the record holds: the administrator's settings, and what the throttler wrote over them
+/// in the cycle (`None` in a record from a version that did not say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub knobs: Knobs,
+    pub written: Option<Written>,
 }
 
 /// What an instance that exited on idle left for its successor, because a call that reached it
@@ -72,10 +84,20 @@ impl StateFile {
     }
 
     /// Records `knobs` atomically (write a temporary file, fsync, rename over, fsync the
-    /// folder), the record first and then its backup.
+    /// folder), the record first and then its backup; with no word of what was written over
+    /// them, as versions before [`Written`] recorded them: a successor puts every knob back.
     pub fn save(&self, knobs: &Knobs) -> Result<(), StateError> {
-        let body = serde_json::to_vec(&Record { version: FORMAT_VERSION, knobs: knobs.clone() })
-            .map_err(|e| StateError::Io { path: self.path(), source: e.into() })?;
+        self.save_record(knobs, None)
+    }
+
+    /// [`StateFile::save`], with what the throttler wrote (or is about to write) in the cycle.
+    pub fn save_with(&self, knobs: &Knobs, written: &Written) -> Result<(), StateError> {
+        self.save_record(knobs, Some(written))
+    }
+
+    fn save_record(&self, knobs: &Knobs, written: Option<&Written>) -> Result<(), StateError> {
+        let record = RecordFile { version: FORMAT_VERSION, knobs: knobs.clone(), written: written.cloned() };
+        let body = serde_json::to_vec(&record).map_err(|e| StateError::Io { path: self.path(), source: e.into() })?;
         self.write_atomic(&self.path(), &body)?;
         self.write_atomic(&self.backup_path(), &body)
     }
@@ -143,6 +165,11 @@ impl StateFile {
     /// and backup both present and different mean a kill between the two writes of a save, and
     /// the record, written first, is the newer.
     pub fn load(&self) -> Result<Option<Knobs>, StateError> {
+        Ok(self.load_record()?.map(|r| r.knobs))
+    }
+
+    /// [`StateFile::load`], with what the throttler had written.
+    pub fn load_record(&self) -> Result<Option<Record>, StateError> {
         let primary = Self::load_one(&self.path(), FILE_NAME, &self.dir);
         if let Ok(Some(knobs)) = primary {
             return Ok(Some(knobs));
@@ -175,16 +202,16 @@ impl StateFile {
         }
     }
 
-    fn load_one(path: &Path, name: &str, dir: &Path) -> Result<Option<Knobs>, StateError> {
+    fn load_one(path: &Path, name: &str, dir: &Path) -> Result<Option<Record>, StateError> {
         let bytes = match fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path: path.to_owned(), source }),
         };
-        let reason = match serde_json::from_slice::<Record>(&bytes) {
+        let reason = match serde_json::from_slice::<RecordFile>(&bytes) {
             Ok(r) if r.version != FORMAT_VERSION => format!("unknown format version {}", r.version),
             Ok(r) => match r.knobs.validate() {
-                Ok(()) => return Ok(Some(r.knobs)),
+                Ok(()) => return Ok(Some(Record { knobs: r.knobs, written: r.written })),
                 Err(why) => why,
             },
             Err(e) => e.to_string(),
@@ -261,6 +288,24 @@ mod tests {
         fs::write(state.path(), old).expect("write");
         let knobs = state.load().expect("load").expect("a record");
         assert_eq!((knobs.run, knobs.smart_scan), (1, None));
+    }
+
+    /// Issue 30, item 1: the record says what was written over the knobs; one from a version
+    /// that did not is read as not saying.
+    #[test]
+    fn the_record_keeps_what_was_written_and_old_ones_do_not_say() {
+        use crate::core::plan::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateFile::new(dir.path());
+        state.save(&knobs()).expect("save");
+        assert_eq!(state.load_record().expect("load").expect("a record").written, None);
+        let written = Written::default().with(&[Write::PagesToScan(5000), Write::SleepMillisecs(1)]);
+        state.save_with(&knobs(), &written).expect("save");
+        let record = state.load_record().expect("load").expect("a record");
+        assert_eq!((record.knobs, record.written), (knobs(), Some(written)));
+        let old = br#"{"version":1,"knobs":{"run":0,"pages_to_scan":100,"sleep_millisecs":20,"advisor_mode":null}}"#;
+        fs::write(state.path(), old).expect("write");
+        assert_eq!(state.load_record().expect("load").expect("a record").written, None);
     }
 
     #[test]

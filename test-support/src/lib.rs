@@ -22,6 +22,7 @@ pub mod engine;
 pub mod eventually;
 pub mod fakeproc;
 pub mod http;
+pub mod http_fire;
 pub mod procfs;
 pub mod prometheus;
 pub mod real_ksm;

@@ -454,6 +454,10 @@ fi
 systemctl stop "$TRIGGER" "$UNIT"
 rmdir "/run/vc/sbs/$id" 2>/dev/null
 
+# Issue 30, item 5 (a script of its own, beside this one).
+# shellcheck source=restart-under-trigger.sh
+. "$(dirname "$0")/restart-under-trigger.sh"
+
 # ---------------------------------------------------------------- Prometheus: exporter, textfile timer
 EXPORTER_SOCKET=kata-ksm-throttler-exporter.socket
 EXPORTER=kata-ksm-throttler-exporter.service

@@ -74,6 +74,8 @@ prepare_container() {
   # ---- BEGIN issue 28: the gRPC socket's idle-exit sequence, sourced by checks.sh
   install -D -m 0644 "$HERE/checks-grpc-idle.sh" "$root/usr/local/lib/ksm-e2e/checks-grpc-idle.sh"
   # ---- END issue 28
+  # Issue 30, item 5: the restarts under a live trigger, sourced by checks.sh.
+  install -D -m 0644 "$HERE/restart-under-trigger.sh" "$root/usr/local/lib/ksm-e2e/restart-under-trigger.sh"
   install -D -m 0755 "$TARGET/release/ksm-e2e-grpc-kick" "$root/usr/local/lib/ksm-e2e/ksm-e2e-grpc-kick"
   install -D -m 0644 "$HERE/ksm-e2e-checks.service" "$root/etc/systemd/system/ksm-e2e-checks.service"
   mkdir -p "$root/etc/systemd/system/multi-user.target.wants" "$root/e2e-results"
