@@ -1,4 +1,5 @@
 use std::fs::File;
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -101,18 +102,15 @@ async fn run(args: Args) -> Result<()> {
     // never reads the previous instance's knobs as this one's setting.
     let notices = settings.exit_idle_after.map(|after| engine.exit_when_idle(after));
     let stop = CancellationToken::new();
+    // Whatever ends run (an error included) stops the engine, as the end of every handle would.
+    let _stopped_on_return = stop.clone().drop_guard();
     let mut done = start_engine(engine, stop.clone()).await?;
     conn.request_name(BUS_NAME).await.map_err(|e| match e {
         zbus::Error::NameTaken => anyhow!("{BUS_NAME} is already owned on this bus: another throttler is running"),
         e => anyhow!("cannot own {BUS_NAME}: {e} (only root may, once dbus/{BUS_NAME}.conf is installed)"),
     })?;
     tasks.spawn(service::signal_changes(conn.clone(), status).map(|_| Ok(())));
-    let mut grpc_served = JoinSet::new();
-    let intake = grpc::conn::Intake::default();
-    if let Some((listener, path)) = grpc_socket {
-        grpc_served.spawn(serve_grpc(listener, path, handle.clone(), intake.clone(), stop.clone()));
-    }
-    let grpc_intake = (!grpc_served.is_empty()).then(|| Arc::new(intake) as Arc<dyn idle_exit::Intake>);
+    let (mut grpc_served, grpc_intake) = serve_grpc_socket(grpc_socket, &handle, &stop);
     announce(private_bus.as_ref(), &args, &settings);
     tasks.spawn(reload_on_hangup(hangup, args, handle.clone()));
     let edge =
@@ -327,28 +325,43 @@ fn grpc_listener(uri: &str) -> Result<(UnixListener, Option<PathBuf>)> {
     Ok((listener, Some(path)))
 }
 
+/// Serves the gRPC socket, if there is one, until `stop`; and the way in it is to the engine,
+/// for exiting on idle to close.
+fn serve_grpc_socket(
+    socket: Option<(UnixListener, Option<PathBuf>)>,
+    handle: &Handle,
+    stop: &CancellationToken,
+) -> (JoinSet<()>, Option<Arc<dyn idle_exit::Intake>>) {
+    let mut served = JoinSet::new();
+    let Some((listener, path)) = socket else { return (served, None) };
+    let intake = grpc::conn::Intake::default();
+    served.spawn(serve_grpc(listener, path, handle.clone(), intake.clone(), stop.clone()));
+    (served, Some(Arc::new(intake)))
+}
+
 /// Serves ksm.KSMThrottler on `listener`, each Kick handed to the engine, until `stop`; then
 /// removes the socket if this process made it (`made`): one systemd passed stays, listening, with
-/// whatever waits in its backlog, for the next instance.
-async fn serve_grpc(
+/// whatever waits in its backlog, for the next instance. Says so at once, before it is spawned.
+fn serve_grpc(
     listener: UnixListener,
     made: Option<PathBuf>,
     handle: Handle,
     intake: grpc::conn::Intake,
     stop: CancellationToken,
-) {
+) -> impl Future<Output = ()> {
     match &made {
         Some(path) => tracing::info!(path = %path.display(), "serving ksm.KSMThrottler"),
         None => tracing::info!("serving ksm.KSMThrottler on the socket systemd passed"),
     }
-    let limits = grpc::server::Limits::new(GRPC_KICK_TIMEOUT);
-    if let Err(e) =
-        grpc::server::serve(listener, Arc::new(handle), &limits, &intake, stop.cancelled(), GRPC_DRAIN).await
-    {
-        tracing::error!("serving gRPC: {e}");
-    }
-    if let Some(path) = made {
-        grpc::socket::remove(&path);
+    async move {
+        let limits = grpc::server::Limits::new(GRPC_KICK_TIMEOUT);
+        let stopped = stop.cancelled();
+        if let Err(e) = grpc::server::serve(listener, Arc::new(handle), &limits, &intake, stopped, GRPC_DRAIN).await {
+            tracing::error!("serving gRPC: {e}");
+        }
+        if let Some(path) = made {
+            grpc::socket::remove(&path);
+        }
     }
 }
 
