@@ -1,19 +1,27 @@
 use std::fs::File;
+use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
-use tokio::signal::unix::{signal, SignalKind};
+use futures_util::FutureExt;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use kata_ksm_throttler::bus::authorize::Authority;
 use kata_ksm_throttler::bus::idle_exit;
 use kata_ksm_throttler::bus::inspect::Inspector;
+use kata_ksm_throttler::bus::objects;
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::bus::service::{self, Readers, Throttler};
 use kata_ksm_throttler::client::address::BusArg;
-use kata_ksm_throttler::engine::{Config, Ended, Engine};
+use kata_ksm_throttler::engine::{Config, Ended, Engine, Handle, Status};
 use kata_ksm_throttler::grpc;
 use kata_ksm_throttler::io::meminfo;
 use kata_ksm_throttler::io::procwalk::Roots;
@@ -65,54 +73,124 @@ async fn run(args: Args) -> Result<()> {
     if passed_grpc.is_none() && args.grpc_uri.is_some() && settings.exit_idle_after.take().is_some() {
         tracing::warn!("--grpc-uri: not exiting on idle (the gRPC socket would close with it)");
     }
-
     // Before anything changes KSM, so a stop at any point still restores.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-
+    let (mut stops, hangup) = Stops::install()?;
     let ksm = Ksm::open(&args.sysfs_root)
         .with_context(|| format!("no KSM at {} (is this kernel built with CONFIG_KSM?)", args.sysfs_root.display()))?;
     let state = StateFile::new(&args.state_dir);
     // An instance started by the bus may find the previous one still exiting on idle: it waits
-    // for it (see the README's "Exit on idle"). Started by hand, a second one is refused at once.
+    // for it (see the README's "Exit on idle"). Started by hand, a second one is refused.
     let wait = if settings.exit_idle_after.is_some() { LOCK_WAIT } else { Duration::ZERO };
     let _lock = lock_state(&state, wait).await.context("taking the state directory's lock")?.ok_or_else(|| {
         anyhow!("another kata-ksm-throttler already drives KSM ({} is locked)", args.state_dir.display())
     })?;
     // Bound now, while nothing else creates files (the socket is made 0660 under a umask of
     // its own); served once the engine has restored, connections waiting in the backlog meanwhile.
-    let grpc_socket = match (passed_grpc, &args.grpc_uri) {
-        (Some(passed), _) => Some((grpc::socket::register(passed).context("registering the gRPC socket")?, None)),
-        (None, Some(uri)) => Some(grpc_listener(uri)?),
-        (None, None) => None,
-    };
-    let intake = grpc::conn::Intake::default();
+    let grpc_socket = grpc_socket(passed_grpc, args.grpc_uri.as_deref())?;
+    let (private_bus, conn) = connect(&args.bus).await?;
 
-    let private_bus;
-    let address = match &args.bus {
-        BusArg::Private => {
-            let bus =
-                PrivateBus::start(&BusConfig { policy_texts: vec![PROJECT_POLICY.into()], ..BusConfig::default() })
-                    .context("starting a private dbus-daemon")?;
-            let address = bus.address().parse().context("the private bus's address")?;
-            private_bus = Some(bus);
-            address
-        }
-        other => {
-            private_bus = None;
-            other.address().context("--bus")?
-        }
-    };
-    let conn = zbus::connection::Builder::address(address).build().await.map_err(|e| match args.bus {
-        BusArg::System => {
-            anyhow!("cannot connect to the system bus ({e}); on a host without one, run with --bus private")
-        }
-        _ => anyhow!("cannot connect to the bus: {e}"),
+    let (mut engine, handle, status) = Engine::new(engine_config(&args, &settings, ksm.clone(), state));
+    let authority = Arc::new(Authority::new(&conn).await.context("setting up authorization")?);
+    let (throttler, inspector) = bus_objects(&args, &settings, ksm, &handle, &status, authority);
+    let calls = throttler.calls();
+    let mut tasks = JoinSet::new();
+    // Before the name is taken, so that every call routed here is counted.
+    tasks.spawn(calls.clone().watch(conn.clone()).map(Ok));
+    objects::export(&conn, throttler, inspector).await?;
+
+    // Restored (after a crash) and in its start-up mode before the name is taken: a caller
+    // never reads the previous instance's knobs as this one's setting.
+    let notices = settings.exit_idle_after.map(|after| engine.exit_when_idle(after));
+    let stop = CancellationToken::new();
+    // Whatever ends run (an error included) stops the engine, as the end of every handle would.
+    let _stopped_on_return = stop.clone().drop_guard();
+    let mut done = start_engine(engine, stop.clone()).await?;
+    conn.request_name(BUS_NAME).await.map_err(|e| match e {
+        zbus::Error::NameTaken => anyhow!("{BUS_NAME} is already owned on this bus: another throttler is running"),
+        e => anyhow!("cannot own {BUS_NAME}: {e} (only root may, once dbus/{BUS_NAME}.conf is installed)"),
     })?;
+    tasks.spawn(service::signal_changes(conn.clone(), status).map(|_| Ok(())));
+    let (mut grpc_served, grpc_intake) = serve_grpc_socket(grpc_socket, &handle, &stop);
+    announce(private_bus.as_ref(), &args, &settings);
+    tasks.spawn(reload_on_hangup(hangup, args, handle.clone()));
+    let edge =
+        notices.map(|notices| tasks.spawn(idle_exit::serve(conn.clone(), handle, notices, calls.clone(), grpc_intake)));
 
-    let config = Config {
-        ksm: ksm.clone(),
+    // A stop cancels the engine and the gRPC server; the edge keeps serving, so a stop that lands
+    // during an idle exit waits for the engine's verdict, which the edge brings (systemd stops a
+    // Type=dbus unit as soon as its name is released).
+    let mut failure = None;
+    let ended = loop {
+        tokio::select! {
+            ended = &mut done => break ended,
+            why = stops.stop(&conn), if !stop.is_cancelled() => {
+                failure = why;
+                stop.cancel();
+            }
+            Some(joined) = tasks.join_next(), if !stop.is_cancelled() => if let Ok(Err(e)) = joined {
+                tracing::error!("{e:#}: restoring and exiting");
+                failure = Some(e);
+                stop.cancel();
+            },
+        }
+    };
+    if let Some(edge) = edge {
+        edge.abort();
+    }
+    // Kicks in flight are answered (UNAVAILABLE once the engine has stopped), for up to
+    // GRPC_DRAIN; the socket goes.
+    stop.cancel();
+    while grpc_served.join_next().await.is_some() {}
+    let ended = ended.map_err(|_| anyhow!("the engine's thread ended without a word"))??;
+    match ended {
+        Ended::Shutdown => idle_exit::release_and_answer(&conn, &calls).await,
+        Ended::Idle => tracing::info!("exiting on idle; the next call starts the throttler again"),
+        Ended::HandedOver => {
+            idle_exit::start_successor(&conn).await.context("asking the bus to start a successor")?;
+            tracing::info!("exiting on idle; the successor carries on");
+        }
+    }
+    idle_exit::flush(&conn).await;
+    failure.map_or(Ok(()), Err)
+}
+
+/// The signals that stop the daemon.
+struct Stops {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Stops {
+    /// SIGTERM and SIGINT, and SIGHUP (the reload) beside them.
+    fn install() -> Result<(Stops, Signal)> {
+        let stops = Stops {
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        };
+        Ok((stops, signal(SignalKind::hangup()).context("installing the SIGHUP handler")?))
+    }
+
+    /// Completes on SIGTERM or SIGINT (`None`), or when the bus connection closes (the failure to
+    /// exit with).
+    async fn stop(&mut self, conn: &zbus::Connection) -> Option<anyhow::Error> {
+        tokio::select! {
+            _ = self.terminate.recv() => tracing::info!("SIGTERM: restoring and exiting"),
+            _ = self.interrupt.recv() => tracing::info!("SIGINT: restoring and exiting"),
+            // Nobody can reach the throttler any more; under systemd, Restart=on-failure brings
+            // it back with the bus.
+            () = conn.closed() => {
+                tracing::error!("the bus connection closed: restoring and exiting");
+                return Some(anyhow!("the bus connection closed"));
+            }
+        }
+        None
+    }
+}
+
+/// The engine's configuration from the command line and the files.
+fn engine_config(args: &Args, settings: &Settings, ksm: Ksm, state: StateFile) -> Config {
+    Config {
+        ksm,
         meminfo: args.meminfo.clone(),
         page_size: meminfo::page_size(),
         state,
@@ -123,38 +201,95 @@ async fn run(args: Args) -> Result<()> {
         gate: settings.gate,
         need: settings.need,
         unprofitable_scans: settings.unprofitable_scans,
-    };
-    let (mut engine, handle, status) = Engine::new(config);
-    let authority = Authority::new(&conn).await.context("setting up authorization")?;
-    // Its own polkit proxy on the same connection: the Inspect interface is a second object
-    // server entry, not a member of the throttler's.
-    let inspect_authority = Authority::new(&conn).await.context("setting up authorization")?;
-    let roots = Roots { vc_root: settings.vc_root.clone(), kata_root: settings.kata_root.clone() };
-    let inspector = Inspector::new(
-        args.proc_root.clone(),
-        roots,
-        ksm.clone(),
-        meminfo::page_size(),
-        status.clone(),
-        inspect_authority,
-    );
-    let readers = Readers::new(&args.proc_root, &args.meminfo);
-    let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, meminfo::page_size(), readers);
-    let calls = throttler.calls();
-    // Before the name is taken, so that every call routed here is counted.
-    tokio::spawn(calls.clone().watch(conn.clone()));
-    conn.object_server().at(OBJECT_PATH, throttler).await.context("exporting the object")?;
-    conn.object_server().at(OBJECT_PATH, inspector).await.context("exporting the Inspect interface")?;
-    kata_ksm_throttler::bus::properties::install(conn.object_server(), OBJECT_PATH)
-        .await
-        .context("exporting the Properties interface")?;
+    }
+}
 
-    // Restored (after a crash) and in its start-up mode before the name is taken: a caller
-    // never reads the previous instance's knobs as this one's setting.
-    let notices = settings.exit_idle_after.map(|after| engine.exit_when_idle(after));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
-    let mut done = run_engine(engine, stopped, started_tx)?;
+/// The throttler's object and its Inspect interface, checking callers with the one `authority`.
+fn bus_objects(
+    args: &Args,
+    settings: &Settings,
+    ksm: Ksm,
+    handle: &Handle,
+    status: &watch::Receiver<Status>,
+    authority: Arc<Authority>,
+) -> (Throttler, Inspector) {
+    let roots = Roots { vc_root: settings.vc_root.clone(), kata_root: settings.kata_root.clone() };
+    let page_size = meminfo::page_size();
+    let inspector =
+        Inspector::new(args.proc_root.clone(), roots, ksm.clone(), page_size, status.clone(), authority.clone());
+    let readers = Readers::new(&args.proc_root, &args.meminfo);
+    let throttler = Throttler::new(handle.clone(), status.clone(), authority, ksm, page_size, readers);
+    (throttler, inspector)
+}
+
+/// The bus `--bus` names, and the private dbus-daemon when it asks for one (kept running as long
+/// as it is held).
+async fn connect(bus: &BusArg) -> Result<(Option<PrivateBus>, zbus::Connection)> {
+    let (private_bus, address) = match bus {
+        BusArg::Private => {
+            let private =
+                PrivateBus::start(&BusConfig { policy_texts: vec![PROJECT_POLICY.into()], ..BusConfig::default() })
+                    .context("starting a private dbus-daemon")?;
+            let address = private.address().parse().context("the private bus's address")?;
+            (Some(private), address)
+        }
+        other => (None, other.address().context("--bus")?),
+    };
+    let conn = zbus::connection::Builder::address(address).build().await.map_err(|e| match bus {
+        BusArg::System => {
+            anyhow!("cannot connect to the system bus ({e}); on a host without one, run with --bus private")
+        }
+        _ => anyhow!("cannot connect to the bus: {e}"),
+    })?;
+    Ok((private_bus, conn))
+}
+
+/// Says where the throttler is served.
+fn announce(private_bus: Option<&PrivateBus>, args: &Args, settings: &Settings) {
+    if let Some(bus) = private_bus {
+        let address = bus.address().split(",guid=").next().unwrap_or_default();
+        println!("kata-ksm-throttler: serving {BUS_NAME} on a private bus: {address}");
+        println!("  try: busctl --address={address} call {BUS_NAME} {OBJECT_PATH} {INTERFACE} Kick");
+        println!("       busctl --address={address} get-property {BUS_NAME} {OBJECT_PATH} {INTERFACE} CurrentSetting");
+    }
+    tracing::info!(bus = ?args.bus, mode = %settings.mode, "serving {BUS_NAME}");
+}
+
+/// SIGHUP: re-read the files (the command line still wins); a bad file changes nothing.
+async fn reload_on_hangup(mut hangup: Signal, args: Args, handle: Handle) -> Result<()> {
+    while hangup.recv().await.is_some() {
+        match settings(&args) {
+            Ok(s) => {
+                if let Err(e) = handle.reload(s.durations, s.profiles, s.need).await {
+                    tracing::error!("applying the reloaded configuration: {e}");
+                }
+            }
+            Err(e) => tracing::error!("{e}: keeping the running configuration"),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the engine on a thread of its own until `stop` (or until it ends by itself), and returns
+/// its outcome to come once its start-up is done; the start-up's failure is returned as it is.
+/// sysfs writes block: writing `run` waits for ksmd's batch under way (the kernel's
+/// `ksm_thread_mutex`), seconds when ksmd is starved of CPU by busy vCPUs, and the bus must keep
+/// answering meanwhile (properties come from the published status).
+async fn start_engine(mut engine: Engine, stop: CancellationToken) -> Result<oneshot::Receiver<Result<Ended>>> {
+    let (started_tx, started) = oneshot::channel::<()>();
+    let (tx, done) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the engine's runtime")?;
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            let ended = runtime.block_on(async move {
+                engine.start().context("KSM settings at start-up")?;
+                let _ = started_tx.send(());
+                engine.run(stop.cancelled_owned()).await.context("KSM settings")
+            });
+            let _ = tx.send(ended);
+        })
+        .context("starting the engine's thread")?;
     if started.await.is_err() {
         // The engine ended before it started: its error says why.
         let ended = done.await.map_err(|_| anyhow!("the engine's thread ended without a word"))?;
@@ -163,176 +298,70 @@ async fn run(args: Args) -> Result<()> {
             Ok(_) => anyhow!("the engine ended before it started"),
         });
     }
-
-    conn.request_name(BUS_NAME).await.map_err(|e| match e {
-        zbus::Error::NameTaken => anyhow!("{BUS_NAME} is already owned on this bus: another throttler is running"),
-        e => anyhow!("cannot own {BUS_NAME}: {e} (only root may, once dbus/{BUS_NAME}.conf is installed)"),
-    })?;
-    tokio::spawn(service::signal_changes(conn.clone(), status));
-    let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut grpc_stop = Some(grpc_stop);
-    let grpc_served = grpc_socket.map(|(listener, path)| {
-        match &path {
-            Some(path) => tracing::info!(path = %path.display(), "serving ksm.KSMThrottler"),
-            None => tracing::info!("serving ksm.KSMThrottler on the socket systemd passed"),
-        }
-        tokio::spawn(serve_grpc(listener, path, handle.clone(), intake.clone(), grpc_stopped))
-    });
-    let grpc_intake = grpc_served.is_some().then(|| Arc::new(intake) as Arc<dyn idle_exit::Intake>);
-
-    if let Some(bus) = &private_bus {
-        let address = bus.address().split(",guid=").next().unwrap_or_default();
-        println!("kata-ksm-throttler: serving {BUS_NAME} on a private bus: {address}");
-        println!("  try: busctl --address={address} call {BUS_NAME} {OBJECT_PATH} {INTERFACE} Kick");
-        println!("       busctl --address={address} get-property {BUS_NAME} {OBJECT_PATH} {INTERFACE} CurrentSetting");
-    }
-    tracing::info!(bus = ?args.bus, mode = %settings.mode, "serving {BUS_NAME}");
-
-    // SIGHUP: re-read the files (the command line still wins); a bad file changes nothing.
-    let reload_handle = handle.clone();
-    tokio::spawn(async move {
-        while sighup.recv().await.is_some() {
-            match self::settings(&args) {
-                Ok(s) => {
-                    if let Err(e) = reload_handle.reload(s.durations, s.profiles, s.need).await {
-                        tracing::error!("applying the reloaded configuration: {e}");
-                    }
-                }
-                Err(e) => tracing::error!("{e}: keeping the running configuration"),
-            }
-        }
-    });
-
-    let stop_calls = calls.clone();
-    let (edge_failed, edge_failure) = tokio::sync::oneshot::channel::<anyhow::Error>();
-    let edge = async {
-        if let Some(notices) = notices {
-            if let Err(e) = idle_exit::serve(conn.clone(), handle, notices, calls, grpc_intake).await {
-                let _ = edge_failed.send(e);
-            }
-        }
-        std::future::pending::<()>().await
-    };
-    let mut failure = None;
-    let shutdown = async {
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: restoring and exiting"),
-            _ = sigint.recv() => tracing::info!("SIGINT: restoring and exiting"),
-            Ok(e) = edge_failure => {
-                tracing::error!("{e:#}: restoring and exiting");
-                failure = Some(e);
-            }
-            // Nobody can reach the throttler any more; under systemd, Restart=on-failure brings
-            // it back with the bus.
-            () = conn.closed() => {
-                tracing::error!("the bus connection closed: restoring and exiting");
-                failure = Some(anyhow!("the bus connection closed"));
-            }
-        }
-    };
-    let ended = {
-        tokio::pin!(shutdown, edge);
-        let mut stop = Some(stop);
-        // The edge keeps serving after a stop: a stop that lands during an idle exit waits for
-        // the engine's verdict, which the edge brings (systemd stops a Type=dbus unit as soon
-        // as its name is released).
-        loop {
-            tokio::select! {
-                ended = &mut done => break ended,
-                () = &mut shutdown, if stop.is_some() => {
-                    if let Some(stop) = stop.take() {
-                        let _ = stop.send(());
-                    }
-                    if let Some(grpc_stop) = grpc_stop.take() {
-                        let _ = grpc_stop.send(());
-                    }
-                }
-                () = &mut edge => unreachable!("the edge task never completes"),
-            }
-        }
-    };
-    if let Some(served) = grpc_served {
-        // Kicks in flight are answered (UNAVAILABLE once the engine has stopped), for up to
-        // GRPC_DRAIN; the socket goes.
-        if let Some(grpc_stop) = grpc_stop.take() {
-            let _ = grpc_stop.send(());
-        }
-        let _ = served.await;
-    }
-    let ended = ended.map_err(|_| anyhow!("the engine's thread ended without a word"))??;
-    match ended {
-        Ended::Shutdown => idle_exit::release_and_answer(&conn, &stop_calls).await,
-        Ended::Idle => tracing::info!("exiting on idle; the next call starts the throttler again"),
-        Ended::HandedOver => {
-            idle_exit::start_successor(&conn).await.context("asking the bus to start a successor")?;
-            tracing::info!("exiting on idle; the successor carries on");
-        }
-    }
-    idle_exit::flush(&conn).await;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// Runs the engine on a thread of its own until `stopped` (or until it ends by itself), and
-/// returns its outcome; `started` is sent once its start-up is done. sysfs writes block: writing `run` waits for ksmd's batch under way
-/// (the kernel's `ksm_thread_mutex`), seconds when ksmd is starved of CPU by busy vCPUs, and
-/// the bus must keep answering meanwhile (properties come from the published status).
-fn run_engine(
-    mut engine: Engine,
-    stopped: tokio::sync::oneshot::Receiver<()>,
-    started: tokio::sync::oneshot::Sender<()>,
-) -> Result<tokio::sync::oneshot::Receiver<Result<Ended>>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the engine's runtime")?;
-    std::thread::Builder::new()
-        .name("engine".into())
-        .spawn(move || {
-            let ended = runtime.block_on(async move {
-                engine.start().context("KSM settings at start-up")?;
-                let _ = started.send(());
-                let stop = async {
-                    let _ = stopped.await;
-                };
-                engine.run(stop).await.context("KSM settings")
-            });
-            let _ = tx.send(ended);
-        })
-        .context("starting the engine's thread")?;
-    Ok(rx)
+    Ok(done)
 }
 
 /// How long gRPC calls in flight may go on after a stop.
 const GRPC_DRAIN: Duration = Duration::from_secs(2);
 
+/// The gRPC socket to serve: the one systemd passed, else `--grpc-uri`'s, and the path of one
+/// made here (removed at exit).
+fn grpc_socket(
+    passed: Option<std::os::unix::net::UnixListener>,
+    uri: Option<&str>,
+) -> Result<Option<(UnixListener, Option<PathBuf>)>> {
+    Ok(match (passed, uri) {
+        (Some(passed), _) => Some((grpc::socket::register(passed).context("registering the gRPC socket")?, None)),
+        (None, Some(uri)) => Some(grpc_listener(uri)?),
+        (None, None) => None,
+    })
+}
+
 /// `--grpc-uri`'s socket, made as the shim makes its own, and its path (removed at exit).
-fn grpc_listener(uri: &str) -> Result<(tokio::net::UnixListener, Option<std::path::PathBuf>)> {
+fn grpc_listener(uri: &str) -> Result<(UnixListener, Option<PathBuf>)> {
     let path = grpc::socket::parse_uri(uri).context("--grpc-uri")?;
     let listener = grpc::socket::bind(&path).context("--grpc-uri")?;
     let listener = grpc::socket::register(listener).context("registering the gRPC socket")?;
     Ok((listener, Some(path)))
 }
 
-/// Serves ksm.KSMThrottler on `listener`, each Kick handed to the engine, until `stopped`; then
+/// Serves the gRPC socket, if there is one, until `stop`; and the way in it is to the engine,
+/// for exiting on idle to close.
+fn serve_grpc_socket(
+    socket: Option<(UnixListener, Option<PathBuf>)>,
+    handle: &Handle,
+    stop: &CancellationToken,
+) -> (JoinSet<()>, Option<Arc<dyn idle_exit::Intake>>) {
+    let mut served = JoinSet::new();
+    let Some((listener, path)) = socket else { return (served, None) };
+    let intake = grpc::conn::Intake::default();
+    served.spawn(serve_grpc(listener, path, handle.clone(), intake.clone(), stop.clone()));
+    (served, Some(Arc::new(intake)))
+}
+
+/// Serves ksm.KSMThrottler on `listener`, each Kick handed to the engine, until `stop`; then
 /// removes the socket if this process made it (`made`): one systemd passed stays, listening, with
-/// whatever waits in its backlog, for the next instance.
-async fn serve_grpc(
-    listener: tokio::net::UnixListener,
-    made: Option<std::path::PathBuf>,
-    handle: kata_ksm_throttler::engine::Handle,
+/// whatever waits in its backlog, for the next instance. Says so at once, before it is spawned.
+fn serve_grpc(
+    listener: UnixListener,
+    made: Option<PathBuf>,
+    handle: Handle,
     intake: grpc::conn::Intake,
-    stopped: tokio::sync::oneshot::Receiver<()>,
-) {
-    let limits = grpc::server::Limits::new(GRPC_KICK_TIMEOUT);
-    let stop = async {
-        let _ = stopped.await;
-    };
-    if let Err(e) = grpc::server::serve(listener, Arc::new(handle), &limits, &intake, stop, GRPC_DRAIN).await {
-        tracing::error!("serving gRPC: {e}");
+    stop: CancellationToken,
+) -> impl Future<Output = ()> {
+    match &made {
+        Some(path) => tracing::info!(path = %path.display(), "serving ksm.KSMThrottler"),
+        None => tracing::info!("serving ksm.KSMThrottler on the socket systemd passed"),
     }
-    if let Some(path) = made {
-        grpc::socket::remove(&path);
+    async move {
+        let limits = grpc::server::Limits::new(GRPC_KICK_TIMEOUT);
+        let stopped = stop.cancelled();
+        if let Err(e) = grpc::server::serve(listener, Arc::new(handle), &limits, &intake, stopped, GRPC_DRAIN).await {
+            tracing::error!("serving gRPC: {e}");
+        }
+        if let Some(path) = made {
+            grpc::socket::remove(&path);
+        }
     }
 }
 

@@ -29,7 +29,7 @@ pub struct Inspector {
     ksm: Ksm,
     page_size: u64,
     status: watch::Receiver<Status>,
-    authority: Authority,
+    authority: Arc<Authority>,
     /// Held across a walk: a second caller waits for it and takes its result.
     last: Mutex<Option<(Instant, Arc<Report>)>>,
 }
@@ -41,7 +41,7 @@ impl Inspector {
         ksm: Ksm,
         page_size: u64,
         status: watch::Receiver<Status>,
-        authority: Authority,
+        authority: Arc<Authority>,
     ) -> Self {
         Inspector { proc_root, roots, ksm, page_size, status, authority, last: Mutex::new(None) }
     }

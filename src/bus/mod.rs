@@ -6,6 +6,7 @@ pub mod calls;
 pub mod error;
 pub mod idle_exit;
 pub mod inspect;
+pub mod objects;
 pub mod private;
 pub mod properties;
 pub mod service;

@@ -29,7 +29,7 @@ use crate::names::{INTERFACE, OBJECT_PATH};
 pub struct Throttler {
     engine: Handle,
     status: watch::Receiver<Status>,
-    authority: Authority,
+    authority: Arc<Authority>,
     /// Read-only here: the statistics are read live on each Get; only the engine writes.
     ksm: Ksm,
     page_size: u64,
@@ -84,7 +84,7 @@ impl Throttler {
     pub fn new(
         engine: Handle,
         status: watch::Receiver<Status>,
-        authority: Authority,
+        authority: Arc<Authority>,
         ksm: Ksm,
         page_size: u64,
         readers: Readers,
