@@ -372,6 +372,7 @@ async fn transitions_are_counted_by_cause_every_cause_present() {
         "kick",
         "timer",
         "mode-change",
+        "mode-rewrite",
         "startup",
         "merging-settled",
         "memory-needed",
@@ -398,11 +399,14 @@ async fn transitions_are_counted_by_cause_every_cause_present() {
     let after = counts().await;
     assert_eq!((after["kick"], after["timer"], after["mode-change"]), (1, 3, 0), "{after:?}");
 
-    // SetMode: pinned aggressive, then off; a kick in off moves nothing.
+    // SetMode during a cycle that keeps the setting (adaptive, then pinned aggressive) writes it
+    // again: a re-write each; then off, a mode change; a kick in off moves nothing.
+    s.proxy.kick().await.expect("kick");
+    s.proxy.set_mode("adaptive").await.expect("adaptive");
     s.proxy.set_mode("aggressive").await.expect("aggressive");
     s.proxy.set_mode("off").await.expect("off");
     s.proxy.kick().await.expect("kick");
     let last = counts().await;
-    assert_eq!((last["kick"], last["timer"], last["mode-change"]), (1, 3, 2), "{last:?}");
-    assert_eq!(s.proxy.kick_count().await.expect("KickCount"), 21);
+    assert_eq!((last["kick"], last["timer"], last["mode-change"], last["mode-rewrite"]), (2, 3, 1, 2), "{last:?}");
+    assert_eq!(s.proxy.kick_count().await.expect("KickCount"), 22);
 }

@@ -5,7 +5,7 @@ use crate::core::policy::Cause;
 
 impl Cause {
     /// Every cause, in the order the counts are shown.
-    pub const ALL: [Cause; 10] = [
+    pub const ALL: [Cause; 11] = [
         Cause::Kick,
         Cause::Timer,
         Cause::ModeChange,
@@ -16,6 +16,7 @@ impl Cause {
         Cause::Stalled,
         Cause::Arriving,
         Cause::Arrived,
+        Cause::ModeRewrite,
     ];
 
     /// Where the cause is counted: exhaustive, so a new cause cannot be left out of [`Cause::ALL`]
@@ -32,6 +33,7 @@ impl Cause {
             Cause::Stalled => 7,
             Cause::Arriving => 8,
             Cause::Arrived => 9,
+            Cause::ModeRewrite => 10,
         }
     }
 }
@@ -78,7 +80,7 @@ mod tests {
         assert_eq!(t.get(Cause::Stalled), 1);
         assert_eq!(t.get(Cause::Timer), 0);
         let all: Vec<(String, u64)> = t.iter().map(|(c, n)| (c.to_string(), n)).collect();
-        assert_eq!(all.len(), 10);
+        assert_eq!(all.len(), 11);
         assert_eq!(all[0], ("kick".to_owned(), 2));
         assert_eq!(all[7], ("merging-stalled".to_owned(), 1));
     }

@@ -4,6 +4,7 @@
 
 use crate::core::knobs::Knobs;
 use crate::core::need::{Gate, Need};
+use crate::core::policy::{Cause, Transition};
 use crate::core::setting::{Mode, Profiles, Setting};
 
 /// What to put back after a step's writes failed (the policy is back as it was before it).
@@ -33,9 +34,9 @@ pub fn rollback(first: bool, in_force: Setting) -> Rollback {
 
 /// The SetMode re-write: a mode change that kept the setting (`before` to `after`) during a
 /// cycle writes it again at the same size, so that only what the mode adds differs (adaptive's
-/// smart_scan, for one).
-pub fn rewrite_after_mode_change(before: Setting, after: Setting, in_cycle: bool) -> bool {
-    before == after && in_cycle
+/// smart_scan, for one): a transition of the setting to itself, [`Cause::ModeRewrite`].
+pub fn rewrite_after_mode_change(before: Setting, after: Setting, in_cycle: bool) -> Option<Transition> {
+    (before == after && in_cycle).then_some(Transition { from: before, to: after, cause: Cause::ModeRewrite })
 }
 
 /// A kick that moved nothing (a storm, a pinned setting) still means new memory: the setting
@@ -92,9 +93,10 @@ mod tests {
 
     #[test]
     fn the_same_setting_under_a_new_mode_is_written_again_only_in_a_cycle() {
-        assert!(rewrite_after_mode_change(Setting::Aggressive, Setting::Aggressive, true));
-        assert!(!rewrite_after_mode_change(Setting::Aggressive, Setting::Aggressive, false));
-        assert!(!rewrite_after_mode_change(Setting::Aggressive, Setting::Standard, true));
+        let same = Transition { from: Setting::Aggressive, to: Setting::Aggressive, cause: Cause::ModeRewrite };
+        assert_eq!(rewrite_after_mode_change(Setting::Aggressive, Setting::Aggressive, true), Some(same));
+        assert_eq!(rewrite_after_mode_change(Setting::Aggressive, Setting::Aggressive, false), None);
+        assert_eq!(rewrite_after_mode_change(Setting::Aggressive, Setting::Standard, true), None);
         assert!(kick_resizes(Setting::Aggressive, Setting::Aggressive));
         assert!(!kick_resizes(Setting::Standard, Setting::Aggressive));
     }

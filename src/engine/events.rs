@@ -152,9 +152,11 @@ impl Engine {
     pub(super) fn set_mode(&mut self, mode: Mode) -> Result<(), EngineError> {
         let setting = self.policy.setting();
         let result = self.step(|p, now| p.set_mode(mode, now));
-        if result.is_ok() && verdicts::rewrite_after_mode_change(setting, self.policy.setting(), self.saved.is_some()) {
-            if let Err(e) = self.put_sized_now(setting, self.sized_on) {
-                tracing::error!(mode = %mode, "{setting} under the new mode: {e}");
+        let rewrite = verdicts::rewrite_after_mode_change(setting, self.policy.setting(), self.saved.is_some());
+        if let (Ok(()), Some(t)) = (&result, rewrite) {
+            match self.put_sized_now(setting, self.sized_on) {
+                Ok(_) => self.transitions.record(t.cause),
+                Err(e) => tracing::error!(mode = %mode, "{setting} under the new mode: {e}"),
             }
         }
         // The gate applies in throttle and adaptive only: reading starts or stops.

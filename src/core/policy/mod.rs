@@ -52,6 +52,9 @@ pub enum Cause {
     Kick,
     Timer,
     ModeChange,
+    /// SetMode kept the setting during a cycle: written again at the same size, so that only what
+    /// the new mode adds differs (adaptive's smart_scan, for one). A transition to itself.
+    ModeRewrite,
     Startup,
     /// Adaptive: full scans added almost nothing to pages_sharing or to the memory under scan.
     Settled,
@@ -75,6 +78,7 @@ impl fmt::Display for Cause {
             Cause::Kick => "kick",
             Cause::Timer => "timer",
             Cause::ModeChange => "mode-change",
+            Cause::ModeRewrite => "mode-rewrite",
             Cause::Startup => "startup",
             Cause::Settled => "merging-settled",
             Cause::Need => "memory-needed",
