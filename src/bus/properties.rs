@@ -1,7 +1,7 @@
 //! `org.freedesktop.DBus.Properties` on the throttler's objects, in place of zbus's own. Any local
 //! user may call it, and zbus's copies what it is sent: its error for an unknown property echoes
 //! the name, however long, and `Set` deserializes its value whole before it looks at the name
-//! (what that cost is in docs/performance.md, "Hostile callers"). Here a name is borrowed from the
+//! (what that cost: docs/performance.md, "Hostile callers"). Here a name is borrowed from the
 //! message, never echoed when longer than any D-Bus name, and `Set`, which has no writable property
 //! to reach, is answered without reading its value.
 //!
