@@ -3,7 +3,7 @@
 //! DATA frames that claim the largest HTTP/2 frame size (16 MiB), while a well-behaved client
 //! keeps kicking. The original throttler grew to 272 MB with 50 such connections.
 //!
-//! The bound, documented in the README: the shim's peak RSS (VmHWM) stays under
+//! The bound, documented in docs/performance.md: the shim's peak RSS (VmHWM) stays under
 //! [`PEAK_RSS_BOUND_KIB`], and every hostile connection is cut off after a few MiB.
 
 use std::path::Path;

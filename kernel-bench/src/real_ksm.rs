@@ -129,24 +129,30 @@ impl RealKsm {
     }
 
     fn settle_advisor(&self, limit: Duration) -> Result<(u64, u64), RealKsmError> {
-        let start = Instant::now();
         let scans = || self.ksm.read_counter("full_scans").map(|n| n.unwrap_or(0).max(0) as u64);
         let first = scans()?;
         let (mut seen, mut pages) = (first, self.ksm.read()?.pages_to_scan);
-        while start.elapsed() < limit {
-            std::thread::sleep(Duration::from_millis(20));
-            let now = scans()?;
-            if now == seen {
-                continue;
-            }
-            let p = self.ksm.read()?.pages_to_scan;
-            // The first scan's sizing is the one off the reading since boot: judge from the 2nd.
-            if now >= first + 2 && p == pages {
-                return Ok((p, now - first));
-            }
-            (seen, pages) = (now, p);
+        let settled = until_some_blocking(limit, "the advisor to settle", || {
+            let mut step = || -> Result<Option<(u64, u64)>, RealKsmError> {
+                let now = scans()?;
+                if now == seen {
+                    return Ok(None);
+                }
+                let p = self.ksm.read()?.pages_to_scan;
+                // The first scan's sizing is the one off the reading since boot: judge from the 2nd.
+                if now >= first + 2 && p == pages {
+                    return Ok(Some((p, now - first)));
+                }
+                (seen, pages) = (now, p);
+                Ok(None)
+            };
+            step().transpose()
+        });
+        match settled {
+            Ok(found) => found,
+            // Not settled within `limit`: where it stands.
+            Err(_) => Ok((pages, seen - first)),
         }
-        Ok((pages, seen - first))
     }
 
     /// Writes `want` and checks that the kernel reads it back.

@@ -166,7 +166,7 @@ fn aligned<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
     out
 }
 
-/// The same table in Markdown, for the README.
+/// The same table in Markdown, for `table.md` and docs/performance.md.
 pub fn markdown_table(records: &[RunRecord]) -> String {
     let mut out = format!("| {} |\n|{}\n", HEAD.join(" | "), "---|".repeat(HEAD.len()));
     for r in records {

@@ -39,6 +39,32 @@ pub struct Sample {
     pub pages_skipped: Option<u64>,
 }
 
+impl Sample {
+    /// A sample from `r`, read `t` seconds into the run: ksmd's CPU time counted from `cpu0`
+    /// (its reading at the start), with the setting and the processes' merged pages the caller
+    /// knows.
+    pub fn at(r: &Reading, t: f64, cpu0: u64, setting: String, merging: Vec<u64>) -> Sample {
+        Sample {
+            t,
+            pages_sharing: r.pages_sharing,
+            pages_shared: r.pages_shared,
+            full_scans: r.full_scans,
+            pages_unshared: r.pages_unshared,
+            pages_volatile: r.pages_volatile,
+            ksmd_cpu_ns: r.ksmd_cpu_ns.saturating_sub(cpu0),
+            setting,
+            run: r.run,
+            pages_to_scan: r.pages_to_scan,
+            sleep_millisecs: r.sleep_millisecs,
+            anon_pages: r.anon_pages,
+            merging,
+            pages_scanned: r.pages_scanned,
+            ksm_zero_pages: r.ksm_zero_pages,
+            pages_skipped: r.pages_skipped,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
     #[error(transparent)]

@@ -37,8 +37,8 @@ const UID_CACHE_MAX: usize = 4096;
 
 /// A unique name as dbus-daemon and dbus-broker hand them out (`:1.42`), packed into the key so
 /// that remembering a caller allocates nothing. Each name kept as a string was allocated in the
-/// middle of a burst's short-lived buffers and pinned a heap page once they were freed: 1,000
-/// callers left ~3 MiB that `malloc_trim` could not give back.
+/// middle of a burst's short-lived buffers and pinned a heap page once they were freed, which
+/// `malloc_trim` cannot give back (docs/performance.md, "The heap after a burst").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct CallerId(u64, u64);
 

@@ -48,8 +48,9 @@ pub struct CallTracker {
 /// A message this large costs the daemon a multiple of its size while it is handled.
 const LARGE_MESSAGE: usize = 1 << 20;
 /// The handler of a huge message (zbus's own, for a property name) may still hold its copies
-/// when the first trim runs (on a loaded machine, writing an echo of 8 MiB to the bus took longer
-/// than the trim's second): one more trim this long after the message.
+/// when the first trim runs (on a loaded machine, writing a huge echo to the bus can outlast the
+/// trim's wait: docs/performance.md, "The heap after a burst"): one more trim this long after
+/// the message.
 const LARGE_MESSAGE_RETRIM: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The other set only grows when a call the reader did not count reaches a handler; bounded so
@@ -147,9 +148,10 @@ impl CallTracker {
     /// A trim once callers have stayed away for a while, unless one is already waiting. After
     /// the burst (or the huge message), not on a timer: one wake-up per burst and none while
     /// idle. Not from inside the call that ended it, whose task and the others' queued replies
-    /// are not freed yet (trimming there left 1.4 MiB that a later trim released); and only once
-    /// the callers have stayed away for a while, as 1,000 clients empty the queue now and then
-    /// mid-burst (a trim then, and none at the end, left up to 4 MiB in one run of three).
+    /// are not freed yet (a trim there leaves what a later trim releases); and only once the
+    /// callers have stayed away for a while, as a thousand clients empty the queue now and then
+    /// mid-burst (a trim then, and none at the end, leaves the burst's heap behind; the figures
+    /// are in docs/performance.md, "The heap after a burst").
     fn schedule_trim(self: &Arc<Self>) {
         let mut schedule = false;
         self.calls.send_if_modified(|c| {

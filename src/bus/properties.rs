@@ -1,9 +1,15 @@
 //! `org.freedesktop.DBus.Properties` on the throttler's objects, in place of zbus's own. Any local
 //! user may call it, and zbus's copies what it is sent: its error for an unknown property echoes
-//! the name, however long, and `Set` deserializes its value whole before it looks at the name (an
-//! `ay` of 4 MiB took the daemon to 277 MiB). Here a name is borrowed from the message, never
-//! echoed when longer than any D-Bus name, and `Set`, which has no writable property to reach, is
-//! answered without reading its value.
+//! the name, however long, and `Set` deserializes its value whole before it looks at the name
+//! (what that cost: docs/performance.md, "Hostile callers"). Here a name is borrowed from the
+//! message, never echoed when longer than any D-Bus name, and `Set`, which has no writable property
+//! to reach, is answered without reading its value.
+//!
+//! zbus's object server finds an interface only by its Rust type (`ObjectServer::interface::<_, I>`;
+//! the lookup by name its own `Properties` uses is private to the crate, and upstream added a
+//! by-name `remove_named` alone: <https://github.com/z-galaxy/zbus/pull/1810>, with the trait's
+//! future in <https://github.com/z-galaxy/zbus/issues/674>). So the interfaces with properties are
+//! named here once, in the one table `own_interfaces!` makes, and every method dispatches through it.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -63,25 +69,79 @@ fn unknown_property(name: &str) -> fdo::Error {
     fdo::Error::UnknownProperty(format!("Unknown property {}", shown(name)))
 }
 
+/// The one table of this daemon's interfaces that have properties: `Get`, `GetAll` and `Set` all
+/// dispatch through the `Own` it defines, so an interface added here is served by each of them.
+macro_rules! own_interfaces {
+    ($($iface:ident),+ $(,)?) => {
+        /// One of this daemon's interfaces with properties.
+        #[derive(Clone, Copy)]
+        enum Own {
+            $($iface),+
+        }
+
+        impl Own {
+            /// Every entry of the table, in the order an empty interface name searches them.
+            const ALL: &'static [Own] = &[$(Own::$iface),+];
+
+            fn name(self) -> InterfaceName<'static> {
+                match self {
+                    $(Own::$iface => <$iface as Interface>::name()),+
+                }
+            }
+
+            /// Whether the object at `path` has this interface.
+            async fn at(self, server: &ObjectServer, path: &ObjectPath<'_>) -> bool {
+                match self {
+                    $(Own::$iface => server.interface::<_, $iface>(path).await.is_ok()),+
+                }
+            }
+
+            async fn get(
+                self,
+                server: &ObjectServer,
+                conn: &Connection,
+                header: &Header<'_>,
+                path: &ObjectPath<'_>,
+                name: &str,
+            ) -> Option<Result<OwnedVariant, BoxDBusError>> {
+                match self {
+                    $(Own::$iface => get_of::<$iface>(server, conn, header, path, name).await),+
+                }
+            }
+
+            async fn get_all(
+                self,
+                server: &ObjectServer,
+                conn: &Connection,
+                header: &Header<'_>,
+                path: &ObjectPath<'_>,
+            ) -> fdo::Result<HashMap<String, OwnedVariant>> {
+                match self {
+                    $(Own::$iface => get_all_of::<$iface>(server, conn, header, path).await),+
+                }
+            }
+        }
+    };
+}
+
+own_interfaces!(Throttler, Inspector);
+
 /// What a name found at the path: one of this daemon's interfaces, a standard one (no
 /// properties), or nothing.
 enum Target {
-    Throttler,
-    Inspector,
+    Own(Own),
     Standard,
 }
 
 async fn target(server: &ObjectServer, path: &ObjectPath<'_>, interface: &str) -> Result<Target, fdo::Error> {
-    let found = if interface == Throttler::name().as_str() {
-        server.interface::<_, Throttler>(path).await.is_ok().then_some(Target::Throttler)
-    } else if interface == Inspector::name().as_str() {
-        server.interface::<_, Inspector>(path).await.is_ok().then_some(Target::Inspector)
-    } else if STANDARD.contains(&interface) {
-        server.interface::<_, Properties>(path).await.is_ok().then_some(Target::Standard)
-    } else {
-        None
-    };
-    found.ok_or_else(|| unknown_interface(interface))
+    if let Some(own) = Own::ALL.iter().copied().find(|own| own.name().as_str() == interface) {
+        if own.at(server, path).await {
+            return Ok(Target::Own(own));
+        }
+    } else if STANDARD.contains(&interface) && server.interface::<_, Properties>(path).await.is_ok() {
+        return Ok(Target::Standard);
+    }
+    Err(unknown_interface(interface))
 }
 
 /// Property `name` of interface `I` at `path`; `None` where `I` has no such property.
@@ -121,14 +181,17 @@ async fn get(
     name: &str,
 ) -> Result<OwnedVariant, BoxDBusError> {
     let found = if interface.is_empty() {
-        match get_of::<Throttler>(server, conn, header, path, name).await {
-            Some(r) => Some(r),
-            None => get_of::<Inspector>(server, conn, header, path, name).await,
+        let mut found = None;
+        for own in Own::ALL {
+            found = own.get(server, conn, header, path, name).await;
+            if found.is_some() {
+                break;
+            }
         }
+        found
     } else {
         match target(server, path, interface).await? {
-            Target::Throttler => get_of::<Throttler>(server, conn, header, path, name).await,
-            Target::Inspector => get_of::<Inspector>(server, conn, header, path, name).await,
+            Target::Own(own) => own.get(server, conn, header, path, name).await,
             Target::Standard => None,
         }
     };
@@ -143,8 +206,7 @@ async fn get_all(
     interface: &str,
 ) -> fdo::Result<HashMap<String, OwnedVariant>> {
     match target(server, path, interface).await? {
-        Target::Throttler => get_all_of::<Throttler>(server, conn, header, path).await,
-        Target::Inspector => get_all_of::<Inspector>(server, conn, header, path).await,
+        Target::Own(own) => own.get_all(server, conn, header, path).await,
         Target::Standard => Ok(HashMap::new()),
     }
 }
@@ -160,8 +222,7 @@ async fn set(
     name: &str,
 ) -> fdo::Result<()> {
     let exists = match target(server, path, interface).await? {
-        Target::Throttler => get_of::<Throttler>(server, conn, header, path, name).await.is_some(),
-        Target::Inspector => get_of::<Inspector>(server, conn, header, path, name).await.is_some(),
+        Target::Own(own) => own.get(server, conn, header, path, name).await.is_some(),
         Target::Standard => false,
     };
     Err(if exists {

@@ -94,7 +94,7 @@ pub enum Command {
     },
 }
 
-/// Exit codes, documented in the README and the man page.
+/// Exit codes, documented in docs/operating.md and the man page.
 pub mod exit {
     pub const OK: u8 = 0;
     pub const FAILED: u8 = 1;

@@ -5,7 +5,7 @@
 //!   connection idle the longest (no call in flight) is closed at once and its slot handed over:
 //!   one peer holding every slot, however active its connections, keeps no one else out;
 //! - otherwise the connection idle the longest of all is closed once it has been idle for
-//!   [`EVICTION_GRACE`] (a burst of one peer's clients must not close each other's connections
+//!   `EVICTION_GRACE` (a burst of one peer's clients must not close each other's connections
 //!   before their calls), the new connection waiting in a queue meanwhile.
 //!
 //! Accepting never waits: connections that must wait for room queue (at most `max`; beyond, the

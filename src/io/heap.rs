@@ -1,8 +1,7 @@
 //! Gives the heap freed after a burst of calls back to the kernel. zbus serves each call in a task
-//! of its own, so 1,000 callers at once peak at several MiB of heap; glibc keeps what is freed
-//! for reuse (measured after 1,000 clients: RSS +5.8 MiB with no trim; +0.8 MiB with it and the
-//! allocation-free uid cache; docs/performance.md). A daemon that lives for months on a host
-//! full of VMs should not keep its worst burst's footprint.
+//! of its own, so many callers at once take heap for each of them, and glibc keeps what is freed
+//! for reuse (what the trim gives back: docs/performance.md, "The heap after a burst"). A daemon
+//! that lives for months on a host full of VMs should not keep its worst burst's footprint.
 
 /// Concurrent calls that count as a burst worth trimming after (an ordinary Kick is one).
 pub const BURST: usize = 64;

@@ -119,7 +119,7 @@ fn vanished(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
 }
 
-/// `smaps`, summed as [`Maps`]; at most [`SMAPS_LIMIT`] bytes are read.
+/// `smaps`, summed as [`Maps`]; at most `SMAPS_LIMIT` bytes are read.
 pub fn parse_smaps(reader: impl BufRead) -> io::Result<Maps> {
     let mut maps = Maps::default();
     let mut current: Option<(Region, bool)> = None;

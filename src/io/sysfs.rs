@@ -1,5 +1,5 @@
 //! The KSM knobs in sysfs (`/sys/kernel/mm/ksm` or a scratch directory in tests): read them, and
-//! carry out a plan of writes ([`crate::core::plan`] decides the order).
+//! carry out a plan of writes (`core::plan` decides the order).
 
 use std::fmt;
 use std::fs::OpenOptions;
@@ -117,7 +117,7 @@ impl Ksm {
         }
     }
 
-    /// Reads the knobs and writes `target` over them (see [`crate::core::plan`]); returns the
+    /// Reads the knobs and writes `target` over them (see `core::plan`); returns the
     /// knobs in force.
     pub fn apply(&self, target: &Target) -> Result<Knobs, SysfsError> {
         self.execute(&plan(&self.read()?, target))

@@ -1,7 +1,7 @@
 //! What the tests and benchmarks of every crate in this workspace share, defined once:
 //!
 //! - [`child`]: child processes ended by their PID when their guard goes;
-//! - [`eventually`]: the one bounded polling loop (a time-out against a hung test, not a claim
+//! - [`eventually`](mod@eventually): the one bounded polling loop (a time-out against a hung test, not a claim
 //!   about speed);
 //! - [`scratch`]: a scratch sysfs laid out like `/sys/kernel/mm/ksm`;
 //! - [`bus`] and [`daemon`]: private buses with the project's policy, and the real daemon
