@@ -79,7 +79,7 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("no KSM at {} (is this kernel built with CONFIG_KSM?)", args.sysfs_root.display()))?;
     let state = StateFile::new(&args.state_dir);
     // An instance started by the bus may find the previous one still exiting on idle: it waits
-    // for it (see the README's "Exit on idle"). Started by hand, a second one is refused.
+    // for it (see ARCHITECTURE.md's "Exit on idle"). Started by hand, a second one is refused.
     let wait = if settings.exit_idle_after.is_some() { LOCK_WAIT } else { Duration::ZERO };
     let _lock = lock_state(&state, wait).await.context("taking the state directory's lock")?.ok_or_else(|| {
         anyhow!("another kata-ksm-throttler already drives KSM ({} is locked)", args.state_dir.display())
