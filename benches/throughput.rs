@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use kata_ksm_throttler_test_support::bench::Latencies;
+use ksm_throttler_contract::proxy::KsmThrottlerProxy;
 use rustix::process::{kill_process, Pid, Signal};
 use serde_json::{json, Value};
 use zbus::Connection;

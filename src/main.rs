@@ -12,7 +12,6 @@ use kata_ksm_throttler::bus::idle_exit;
 use kata_ksm_throttler::bus::inspect::Inspector;
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::bus::service::{self, Readers, Throttler};
-use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::engine::{Config, Ended, Engine};
 use kata_ksm_throttler::grpc;
 use kata_ksm_throttler::io::meminfo;
@@ -22,7 +21,8 @@ use kata_ksm_throttler::io::sysfs::Ksm;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use kata_ksm_throttler::startup::cli::Args;
 use kata_ksm_throttler::startup::config::{ConfigError, Settings};
-use kata_ksm_throttler::startup::logging;
+use ksm_throttler_contract::address::BusArg;
+use ksm_throttler_contract::logging;
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -5,8 +5,8 @@
 use std::future::Future;
 
 use crate::bus::error::BusError;
-use crate::client::kicker::{KickError, Kicker};
 use crate::engine::{EngineError, Handle};
+use ksm_throttler_contract::kicker::{KickError, Kicker};
 
 pub trait Kick: Send + Sync + 'static {
     fn kick(&self) -> impl Future<Output = Result<(), KickError>> + Send;
