@@ -9,16 +9,18 @@
 //! - [`bus`]: the D-Bus face: the object, authorization, error names, call counting, exit on idle.
 //! - [`grpc`]: the gRPC face (`ksm.KSMThrottler/Kick` on a Unix socket) for the original Kata
 //!   clients, served by the daemon (straight to the engine) or by the shim (over the bus).
-//! - [`client`]: what callers use (the proxy, the kicker, `--bus`, ksmtctl); nothing of the above but the
-//!   plain data of `core` that the Inspect interface's answers parse into.
+//! - The clients (ksmtctl, the trigger, the exporter, the shim) build on the bus contract,
+//!   `ksm-throttler-contract` (contract/): the names, proxies, error names, the Inspect answers'
+//!   data, `--bus` and the kicker, which the daemon takes from there too.
 //! - [`startup`]: configuration, command line and logging, for the daemon's `main`.
 
 pub mod bus;
-pub mod client;
 pub mod core;
 pub mod engine;
 pub mod grpc;
 pub mod io;
-pub mod names;
+/// Where the throttler is found on a bus: the contract's, for the daemon's layers and tests.
+pub use ksm_throttler_contract::names;
+
 pub mod quick_kick;
 pub mod startup;

@@ -20,7 +20,6 @@ use kata_ksm_throttler::bus::inspect::Inspector;
 use kata_ksm_throttler::bus::objects;
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
 use kata_ksm_throttler::bus::service::{self, Readers, Throttler};
-use kata_ksm_throttler::client::address::BusArg;
 use kata_ksm_throttler::engine::{Config, Ended, Engine, Handle, Status};
 use kata_ksm_throttler::grpc;
 use kata_ksm_throttler::io::meminfo;
@@ -30,7 +29,8 @@ use kata_ksm_throttler::io::sysfs::Ksm;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use kata_ksm_throttler::startup::cli::Args;
 use kata_ksm_throttler::startup::config::{ConfigError, Settings};
-use kata_ksm_throttler::startup::logging;
+use ksm_throttler_contract::address::BusArg;
+use ksm_throttler_contract::logging;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -331,7 +331,7 @@ fn serve_grpc_socket(
     socket: Option<(UnixListener, Option<PathBuf>)>,
     handle: &Handle,
     stop: &CancellationToken,
-) -> (JoinSet<()>, Option<Arc<dyn idle_exit::Intake>>) {
+) -> (JoinSet<()>, Option<Arc<dyn kata_ksm_throttler::engine::Intake>>) {
     let mut served = JoinSet::new();
     let Some((listener, path)) = socket else { return (served, None) };
     let intake = grpc::conn::Intake::default();

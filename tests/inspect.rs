@@ -6,11 +6,11 @@ use std::process::Command;
 use std::time::Instant;
 
 use kata_ksm_throttler::bus::inspect::REUSE;
-use kata_ksm_throttler::client::proxy::InspectProxy;
 use kata_ksm_throttler::core::accounting::{Report, Vmm};
 use kata_ksm_throttler::core::doctor::DoctorAnswer;
 use kata_ksm_throttler_test_support::fakeproc::{ksm_stat, smaps_entry, FakeProc};
 use kata_ksm_throttler_test_support::*;
+use ksm_throttler_contract::proxy::InspectProxy;
 
 const PRIVATE: &str = "aaaa1111";
 const SHARED: &str = "bbbb2222";

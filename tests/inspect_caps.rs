@@ -7,9 +7,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use kata_ksm_throttler::client::proxy::InspectProxy;
 use kata_ksm_throttler::core::accounting::{Report, SandboxRow};
 use kata_ksm_throttler_test_support::*;
+use ksm_throttler_contract::proxy::InspectProxy;
 
 const ROOT_VM: &str = "caps-root";
 const USER_VM: &str = "caps-nobody";

@@ -240,14 +240,14 @@ async fn root_gets_the_savings_per_sandbox_and_nobody_is_told_they_are_unavailab
     assert!(out.status.success(), "{out:?}");
     assert!(promtool_check(&out.stdout).status.success());
     let text = String::from_utf8(out.stdout).expect("UTF-8");
-    let report = kata_ksm_throttler::client::metrics::gather_sandboxes(&s.conn).await.expect("the report");
+    let report = ksm_throttler_contract::metrics::gather_sandboxes(&s.conn).await.expect("the report");
     let row = report.sandboxes.iter().find(|r| r.id == ID).expect("the sandbox row");
     let labels = format!("{{sandbox=\"{ID}\",vmm=\"qemu\"}}");
     assert_eq!(sample(&text, "ksm_sandbox_metrics_available"), Some(1.0), "{text}");
     assert_eq!(sample(&text, &format!("ksm_sandbox_saved_bytes{labels}")), Some(row.saved_bytes as f64), "{text}");
     assert_eq!(sample(&text, &format!("ksm_sandbox_profit_bytes{labels}")), Some(row.profit_bytes as f64), "{text}");
     assert_eq!(sample(&text, &format!("ksm_sandbox_mergeable_bytes{labels}")), Some(row.mergeable_bytes as f64));
-    assert_eq!(row.saved_bytes, (1000 + 24) * kata_ksm_throttler::client::metrics::page_size(), "ksm_stat's pages");
+    assert_eq!(row.saved_bytes, (1000 + 24) * ksm_throttler_contract::metrics::page_size(), "ksm_stat's pages");
     let ram_series = format!("ksm_sandbox_guest_ram_bytes{{sandbox=\"{ID}\",vmm=\"qemu\",guest_ram=\"mergeable\"}}");
     assert_eq!(sample(&text, &ram_series), Some((256 * MIB) as f64), "{text}");
     assert_eq!(sample(&text, "ksm_sandboxes"), Some(1.0));

@@ -217,7 +217,7 @@ fn nobody_client() {
                 .map(|_| String::new()),
             "read" => throttler.current_setting().await,
             "sandboxes" => {
-                let inspect = kata_ksm_throttler::client::proxy::InspectProxy::new(&conn).await?;
+                let inspect = ksm_throttler_contract::proxy::InspectProxy::new(&conn).await?;
                 inspect.inner().call_with_flags::<_, _, String>("Sandboxes", flags, &()).await.map(|a| match a {
                     Some(json) if json.starts_with('{') => "json".to_owned(),
                     other => format!("{other:?}"),
@@ -280,7 +280,7 @@ async fn with_no_rule_nobody_is_refused_both_actions_and_root_is_served() {
     let look = as_nobody(&s.bus, "sandboxes", false);
     assert_eq!(look.error_name(), INTERACTIVE_REQUIRED, "{look:?}");
     assert!(format!("{look:?}").contains("org.kata.KsmThrottler.inspect"), "{look:?}");
-    let inspect = kata_ksm_throttler::client::proxy::InspectProxy::new(&s.conn).await.expect("proxy");
+    let inspect = ksm_throttler_contract::proxy::InspectProxy::new(&s.conn).await.expect("proxy");
     assert!(inspect.sandboxes().await.expect("root inspects").starts_with('{'));
 
     // Root is not asked about.

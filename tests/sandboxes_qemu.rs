@@ -13,13 +13,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kata_ksm_throttler::client::proxy::InspectProxy;
 use kata_ksm_throttler::core::accounting::{KsmStat, Report, Vmm};
 use kata_ksm_throttler::core::doctor::DoctorAnswer;
 use kata_ksm_throttler::core::knobs::{Knobs, Target};
 use kata_ksm_throttler::io::sysfs::Ksm;
 use kata_ksm_throttler_test_support::real_ksm::{self, REAL_KSM};
 use kata_ksm_throttler_test_support::*;
+use ksm_throttler_contract::proxy::InspectProxy;
 
 const RAM_MIB: u64 = 64;
 /// The pages loaded into every VM's RAM: distinct from each other, the same in every VM.

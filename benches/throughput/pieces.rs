@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
 use kata_ksm_throttler_test_support::bench::Latencies;
 use kata_ksm_throttler_test_support::child::{signal_pid, Guarded};
 use kata_ksm_throttler_test_support::eventually::until_some;
 use kata_ksm_throttler_test_support::procfs;
 use kata_ksm_throttler_test_support::scratch::Scratch;
+use ksm_throttler_contract::proxy::KsmThrottlerProxy;
 use rustix::process::Signal;
 use serde_json::{json, Value};
 use zbus::Connection;

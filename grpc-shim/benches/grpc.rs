@@ -29,12 +29,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
-use kata_ksm_throttler::names::{BUS_NAME, OBJECT_PATH};
 use kata_ksm_throttler_grpc::proto::ksm_throttler_client::KsmThrottlerClient;
 use kata_ksm_throttler_test_support::bench::Latencies;
 use kata_ksm_throttler_test_support::eventually::until_some;
 use kata_ksm_throttler_test_support::{procfs, try_daemon_binary, Daemon, Scratch};
+use ksm_throttler_contract::names::{BUS_NAME, OBJECT_PATH};
+use ksm_throttler_contract::proxy::KsmThrottlerProxy;
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 use tonic::transport::Channel;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::filter::LevelFilter;
 
-use kata_ksm_throttler::client::address::BusArg;
+use ksm_throttler_contract::address::BusArg;
 
 /// Serves the Kata Containers KSM throttler's gRPC API (ksm.KSMThrottler/Kick) on a Unix socket and
 /// forwards every call to org.kata.KsmThrottler on D-Bus.

@@ -7,17 +7,17 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
-use kata_ksm_throttler::client::kicker::Kicker;
 use kata_ksm_throttler::grpc::server::{self, Limits};
 use kata_ksm_throttler::grpc::socket;
 use kata_ksm_throttler_grpc::cli::Args;
+use ksm_throttler_contract::kicker::Kicker;
 
 /// How long calls in flight may go on after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    kata_ksm_throttler::startup::logging::init_as("kata-ksm-throttler-grpc", args.log_level);
+    ksm_throttler_contract::logging::init_as("kata-ksm-throttler-grpc", args.log_level);
     // One thread: each call is a few bytes in and one bus message out.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

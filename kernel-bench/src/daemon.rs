@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus, PROJECT_POLICY};
-use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 use kata_ksm_throttler::names::BUS_NAME;
 use kata_ksm_throttler_test_support::eventually::until_some;
+use ksm_throttler_contract::proxy::KsmThrottlerProxy;
 
 use crate::real_ksm::REAL_KSM;
 use kata_ksm_throttler_test_support::child::Guarded;

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use clap::Parser;
 use tracing_subscriber::filter::LevelFilter;
 
-use kata_ksm_throttler::client::address::BusArg;
+use ksm_throttler_contract::address::BusArg;
 
 /// Serves kata-ksm-throttler (org.kata.KsmThrottler, read as any user may) and the kernel's KSM
 /// figures (/sys/kernel/mm/ksm) as Prometheus metrics on HTTP /metrics. Never starts the

@@ -1,5 +1,5 @@
-//! kata-ksm-throttler-exporter: `/metrics` over HTTP for Prometheus, from the main crate's
-//! `client::metrics` (one `GetAll` of the throttler, never activating it, and the KSM files).
+//! kata-ksm-throttler-exporter: `/metrics` over HTTP for Prometheus, from the contract crate's
+//! `metrics` (one `GetAll` of the throttler, never activating it, and the KSM files).
 //!
 //! - [`cli`]: the flags (in the library, for the man page);
 //! - [`listen`]: the listening socket, passed by systemd (`LISTEN_FDS`) or bound here;

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 
-use kata_ksm_throttler::startup::activation::{self, ActivationError};
+use ksm_throttler_contract::activation::{self, ActivationError};
 use rustix::net::AddressFamily;
 
 #[derive(Debug, thiserror::Error)]

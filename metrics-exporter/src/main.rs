@@ -11,7 +11,7 @@ use kata_ksm_throttler_exporter::server::{self, Exporter};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    kata_ksm_throttler::startup::logging::init_as("kata-ksm-throttler-exporter", args.log_level);
+    ksm_throttler_contract::logging::init_as("kata-ksm-throttler-exporter", args.log_level);
     // One thread: a scrape is one bus round trip and a few small file reads.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -32,8 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Mutex, Notify};
 use zbus::Connection;
 
-use kata_ksm_throttler::client::address::BusArg;
-use kata_ksm_throttler::client::metrics::{self, Format, MetricsError, Throttler};
+use ksm_throttler_contract::address::BusArg;
+use ksm_throttler_contract::metrics::{self, Format, MetricsError, Throttler};
 
 /// A client must have sent its request headers this soon after connecting.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);

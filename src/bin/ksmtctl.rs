@@ -1,4 +1,6 @@
-//! ksmtctl: read, drive and watch kata-ksm-throttler over D-Bus.
+//! ksmtctl: read, drive and watch kata-ksm-throttler over D-Bus. It builds on the bus contract
+//! (`ksm-throttler-contract`) and its own library (`ctl/`) alone: nothing of the daemon's crate
+//! is linked in (it stays in this package so the daemon's tests can run it).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -8,12 +10,16 @@ use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use futures_util::StreamExt;
-use kata_ksm_throttler::client::address::BusArg;
-use kata_ksm_throttler::client::ctl::{self, exit, Cli, Command, Status};
-use kata_ksm_throttler::client::inspect;
-use kata_ksm_throttler::client::metrics;
-use kata_ksm_throttler::client::proxy::InspectProxy;
-use kata_ksm_throttler::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use ksm_throttler_contract::accounting::parse_report;
+use ksm_throttler_contract::address::BusArg;
+use ksm_throttler_contract::doctor::parse_doctor;
+use ksm_throttler_contract::errors::name_and_message;
+use ksm_throttler_contract::metrics;
+use ksm_throttler_contract::names::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use ksm_throttler_contract::proxy::{InspectProxy, KsmThrottlerProxy};
+use ksm_throttler_contract::status::{mib, Status};
+use ksmtctl::cli::{self as ctl, exit, Cli, Command};
+use ksmtctl::render;
 use serde_json::json;
 use zbus::fdo::PropertiesProxy;
 use zbus::names::InterfaceName;
@@ -25,14 +31,7 @@ struct Failure(u8, String);
 
 impl From<zbus::Error> for Failure {
     fn from(e: zbus::Error) -> Self {
-        let (name, message) = match &e {
-            zbus::Error::MethodError(name, desc, _) => (name.to_string(), desc.clone().unwrap_or_default()),
-            zbus::Error::FDO(f) => (
-                zbus::DBusError::name(f.as_ref()).to_string(),
-                zbus::DBusError::description(f.as_ref()).unwrap_or_default().to_owned(),
-            ),
-            other => return Failure(exit::FAILED, other.to_string()),
-        };
+        let Some((name, message)) = name_and_message(&e) else { return Failure(exit::FAILED, e.to_string()) };
         let code = ctl::exit_code(&name);
         let message = match code {
             exit::NOT_RUNNING => format!("kata-ksm-throttler is not running ({message})"),
@@ -81,10 +80,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
-    let throttler = kata_ksm_throttler::client::proxy::KsmThrottlerProxy::builder(&conn)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
+    let throttler =
+        KsmThrottlerProxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await?;
     match cli.command {
         Command::Status { json } => {
             let status = read_status(&props, MethodFlags::empty()).await?;
@@ -115,18 +112,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 println!("{answer}");
             } else {
-                let report = inspect::parse_report(&answer).map_err(|e| Failure(exit::FAILED, e))?;
-                print!("{}", inspect::render_sandboxes(&report, usize::MAX));
+                let report = parse_report(&answer).map_err(|e| Failure(exit::FAILED, e))?;
+                print!("{}", render::render_sandboxes(&report, usize::MAX));
             }
         }
         Command::Top { interval, processes } => top(&conn, interval, processes).await?,
         Command::Doctor { json } => {
             let answer = inspect_proxy(&conn).await?.doctor().await?;
-            let doctor = inspect::parse_doctor(&answer).map_err(|e| Failure(exit::FAILED, e))?;
+            let doctor = parse_doctor(&answer).map_err(|e| Failure(exit::FAILED, e))?;
             if json {
                 println!("{answer}");
             } else {
-                print!("{}", inspect::render_doctor(&doctor));
+                print!("{}", render::render_doctor(&doctor));
             }
             if doctor.failed {
                 return Err(Failure(exit::DOCTOR_ERROR, "the doctor found an error (see above)".into()));
@@ -152,12 +149,12 @@ async fn top(conn: &Connection, interval: Duration, processes: usize) -> Result<
             _ = &mut ctrl_c => return Ok(()),
             _ = tick.tick() => {
                 let answer = proxy.sandboxes().await?;
-                let report = inspect::parse_report(&answer).map_err(|e| Failure(exit::FAILED, e))?;
+                let report = parse_report(&answer).map_err(|e| Failure(exit::FAILED, e))?;
                 if terminal {
                     print!("\x1b[H\x1b[2J");
                 }
                 println!("{}  (every {}; Ctrl-C ends)", now_stamp(), humantime::format_duration(interval));
-                print!("{}", inspect::render_sandboxes(&report, processes));
+                print!("{}", render::render_sandboxes(&report, processes));
             }
         }
     }
@@ -238,7 +235,7 @@ async fn watch(props: &PropertiesProxy<'_>, json: bool, interval: Duration) -> R
                     Ok(s) if json => println!("{}", json!({"time": now_stamp(), "event": "stats", "status": s})),
                     Ok(s) => println!(
                         "{} stats mode={} setting={} saved={} pages_sharing={} full_scans={} {} ksmd: {}",
-                        now_stamp(), s.mode, s.current_setting, ctl::mib(s.saved_bytes as f64), s.pages_sharing,
+                        now_stamp(), s.mode, s.current_setting, mib(s.saved_bytes as f64), s.pages_sharing,
                         s.full_scans, s.knobs_line(), s.ksmd_line(),
                     ),
                     Err(Failure(_, message)) if json => println!("{}", json!({"time": now_stamp(), "event": "unavailable", "reason": message})),

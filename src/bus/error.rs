@@ -1,6 +1,8 @@
-//! Errors as callers on the bus see them: the standard names where one fits, the service's own
+//! Errors as callers on the bus see them, under the names the contract crate states
+//! (`ksm_throttler_contract::errors`): the standard ones where one fits, the service's own
 //! `org.kata.KsmThrottler.Error.*` for what only a KSM throttler can fail at.
 
+use ksm_throttler_contract::errors;
 use zbus::message::{Header, Message};
 use zbus::names::ErrorName;
 use zbus::DBusError;
@@ -8,7 +10,7 @@ use zbus::DBusError;
 use crate::core::setting::UnknownMode;
 use crate::engine::EngineError;
 
-pub const PREFIX: &str = "org.kata.KsmThrottler.Error";
+pub use ksm_throttler_contract::errors::PREFIX;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusError {
@@ -61,17 +63,15 @@ impl BusError {
 
     pub fn name_str(&self) -> &'static str {
         match self {
-            BusError::InvalidArgs(_) => "org.freedesktop.DBus.Error.InvalidArgs",
-            BusError::AccessDenied(_) => "org.freedesktop.DBus.Error.AccessDenied",
-            BusError::InteractiveAuthorizationRequired(_) => {
-                "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
-            }
-            BusError::Sysfs(_) => "org.kata.KsmThrottler.Error.Sysfs",
-            BusError::Meminfo(_) => "org.kata.KsmThrottler.Error.Meminfo",
-            BusError::StateFile(_) => "org.kata.KsmThrottler.Error.StateFile",
-            BusError::ShuttingDown(_) => "org.kata.KsmThrottler.Error.ShuttingDown",
-            BusError::Inspect(_) => "org.kata.KsmThrottler.Error.Inspect",
-            BusError::LimitsExceeded(_) => "org.freedesktop.DBus.Error.LimitsExceeded",
+            BusError::InvalidArgs(_) => errors::INVALID_ARGS,
+            BusError::AccessDenied(_) => errors::ACCESS_DENIED,
+            BusError::InteractiveAuthorizationRequired(_) => errors::INTERACTIVE_AUTHORIZATION_REQUIRED,
+            BusError::Sysfs(_) => errors::SYSFS,
+            BusError::Meminfo(_) => errors::MEMINFO,
+            BusError::StateFile(_) => errors::STATE_FILE,
+            BusError::ShuttingDown(_) => errors::SHUTTING_DOWN,
+            BusError::Inspect(_) => errors::INSPECT,
+            BusError::LimitsExceeded(_) => errors::LIMITS_EXCEEDED,
         }
     }
 }
@@ -125,6 +125,19 @@ impl From<UnknownMode> for BusError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_engine_error_has_one_name_whichever_face_answers() {
+        use crate::io::sysfs::SysfsError;
+        let sysfs = EngineError::Sysfs(SysfsError::Read {
+            path: "/sys/kernel/mm/ksm/run".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+        for e in [sysfs, EngineError::ShuttingDown] {
+            let name = e.error_name();
+            assert_eq!(BusError::from(e).name_str(), name);
+        }
+    }
 
     #[test]
     fn every_error_is_a_standard_one_or_under_the_service_prefix() {

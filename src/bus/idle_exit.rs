@@ -9,15 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-
 use tokio::sync::mpsc;
 use zbus::fdo::DBusProxy;
 use zbus::message::{Flags, Message};
 use zbus::Connection;
 
 use crate::bus::calls::CallTracker;
-use crate::engine::{Drain, EngineError, Handle, Verdict};
+use crate::engine::{Drain, EngineError, Handle, Intake, Verdict};
 use crate::names::BUS_NAME;
 
 /// How long the calls routed before the release may take to finish (a polkit check is
@@ -27,15 +25,6 @@ pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Bounds the whole exchange with the bus, so a stop signal held back meanwhile is not held long.
 pub const PROTOCOL_LIMIT: Duration = Duration::from_secs(10);
-
-/// A way in to the engine besides the bus, closed before the name is released.
-pub trait Intake: Send + Sync {
-    /// Accepts nothing more (what is already accepted is still served).
-    fn pause(&self);
-    fn resume(&self);
-    /// Completes once everything accepted has been served and closed.
-    fn quiet(&self) -> BoxFuture<'_, ()>;
-}
 
 /// Answers the engine's idle notices until it ends; an error means the name could not be taken
 /// back, and the throttler can no longer be reached.

@@ -14,7 +14,7 @@ use zbus::message::Header;
 
 use crate::bus::authorize::{Action, Authority};
 use crate::bus::error::BusError;
-use crate::core::accounting::{Host, Report, PROFIT_CAVEAT};
+use crate::core::accounting::{saved_bytes, Host, Report, PROFIT_CAVEAT};
 use crate::core::doctor::{self, DoctorAnswer, Facts, KsmKnobs};
 use crate::engine::Status;
 use crate::io::procwalk::{self, Roots};
@@ -71,7 +71,7 @@ impl Inspector {
         Host {
             pages_sharing,
             ksm_zero_pages,
-            saved_bytes: pages_sharing.saturating_add(ksm_zero_pages).saturating_mul(self.page_size),
+            saved_bytes: saved_bytes(pages_sharing, ksm_zero_pages, self.page_size),
             general_profit: counter("general_profit"),
             process_profit_sum: report.processes.iter().filter_map(|p| p.ksm.process_profit).sum(),
             caveat: PROFIT_CAVEAT.into(),

@@ -18,6 +18,7 @@ use zbus::{interface, Connection, Variant};
 use crate::bus::authorize::{Action, Authority};
 use crate::bus::calls::CallTracker;
 use crate::bus::error::BusError;
+use crate::core::accounting::saved_bytes;
 use crate::core::need::Gate;
 use crate::core::setting::Mode;
 use crate::engine::{CycleCpu, Handle, Status};
@@ -242,8 +243,7 @@ impl Throttler {
     /// Bytes saved: (pages_sharing + ksm_zero_pages) x page size.
     #[zbus(property(emits_changed_signal = "false"))]
     fn saved_bytes(&self) -> zbus::fdo::Result<u64> {
-        let pages = self.count("pages_sharing")?.saturating_add(self.count("ksm_zero_pages")?);
-        Ok(pages.saturating_mul(self.page_size))
+        Ok(saved_bytes(self.count("pages_sharing")?, self.count("ksm_zero_pages")?, self.page_size))
     }
 
     /// The `run` knob in force (0 stopped, 1 running, 2 unmerging), read live.

@@ -2,47 +2,9 @@
 //! processes, findings with a severity, what was seen and what to do. Pure: the caller reads
 //! the files.
 
-use serde::{Deserialize, Serialize};
-
 use crate::core::accounting::{Report, SandboxRow, Vmm};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Info,
-    Warning,
-    Error,
-}
-
-impl Severity {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Info => "info",
-            Severity::Warning => "warning",
-            Severity::Error => "error",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Finding {
-    pub severity: Severity,
-    /// A stable name for scripts: `sandbox-shared-memory`, `ksm-missing`, …
-    pub code: String,
-    /// The sandbox it is about, if any.
-    pub sandbox: Option<String>,
-    pub message: String,
-    /// What to do, and what it costs; empty when nothing needs doing.
-    pub fix: String,
-}
-
-/// The answer of `Doctor()`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DoctorAnswer {
-    /// Whether a finding is an error (ksmtctl doctor then exits non-zero).
-    pub failed: bool,
-    pub findings: Vec<Finding>,
-}
+pub use ksm_throttler_contract::doctor::{DoctorAnswer, Finding, Severity};
 
 /// The KSM knobs the rules look at; `None` where this kernel does not have one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

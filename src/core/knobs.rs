@@ -3,14 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const RUN: &str = "run";
-pub const PAGES_TO_SCAN: &str = "pages_to_scan";
-pub const SLEEP_MILLISECS: &str = "sleep_millisecs";
-pub const ADVISOR_MODE: &str = "advisor_mode";
-pub const SMART_SCAN: &str = "smart_scan";
-
-/// The advisor value that leaves pages_to_scan to us (Linux 6.8+; absent before).
-pub const ADVISOR_NONE: &str = "none";
+pub use ksm_throttler_contract::knobs::{ADVISOR_MODE, ADVISOR_NONE, PAGES_TO_SCAN, RUN, SLEEP_MILLISECS, SMART_SCAN};
 
 /// Every knob the throttler may change, as the kernel reports them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

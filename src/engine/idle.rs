@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::core::lifecycle::{self, Conclusion, Drain, Ended, Verdict};
@@ -152,4 +153,14 @@ impl Engine {
         }
         Ok(true)
     }
+}
+
+/// A way in to the engine besides the bus (the gRPC socket), closed before the bus name is
+/// released on idle: both faces name it here, below them.
+pub trait Intake: Send + Sync {
+    /// Accepts nothing more (what is already accepted is still served).
+    fn pause(&self);
+    fn resume(&self);
+    /// Completes once everything accepted has been served and closed.
+    fn quiet(&self) -> BoxFuture<'_, ()>;
 }

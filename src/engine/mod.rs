@@ -55,8 +55,10 @@ use crate::io::meminfo::MeminfoError;
 use crate::io::state_file::{StateError, StateFile};
 use crate::io::sysfs::{Ksm, SysfsError};
 use crate::quick_kick::QuickKick;
+use ksm_throttler_contract::errors;
 
 pub use crate::core::lifecycle::{Drain, Ended, Verdict};
+pub use idle::Intake;
 pub use status::{CycleCpu, Status};
 
 use idle::IdleExit;
@@ -92,6 +94,18 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("the throttler is shutting down")]
     ShuttingDown,
+}
+
+impl EngineError {
+    /// The D-Bus error name a caller gets for it, whichever face it came through.
+    pub fn error_name(&self) -> &'static str {
+        match self {
+            EngineError::Sysfs(_) => errors::SYSFS,
+            EngineError::Meminfo(_) => errors::MEMINFO,
+            EngineError::State(_) => errors::STATE_FILE,
+            EngineError::ShuttingDown => errors::SHUTTING_DOWN,
+        }
+    }
 }
 
 pub type Reply = oneshot::Sender<Result<(), EngineError>>;

@@ -107,7 +107,7 @@ impl Intake {
     }
 }
 
-impl crate::bus::idle_exit::Intake for Intake {
+impl crate::engine::Intake for Intake {
     fn pause(&self) {
         Intake::pause(self);
     }

@@ -4,9 +4,8 @@
 
 use std::future::Future;
 
-use crate::bus::error::BusError;
-use crate::client::kicker::{KickError, Kicker};
 use crate::engine::{EngineError, Handle};
+use ksm_throttler_contract::kicker::{KickError, Kicker};
 
 pub trait Kick: Send + Sync + 'static {
     fn kick(&self) -> impl Future<Output = Result<(), KickError>> + Send;
@@ -25,10 +24,7 @@ impl Kick for Handle {
         match Handle::kick(self).await {
             Ok(()) => Ok(()),
             Err(e @ EngineError::ShuttingDown) => Err(KickError::Unreachable(e.to_string())),
-            Err(e) => {
-                let e = BusError::from(e);
-                Err(KickError::Failed { name: e.name_str().to_owned(), message: e.message().to_owned() })
-            }
+            Err(e) => Err(KickError::Failed { name: e.error_name().to_owned(), message: e.to_string() }),
         }
     }
 }

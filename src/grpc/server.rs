@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use crate::client::kicker::KickError;
 use crate::grpc::authority_rewrite::Bounds;
 use crate::grpc::conn;
 use crate::grpc::kick::Kick;
 use crate::grpc::proto::ksm_throttler_server::{KsmThrottler, KsmThrottlerServer};
+use ksm_throttler_contract::kicker::KickError;
 
 /// Every bound the server enforces. Per connection: the 64 KiB connection window of request data,
 /// decoded headers of at most 4 streams × 16 KiB, a header block of at most 64 KiB being

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::net::AddressFamily;
 
-use crate::startup::activation::{self, ActivationError};
+use ksm_throttler_contract::activation::{self, ActivationError};
 
 /// `sun_path` holds 108 bytes, the last of which is the terminating NUL.
 pub const MAX_PATH_LEN: usize = 107;

@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::client::address::BusArg;
 use crate::core::setting::Mode;
 use crate::startup::config::Settings;
+use ksm_throttler_contract::address::BusArg;
 
 /// `--mode`: clap lists the modes in the help, from [`Mode::ALL`].
 fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {

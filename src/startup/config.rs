@@ -11,7 +11,7 @@ use crate::core::need::{Gate, Thresholds};
 use crate::core::policy::Durations;
 use crate::core::setting::{Mode, Profile, Profiles};
 
-pub const DEFAULT_PATH: &str = "/etc/kata-ksm-throttler/config.toml";
+pub use ksm_throttler_contract::names::CONFIG_PATH as DEFAULT_PATH;
 
 /// The effective configuration of the daemon (and the trigger's folders).
 #[derive(Debug, Clone, PartialEq)]

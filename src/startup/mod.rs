@@ -1,7 +1,5 @@
-//! What the daemon's `main` reads before anything runs: configuration files, the command line,
-//! logging; and, for the servers a `.socket` unit starts, the socket systemd passes.
+//! What the daemon's `main` reads before anything runs: configuration files and the command line
+//! (logging and socket activation are the contract crate's, shared with the other binaries).
 
-pub mod activation;
 pub mod cli;
 pub mod config;
-pub mod logging;

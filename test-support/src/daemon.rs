@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use kata_ksm_throttler::bus::private::PrivateBus;
-use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
+use ksm_throttler_contract::proxy::KsmThrottlerProxy;
 use rustix::process::Signal;
 use zbus::Connection;
 

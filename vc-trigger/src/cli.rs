@@ -7,8 +7,9 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::filter::LevelFilter;
 
-use kata_ksm_throttler::client::address::BusArg;
-use kata_ksm_throttler::startup::config::{ConfigError, Settings, DEFAULT_PATH};
+use ksm_throttler_contract::address::BusArg;
+
+use crate::config::{ConfigError, Trigger, DEFAULT_PATH};
 
 /// Kicks the KSM throttler (org.kata.KsmThrottler on D-Bus) whenever a Kata Containers sandbox
 /// starts, watching the sandbox folders of both Kata runtimes with inotify.
@@ -63,11 +64,10 @@ impl Args {
     /// Reads the configuration files (a bad one is refused whole, as the daemon refuses it) and
     /// lays the flags over their `[trigger]` section.
     pub fn folders(&self) -> Result<Folders, ConfigError> {
-        let (settings, _) = Settings::load(&self.config)?;
-        Ok(self.folders_over(&settings))
+        Ok(self.folders_over(&Trigger::load(&self.config)?))
     }
 
-    fn folders_over(&self, settings: &Settings) -> Folders {
+    fn folders_over(&self, settings: &Trigger) -> Folders {
         let pick = |off: bool, flag: &Option<PathBuf>, file: &Option<PathBuf>| {
             if off {
                 None

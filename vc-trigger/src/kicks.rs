@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use kata_ksm_throttler::client::kicker::Kicker;
+use ksm_throttler_contract::kicker::Kicker;
 use tokio::sync::Notify;
 
 #[derive(Clone)]

@@ -2,6 +2,7 @@
 //! original virtcontainers trigger did, watching the sandbox folders of both Kata runtimes.
 
 pub mod cli;
+pub mod config;
 pub mod kicks;
 pub mod target;
 pub mod watcher;

@@ -4,14 +4,14 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
-use kata_ksm_throttler::client::kicker::Kicker;
 use kata_vc_throttler::cli::Args;
 use kata_vc_throttler::kicks;
 use kata_vc_throttler::watcher::{Found, Watcher};
+use ksm_throttler_contract::kicker::Kicker;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    kata_ksm_throttler::startup::logging::init_as("kata-vc-throttler", args.log_level);
+    ksm_throttler_contract::logging::init_as("kata-vc-throttler", args.log_level);
     // One thread: a few events a minute.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

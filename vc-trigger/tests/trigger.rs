@@ -8,8 +8,8 @@ use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use kata_ksm_throttler::client::proxy::KsmThrottlerProxy;
 use kata_ksm_throttler_test_support::*;
+use ksm_throttler_contract::proxy::KsmThrottlerProxy;
 use rustix::process::Signal;
 
 const TRIGGER: &str = env!("CARGO_BIN_EXE_kata-vc-throttler");

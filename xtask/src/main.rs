@@ -12,7 +12,7 @@ use clap_complete::Shell;
 fn binaries() -> Vec<(&'static str, &'static str, Command)> {
     vec![
         ("kata-ksm-throttler", "8", kata_ksm_throttler::startup::cli::Args::command()),
-        ("ksmtctl", "1", kata_ksm_throttler::client::ctl::Cli::command()),
+        ("ksmtctl", "1", ksmtctl::cli::Cli::command()),
         ("kata-ksm-throttler-grpc", "8", kata_ksm_throttler_grpc::cli::Args::command()),
         ("kata-vc-throttler", "8", kata_vc_throttler::cli::Args::command()),
         ("kata-ksm-throttler-exporter", "8", kata_ksm_throttler_exporter::cli::Args::command()),

@@ -1,20 +1,11 @@
-//! How `ksmtctl sandboxes`, `top` and `doctor` show the Inspect interface's answers. The answers
-//! are the JSON the bus contract documents; their types are the plain data of
-//! `crate::core::accounting` and `crate::core::doctor` (no daemon code comes with them).
+//! How `ksmtctl sandboxes`, `top` and `doctor` show the Inspect interface's answers: the JSON
+//! the bus contract documents, parsed into the contract's plain data.
 
 use std::fmt::Write as _;
 
-use crate::client::ctl::mib;
-use crate::core::accounting::Report;
-use crate::core::doctor::DoctorAnswer;
-
-pub fn parse_report(json: &str) -> Result<Report, String> {
-    serde_json::from_str(json).map_err(|e| format!("the throttler's Sandboxes answer does not parse: {e}"))
-}
-
-pub fn parse_doctor(json: &str) -> Result<DoctorAnswer, String> {
-    serde_json::from_str(json).map_err(|e| format!("the throttler's Doctor answer does not parse: {e}"))
-}
+use ksm_throttler_contract::accounting::Report;
+use ksm_throttler_contract::doctor::{DoctorAnswer, Severity};
+use ksm_throttler_contract::status::mib;
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
@@ -116,8 +107,8 @@ pub fn render_doctor(d: &DoctorAnswer) -> String {
             let _ = writeln!(out, "        fix: {}", f.fix);
         }
     }
-    let errors = d.findings.iter().filter(|f| f.severity == crate::core::doctor::Severity::Error).count();
-    let warnings = d.findings.iter().filter(|f| f.severity == crate::core::doctor::Severity::Warning).count();
+    let errors = d.findings.iter().filter(|f| f.severity == Severity::Error).count();
+    let warnings = d.findings.iter().filter(|f| f.severity == Severity::Warning).count();
     let _ = writeln!(out, "{errors} error(s), {warnings} warning(s), {} finding(s)", d.findings.len());
     out
 }
@@ -125,8 +116,8 @@ pub fn render_doctor(d: &DoctorAnswer) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::accounting::{KsmStat, Process, Region, SandboxRow, Vmm};
-    use crate::core::doctor::{Finding, Severity};
+    use ksm_throttler_contract::accounting::{parse_report, Host, KsmStat, Process, Region, SandboxRow, Vmm};
+    use ksm_throttler_contract::doctor::Finding;
 
     #[test]
     fn the_table_shows_each_sandbox_and_the_host_with_the_caveat() {
@@ -159,7 +150,7 @@ mod tests {
                 saved_bytes: 9 * 4096,
                 note: None,
             }],
-            host: crate::core::accounting::Host { caveat: "CAVEAT".into(), ..Default::default() },
+            host: Host { caveat: "CAVEAT".into(), ..Default::default() },
             walked: 3,
             ..Report::default()
         };

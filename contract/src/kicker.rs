@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::client::address::BusArg;
-use crate::client::proxy::KsmThrottlerProxy;
+use crate::address::BusArg;
+use crate::errors::{self, name_and_message};
+use crate::proxy::KsmThrottlerProxy;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KickError {
@@ -112,28 +113,23 @@ impl Kicker {
 
 /// The kick's failure, and whether the bus connection itself is gone.
 fn classify(e: &zbus::Error) -> (KickError, bool) {
-    let (name, message) = match e {
-        zbus::Error::MethodError(name, message, _) => (name.to_string(), message.clone().unwrap_or_default()),
-        zbus::Error::FDO(e) => (
-            zbus::DBusError::name(e.as_ref()).to_string(),
-            zbus::DBusError::description(e.as_ref()).unwrap_or_default().to_owned(),
-        ),
-        other => return (KickError::Unreachable(format!("the bus connection failed: {other}")), true),
+    let Some((name, message)) = name_and_message(e) else {
+        return (KickError::Unreachable(format!("the bus connection failed: {e}")), true);
     };
     let error = match name.as_str() {
-        "org.freedesktop.DBus.Error.ServiceUnknown"
-        | "org.freedesktop.DBus.Error.NameHasNoOwner"
-        | "org.freedesktop.DBus.Error.NoReply"
-        | "org.freedesktop.DBus.Error.Timeout"
-        | "org.freedesktop.DBus.Error.TimedOut"
-        | "org.freedesktop.DBus.Error.LimitsExceeded"
-        | "org.freedesktop.DBus.Error.Spawn.ChildExited"
-        | "org.freedesktop.DBus.Error.Spawn.Failed"
-        | "org.kata.KsmThrottler.Error.ShuttingDown" => KickError::Unreachable(format!("{name}: {message}")),
-        "org.freedesktop.DBus.Error.Disconnected" | "org.freedesktop.DBus.Error.NoServer" => {
+        errors::SERVICE_UNKNOWN
+        | errors::NAME_HAS_NO_OWNER
+        | errors::NO_REPLY
+        | errors::TIMEOUT
+        | errors::TIMED_OUT
+        | errors::LIMITS_EXCEEDED
+        | errors::SPAWN_CHILD_EXITED
+        | errors::SPAWN_FAILED
+        | errors::SHUTTING_DOWN => KickError::Unreachable(format!("{name}: {message}")),
+        errors::DISCONNECTED | errors::NO_SERVER => {
             return (KickError::Unreachable(format!("{name}: {message}")), true)
         }
-        "org.freedesktop.DBus.Error.AccessDenied" | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+        errors::ACCESS_DENIED | errors::INTERACTIVE_AUTHORIZATION_REQUIRED => {
             KickError::Denied(format!("{name}: {message}"))
         }
         _ => KickError::Failed { name, message },

@@ -1,112 +1,12 @@
-//! `ksmtctl`, the operators' command line: what it reads from the bus and how it shows it.
-//! The binary (src/bin/ksmtctl.rs) is the I/O; this is the part worth testing on its own.
+//! `ksmtctl status`: what one `GetAll` of `org.kata.KsmThrottler` says, and how it shows it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
 use serde::Serialize;
-
-use crate::client::address::BusArg;
 use zbus::OwnedVariant;
 
-/// Read, drive and watch kata-ksm-throttler (org.kata.KsmThrottler) over D-Bus.
-///
-/// Exit codes: 0 done; 1 failed; 2 bad usage; 3 the throttler is not running (or no bus);
-/// 4 access denied (polkit); 5 invalid argument (e.g. an unknown mode); 6 the doctor found an error.
-#[derive(Debug, Parser)]
-#[command(name = "ksmtctl", version)]
-pub struct Cli {
-    /// The bus: system (default), session, or a D-Bus address (as printed by
-    /// `kata-ksm-throttler --bus private`).
-    #[arg(long, global = true, default_value = "system", value_parser = BusArg::from_str)]
-    pub bus: BusArg,
-
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Mode, setting, time to the next step, knobs, memory saved.
-    Status {
-        /// One JSON object, for scripts.
-        #[arg(long)]
-        json: bool,
-    },
-    /// New VMs are starting: go aggressive (needs org.kata.KsmThrottler.kick).
-    Kick,
-    /// Sets the mode; the throttler refuses a name it does not know and lists the valid ones
-    /// (needs org.kata.KsmThrottler.set-mode; asks for authentication when run from a terminal).
-    SetMode {
-        mode: String,
-        /// Never ask for authentication, even from a terminal.
-        #[arg(long)]
-        no_ask: bool,
-    },
-    /// One timestamped line per property change, and the statistics every --interval, until Ctrl-C.
-    Watch {
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-        /// How often to print the statistics (e.g. 5s, 1m).
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        interval: Duration,
-    },
-    /// The throttler and KSM as Prometheus metrics (text format 0.0.4, for node_exporter's
-    /// textfile collector). A throttler that is down is a metric, not an error, and is never
-    /// started by this.
-    Metrics {
-        /// Write to FILE atomically (a temporary file in its folder, renamed over it) instead of
-        /// standard output, e.g. /var/lib/prometheus/node-exporter/kata-ksm-throttler.prom.
-        #[arg(long, value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// The KSM sysfs folder read for the files the throttler has no property for.
-        #[arg(long, value_name = "DIR", default_value = "/sys/kernel/mm/ksm")]
-        sysfs_root: PathBuf,
-        /// OpenMetrics 1.0 instead (what the HTTP exporter serves when asked).
-        #[arg(long)]
-        openmetrics: bool,
-    },
-    /// KSM's savings per Kata sandbox and per process, most first, with the host's totals
-    /// (needs org.kata.KsmThrottler.inspect).
-    Sandboxes {
-        /// The throttler's JSON answer, for scripts.
-        #[arg(long)]
-        json: bool,
-    },
-    /// `sandboxes`, refreshed every --interval until Ctrl-C.
-    Top {
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        interval: Duration,
-        /// How many processes outside sandboxes to show.
-        #[arg(long, default_value_t = 10)]
-        processes: usize,
-    },
-    /// Why KSM saves what it saves: findings with a severity and what to do; exits 6 when one
-    /// is an error (needs org.kata.KsmThrottler.inspect).
-    Doctor {
-        /// The throttler's JSON answer, for scripts.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// Exit codes, documented in docs/operating.md and the man page.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const FAILED: u8 = 1;
-    /// The throttler is not running and could not be started (or no bus).
-    pub const NOT_RUNNING: u8 = 3;
-    /// polkit said no, or wants interactive authentication that was not allowed.
-    pub const ACCESS_DENIED: u8 = 4;
-    /// The throttler refused an argument (an unknown mode).
-    pub const INVALID: u8 = 5;
-    /// `ksmtctl doctor` found an error.
-    pub const DOCTOR_ERROR: u8 = 6;
-}
+use crate::knobs;
 
 /// Everything `status` shows, as read in one `GetAll`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -147,7 +47,7 @@ pub struct Status {
 }
 
 /// The knob properties every throttler answers; one missing means it could not read it.
-const KNOBS: [&str; 3] = ["run", "pages_to_scan", "sleep_millisecs"];
+const KNOBS: [&str; 3] = [knobs::RUN, knobs::PAGES_TO_SCAN, knobs::SLEEP_MILLISECS];
 
 fn get<T: TryFrom<OwnedVariant>>(all: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
     all.get(name).and_then(|v| v.try_clone().ok()).and_then(|v| T::try_from(v).ok())
@@ -304,22 +204,6 @@ pub fn mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
 }
 
-/// The exit code for an error the throttler (or the bus) returned.
-pub fn exit_code(error_name: &str) -> u8 {
-    match error_name {
-        "org.freedesktop.DBus.Error.ServiceUnknown"
-        | "org.freedesktop.DBus.Error.NameHasNoOwner"
-        | "org.freedesktop.DBus.Error.NoReply"
-        | "org.freedesktop.DBus.Error.Spawn.ChildExited"
-        | "org.freedesktop.DBus.Error.Spawn.Failed" => exit::NOT_RUNNING,
-        "org.freedesktop.DBus.Error.AccessDenied" | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
-            exit::ACCESS_DENIED
-        }
-        "org.freedesktop.DBus.Error.InvalidArgs" => exit::INVALID,
-        _ => exit::FAILED,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,13 +269,5 @@ mod tests {
         );
         assert!(text.contains("memory:   MemAvailable 12.5 % of RAM, pressure some 5.50 % full 0.00 %"), "{text}");
         assert!(text.contains("need:     needed (gate when-needed: MemAvailable 12.5% < 20.0%)"), "{text}");
-    }
-
-    #[test]
-    fn error_names_map_to_documented_exit_codes() {
-        assert_eq!(exit_code("org.freedesktop.DBus.Error.ServiceUnknown"), 3);
-        assert_eq!(exit_code("org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"), 4);
-        assert_eq!(exit_code("org.freedesktop.DBus.Error.InvalidArgs"), 5);
-        assert_eq!(exit_code("org.kata.KsmThrottler.Error.Sysfs"), 1);
     }
 }
