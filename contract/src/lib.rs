@@ -26,6 +26,8 @@ pub mod logging;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "client")]
+pub mod private_bus;
+#[cfg(feature = "client")]
 pub mod proxy;
 #[cfg(feature = "client")]
 pub mod status;

@@ -6,12 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use kata_ksm_throttler::bus::private::BusConfig;
 use kata_ksm_throttler_test_support::http::request;
 use kata_ksm_throttler_test_support::http_fire::{Fire, FirePlan};
 use kata_ksm_throttler_test_support::procfs::{footprint, raise_fd_limit};
 use kata_ksm_throttler_test_support::prometheus::{sample, spawn_exporter};
 use kata_ksm_throttler_test_support::*;
+use ksm_throttler_contract::private_bus::BusConfig;
 
 const EXPORTER: &str = env!("CARGO_BIN_EXE_kata-ksm-throttler-exporter");
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod idle_exit;
 pub mod inspect;
 pub mod objects;
-pub mod private;
+/// A `dbus-daemon` of our own (`--bus private`): the contract's, shared with the tests.
+pub use ksm_throttler_contract::private_bus as private;
 pub mod properties;
 pub mod service;

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kata_ksm_throttler::bus::private::{BusConfig, PrivateBus};
-use kata_ksm_throttler::names::BUS_NAME;
+use ksm_throttler_contract::names::BUS_NAME;
+use ksm_throttler_contract::private_bus::{BusConfig, PrivateBus};
 use ksm_throttler_contract::proxy::KsmThrottlerProxy;
 use zbus::names::BusName;
 use zbus::Connection;

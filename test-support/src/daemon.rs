@@ -5,7 +5,7 @@ use std::process::{Command, ExitStatus};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kata_ksm_throttler::bus::private::PrivateBus;
+use ksm_throttler_contract::private_bus::PrivateBus;
 use ksm_throttler_contract::proxy::KsmThrottlerProxy;
 use rustix::process::Signal;
 use zbus::Connection;

@@ -18,6 +18,7 @@ pub mod bench;
 pub mod bus;
 pub mod child;
 pub mod daemon;
+#[cfg(feature = "engine")]
 pub mod engine;
 pub mod eventually;
 pub mod fakeproc;

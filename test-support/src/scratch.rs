@@ -40,7 +40,7 @@ pub fn meminfo_text() -> String {
 /// The knobs the daemon writes for a setting on the scratch meminfo: run, pages_to_scan
 /// (AnonPages over `divisor`), sleep_millisecs.
 pub fn expected(divisor: u64, sleep: u64) -> (u64, u64, u64) {
-    (1, ANON_KB * 1024 / kata_ksm_throttler::io::meminfo::page_size() / divisor, sleep)
+    (1, ANON_KB * 1024 / rustix::param::page_size() as u64 / divisor, sleep)
 }
 
 /// The scratch sysfs `ksm/`, its `meminfo` and `state/`, in a folder removed when dropped.
@@ -218,6 +218,7 @@ mod tests {
         assert_eq!(with.knob("full_scans"), "0\n");
     }
 
+    #[cfg(feature = "engine")]
     #[test]
     fn the_daemon_reads_the_scratch_meminfo_as_anon_kb() {
         let s = Scratch::fresh();
