@@ -19,6 +19,8 @@ pub mod names;
 pub mod activation;
 #[cfg(feature = "client")]
 pub mod address;
+#[cfg(feature = "config")]
+pub mod config_files;
 #[cfg(feature = "client")]
 pub mod kicker;
 #[cfg(feature = "client")]

@@ -11,6 +11,7 @@ use crate::core::need::{Gate, Thresholds};
 use crate::core::policy::Durations;
 use crate::core::setting::{Mode, Profile, Profiles};
 
+use ksm_throttler_contract::config_files;
 pub use ksm_throttler_contract::names::CONFIG_PATH as DEFAULT_PATH;
 
 /// The effective configuration of the daemon (and the trigger's folders).
@@ -47,14 +48,7 @@ impl Default for Settings {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {key}: {reason}", file.display())]
-pub struct ConfigError {
-    pub file: PathBuf,
-    /// The key (`aggressive.duration`), or `line N` where the file does not parse.
-    pub key: String,
-    pub reason: String,
-}
+pub use ksm_throttler_contract::config_files::ConfigError;
 
 /// One file's worth of settings: all optional, unknown keys refused (a typo must not pass).
 #[derive(Debug, Default, Deserialize)]
@@ -137,40 +131,16 @@ impl Settings {
     /// Reads the main file (if present) and its drop-ins over the defaults. Returns the files read.
     pub fn load(main: &Path) -> Result<(Settings, Vec<PathBuf>), ConfigError> {
         let mut settings = Settings::default();
-        let mut files = vec![];
-        if main.exists() {
-            files.push(main.to_owned());
-        }
-        let dropins = main.parent().unwrap_or(Path::new("/")).join("config.d");
-        if let Ok(entries) = std::fs::read_dir(&dropins) {
-            let mut more: Vec<_> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            more.sort();
-            files.extend(more);
-        }
+        let files = config_files::files(main);
         for file in &files {
-            let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-                file: file.clone(),
-                key: "-".into(),
-                reason: format!("cannot be read: {e}"),
-            })?;
-            settings.apply_toml(file, &text)?;
+            settings.apply_toml(file, &config_files::read(file)?)?;
         }
         Ok((settings, files))
     }
 
     /// Lays one file's text over these settings.
     pub fn apply_toml(&mut self, file: &Path, text: &str) -> Result<(), ConfigError> {
-        let layer: Layer = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-            ConfigError {
-                file: file.to_owned(),
-                key: line.map_or("-".into(), |l| format!("line {l}")),
-                reason: e.message().to_owned(),
-            }
-        })?;
+        let layer: Layer = config_files::parse(file, text)?;
         let err = |key: &str, reason: String| ConfigError { file: file.to_owned(), key: key.to_owned(), reason };
         if let Some(m) = &layer.mode {
             self.mode = m.parse().map_err(|e: crate::core::setting::UnknownMode| err("mode", e.to_string()))?;

@@ -8,16 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use ksm_throttler_contract::config_files;
 pub use ksm_throttler_contract::names::CONFIG_PATH as DEFAULT_PATH;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {key}: {reason}", file.display())]
-pub struct ConfigError {
-    pub file: PathBuf,
-    /// The key (`trigger.vc-root`), or `line N` where the file does not parse.
-    pub key: String,
-    pub reason: String,
-}
+pub use ksm_throttler_contract::config_files::ConfigError;
 
 /// The folders the configuration names; `None` turns watching one off.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,40 +45,15 @@ impl Trigger {
     /// Reads the main file (if present) and its drop-ins over the defaults.
     pub fn load(main: &Path) -> Result<Trigger, ConfigError> {
         let mut trigger = Trigger::default();
-        let mut files = vec![];
-        if main.exists() {
-            files.push(main.to_owned());
-        }
-        let dropins = main.parent().unwrap_or(Path::new("/")).join("config.d");
-        if let Ok(entries) = std::fs::read_dir(&dropins) {
-            let mut more: Vec<_> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            more.sort();
-            files.extend(more);
-        }
-        for file in &files {
-            let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-                file: file.clone(),
-                key: "-".into(),
-                reason: format!("cannot be read: {e}"),
-            })?;
-            trigger.apply_toml(file, &text)?;
+        for file in config_files::files(main) {
+            trigger.apply_toml(&file, &config_files::read(&file)?)?;
         }
         Ok(trigger)
     }
 
     /// Lays one file's `[trigger]` over these folders (`""` turns one off).
     pub fn apply_toml(&mut self, file: &Path, text: &str) -> Result<(), ConfigError> {
-        let layer: Layer = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-            ConfigError {
-                file: file.to_owned(),
-                key: line.map_or("-".into(), |l| format!("line {l}")),
-                reason: e.message().to_owned(),
-            }
-        })?;
+        let layer: Layer = config_files::parse(file, text)?;
         let Some(t) = layer.trigger else { return Ok(()) };
         let dir = |s: &String| (!s.is_empty()).then(|| PathBuf::from(s));
         if let Some(s) = &t.vc_root {
