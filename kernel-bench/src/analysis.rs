@@ -219,9 +219,24 @@ pub fn at_time(samples: &[Sample], t: f64, value: impl Fn(&Sample) -> f64) -> f6
     value(a) + (value(b) - value(a)) * (t - a.t) / span
 }
 
-/// Memory saved over time, MiB x seconds: the area under pages_sharing from 0 to `window`.
+/// The share of pages_sharing that the workload's live processes hold: their merged pages
+/// (`ksm_merging_pages`, 0 once gone) over all that KSM counts merged (pages_shared +
+/// pages_sharing). Once ksmd stops, the rmap items of a process that exited stay counted until
+/// it runs again: without this, a mode that stops ksmd while sandboxes come and go is credited
+/// with memory no one holds. 1 where no process is followed; at most 1 (the two are read a
+/// moment apart).
+pub fn live_share(s: &Sample) -> f64 {
+    let merged = s.pages_sharing + s.pages_shared;
+    if s.merging.is_empty() || merged == 0 {
+        return 1.0;
+    }
+    (s.merging.iter().sum::<u64>() as f64 / merged as f64).min(1.0)
+}
+
+/// Memory saved over time, MiB x seconds: the area under the live processes' share of
+/// pages_sharing ([`live_share`]) from 0 to `window`.
 pub fn saved_mib_s(samples: &[Sample], page_size: u64, window: f64) -> f64 {
-    let mib = |s: &Sample| s.pages_sharing as f64 * page_size as f64 / MIB;
+    let mib = |s: &Sample| s.pages_sharing as f64 * live_share(s) * page_size as f64 / MIB;
     let mut area = 0.0;
     for pair in samples.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);

@@ -74,6 +74,23 @@ fn cpu_and_saved_memory_are_taken_over_the_window_exactly() {
 }
 
 #[test]
+fn only_what_live_processes_hold_counts_as_saved() {
+    // Two guests share 1,000 KSM pages (1,000 sharing, 1,000 shared, 1,000 merged pages
+    // each). One stops; ksmd does not run, so the counters stay; then the other stops.
+    let merged = |t: f64, merging: &[u64]| Sample { pages_shared: 1000, ..s(t, 1000, 0, "initial", merging) };
+    let samples = [merged(0.0, &[1000, 1000]), merged(10.0, &[1000, 0]), merged(20.0, &[0, 0])];
+    assert_eq!(samples.iter().map(live_share).collect::<Vec<_>>(), [1.0, 0.5, 0.0]);
+    // 1,000 pages are 3.9 MiB: 3.9 falling to 1.95 over 10 s, then to nothing.
+    let mib = 1000.0 / PAGES_PER_MIB as f64;
+    let want = (mib + mib / 2.0) / 2.0 * 10.0 + mib / 2.0 / 2.0 * 10.0;
+    assert!((saved_mib_s(&samples, PAGE, 20.0) - want).abs() < 1e-9, "{}", saved_mib_s(&samples, PAGE, 20.0));
+    // Read a moment apart from the counters, the processes may show more merged: at most all.
+    assert_eq!(live_share(&merged(0.0, &[1500, 1000])), 1.0);
+    // No process followed (a run of the modes bench with none): pages_sharing as it is.
+    assert_eq!(live_share(&merged(0.0, &[])), 1.0);
+}
+
+#[test]
 fn each_process_is_timed_from_its_own_start() {
     let samples = [
         s(0.0, 0, 0, "a", &[0, 0]),

@@ -900,9 +900,11 @@ fn memory_arriving_is_scanned_slowly_and_merged_aggressively_once_in_place() {
     p.kick(t0);
     // Writing 5,000 pages every 50 ms, a pass a sample merging 3,000 for 700,000 visits.
     let (t, at, c) = feed(&mut p, t0 + 10 * S, host, |c| pass(c, 700_000, 3_000, 5_000));
-    let t = t.expect("stalls");
-    assert_eq!((t.to, t.cause), (Setting::Slow, Cause::Stalled), "slow, while memory arrives");
-    assert!(at < t0 + S, "{:?}", at - t0);
+    let t = t.expect("slows down");
+    // Slow at the first sample that sees memory written (the first after the kick sets the
+    // mark), not after the passes a stall is judged by: those rescan the merged guests.
+    assert_eq!((t.to, t.cause), (Setting::Slow, Cause::Arriving), "slow, while memory arrives");
+    assert!(at <= t0 + 2 * sample_interval(Setting::Aggressive).expect("samples"), "{:?}", at - t0);
     // At slow a pass takes a minute: none finishes while the guest boots on.
     let (t, at, c) = feed(&mut p, at + 10 * S, c, |c| Counters { anon_pages: c.anon_pages.map(|a| a + 40_000), ..c });
     assert_eq!(t, None, "still arriving: slow");
@@ -994,4 +996,124 @@ fn the_yield_is_judged_only_once_the_kicked_memory_arrived() {
         c = Counters { full_scans: c.full_scans + 1, pages_scanned: c.pages_scanned.map(|v| v + 700_000), ..c };
         assert_eq!(p.counters(t0 + Duration::from_millis(50 * n), c), None, "scan {n}");
     }
+}
+
+/// A host whose newcomer's memory is in place after its arrival: slow, then aggressive.
+fn arrived(p: &mut Policy, t0: Instant) -> (Instant, Counters) {
+    let host = Counters { anon_pages: Some(400_000), ..MERGED_HOST };
+    p.kick(t0);
+    // QEMU starting: a few passes over the merged guests before the newcomer writes its RAM.
+    let mut n = 0;
+    let (t, _, host) = feed(p, t0 + S, host, |c| {
+        n += 1;
+        if n <= 5 {
+            pass(c, 700_000, 0, 0)
+        } else {
+            c
+        }
+    });
+    assert_eq!(t, None);
+    // Written 5,000 pages a sample; ksmd, slow, tracks a little of it.
+    let write = |c: Counters| Counters { anon_pages: c.anon_pages.map(|a| a + 5_000), scanned: c.scanned + 500, ..c };
+    let (t, at, c) = feed(p, t0 + 10 * S, host, write);
+    assert_eq!(t.map(|t| t.cause), Some(Cause::Arriving));
+    let (t, at, c) = feed(p, at + 5 * S, c, write);
+    assert_eq!(t, None);
+    let (t, at, c) = feed(p, at + 10 * S, c, |c| c);
+    assert_eq!(t.map(|t| t.cause), Some(Cause::Arrived));
+    (at, c)
+}
+
+#[test]
+fn memory_in_place_has_its_checksum_pass_and_its_merging_pass_at_aggressive() {
+    // Measured (issue 27, 4 guests one every 15 s): memory that arrived while ksmd ran slow
+    // was never visited. The first full pass at aggressive only takes its checksums and merges
+    // nothing; judged a stall, it sent the third and fourth guests' merging to standard, which
+    // took 5-10 s over what aggressive did in one more pass.
+    let (mut p, t0) = adaptive();
+    let (at, c) = arrived(&mut p, t0);
+    // The pass under way at the step, the checksum pass, then two that merge it, then little.
+    let yields = [0, 0, 100_000, 10_000, 500, 500, 500];
+    let mut n = 0;
+    let (t, _, _) = feed(&mut p, at + 20 * S, c, |c| {
+        n += 1;
+        pass(c, 700_000, yields.get(n - 1).copied().unwrap_or(500), 0)
+    });
+    let t = t.expect("steps down once merged");
+    assert_eq!((t.from, t.to), (Setting::Aggressive, Setting::Standard), "{t:?}");
+    assert!(n > 3, "not before the pass that merges what arrived: stepped down after pass {n}");
+}
+
+#[test]
+fn memory_arriving_again_while_aggressive_is_scanned_slowly_again() {
+    // Two guests a few seconds apart: the first in place and being merged, the second starts
+    // writing. Aggressive over it would rescan the first's merged pages for nothing.
+    let (mut p, t0) = adaptive();
+    let (at, c) = arrived(&mut p, t0);
+    let c = pass(c, 700_000, 0, 0);
+    assert_eq!(p.counters(at + Duration::from_millis(50), c), None);
+    let c = Counters { anon_pages: c.anon_pages.map(|a| a + 20_000), ..c };
+    let t = p.counters(at + Duration::from_millis(100), c).expect("slows down");
+    assert_eq!((t.from, t.to, t.cause), (Setting::Aggressive, Setting::Slow, Cause::Arriving));
+}
+
+#[test]
+fn passes_in_which_guests_unmerge_a_little_are_judged_by_their_yield() {
+    // Measured (issue 27, 4 guests one every 15 s): once a guest had merged, its own writes
+    // broke a few merged pages in every pass; each such pass was taken for a sandbox leaving,
+    // never a stall, and aggressive went on for 2-3 s more over memory that had merged.
+    let (mut p, t0) = adaptive();
+    let (at, c) = arrived(&mut p, t0);
+    let yields = [0, 0, 100_000, 100_000];
+    let mut n = 0;
+    let (t, at2, _) = feed(&mut p, at + 20 * S, c, |c| {
+        n += 1;
+        match yields.get(n - 1) {
+            Some(&y) => pass(c, 700_000, y, 0),
+            // 40 merged pages written to (and counted unshared again), and ksmd tracking more of
+            // the newcomer's own pages: nothing left, nothing merged.
+            None => {
+                Counters { pages_sharing: c.pages_sharing - 40, scanned: c.scanned + 5_000, ..pass(c, 700_000, 0, 0) }
+            }
+        }
+    });
+    let t = t.expect("steps down");
+    assert_eq!((t.from, t.to, t.cause), (Setting::Aggressive, Setting::Standard, Cause::Stalled), "{t:?}");
+    assert_eq!(n, yields.len() + 1, "at the first pass that merged nothing, {:?} after arriving", at2 - at);
+}
+
+#[test]
+fn an_arrival_s_aggressive_ends_once_its_merging_burst_is_over() {
+    // Measured (issue 27, 8 guests one every 15 s): a newcomer whose twins are merged merges on
+    // its first visit, in one burst once the pass reaches it (0.2-0.3 s for 110,000 pages);
+    // the judged passes after it rescanned every merged guest for nothing, 3 passes an arrival.
+    let (mut p, t0) = adaptive();
+    let (at, c) = arrived(&mut p, t0);
+    let every = sample_interval(Setting::Aggressive).expect("samples");
+    // The pass reaches the newcomer after the merged guests: nothing merges for a while but the
+    // few pages ksmd saw at slow, and that is no end of anything.
+    let mut now = at + every;
+    let mut c = Counters { pages_sharing: c.pages_sharing + 5_000, ..c };
+    for _ in 0..40 {
+        assert_eq!(p.counters(now, c), None, "{:?} after arriving, little merged yet", now - at);
+        now += every;
+    }
+    // The burst: 20,000 pages a sample, within the one pass.
+    for _ in 0..5 {
+        now += every;
+        c = Counters { pages_sharing: c.pages_sharing + 20_000, ..c };
+        assert_eq!(p.counters(now, c), None, "merging");
+    }
+    let burst_end = now;
+    // A trickle under QUIET_MIN_PAGES a sample is no more burst.
+    let t = loop {
+        now += every;
+        c = Counters { pages_sharing: c.pages_sharing + 10, ..c };
+        if let Some(t) = p.counters(now, c) {
+            break t;
+        }
+        assert!(now - burst_end <= BURST_OVER_FOR + every, "still aggressive {:?} after the burst", now - burst_end);
+    };
+    assert_eq!((t.from, t.to, t.cause), (Setting::Aggressive, Setting::Standard, Cause::Settled));
+    assert!(now - burst_end >= BURST_OVER_FOR, "{:?}", now - burst_end);
 }
