@@ -233,10 +233,15 @@ pub fn live_share(s: &Sample) -> f64 {
     (s.merging.iter().sum::<u64>() as f64 / merged as f64).min(1.0)
 }
 
-/// Memory saved over time, MiB x seconds: the area under the live processes' share of
-/// pages_sharing ([`live_share`]) from 0 to `window`.
+/// pages_sharing as the live processes hold it ([`live_share`]): what is saved.
+pub fn live_pages_sharing(s: &Sample) -> f64 {
+    s.pages_sharing as f64 * live_share(s)
+}
+
+/// Memory saved over time, MiB x seconds: the area under [`live_pages_sharing`] from 0 to
+/// `window`.
 pub fn saved_mib_s(samples: &[Sample], page_size: u64, window: f64) -> f64 {
-    let mib = |s: &Sample| s.pages_sharing as f64 * live_share(s) * page_size as f64 / MIB;
+    let mib = |s: &Sample| live_pages_sharing(s) * page_size as f64 / MIB;
     let mut area = 0.0;
     for pair in samples.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);

@@ -226,14 +226,10 @@ pub fn footprints(records: &mut [RunRecord]) {
     }
 }
 
-/// pages_sharing at the end of the window (the last sample within it), the share the live
-/// processes hold ([`analysis::live_share`]).
+/// pages_sharing at the end of the window (the last sample within it), as the live processes
+/// hold it ([`analysis::live_pages_sharing`]).
 pub fn final_pages_sharing(r: &RunRecord) -> u64 {
-    r.samples
-        .iter()
-        .rev()
-        .find(|s| s.t <= r.window_s)
-        .map_or(0, |s| (s.pages_sharing as f64 * analysis::live_share(s)).round() as u64)
+    r.samples.iter().rev().find(|s| s.t <= r.window_s).map_or(0, |s| analysis::live_pages_sharing(s).round() as u64)
 }
 
 /// Launch-to-ready times as `median / max` seconds, `-` for none, `>` past the window.

@@ -346,12 +346,12 @@ impl Policy {
         // pace only (the scan under way at a step was partly at the pace before).
         // Memory that arrived unvisited has its checksums taken in the first pass at the new pace
         // and merges in the second: the first merges nothing, and is no verdict.
-        let paced = paced >= PACED_SCANS;
-        let stalled = w.arrived_since_kick && paced && uneconomic(last, c);
+        let paced_enough = paced >= PACED_SCANS;
+        let stalled = w.arrived_since_kick && paced_enough && uneconomic(last, c);
         match self.setting {
             Setting::Aggressive
                 if judged
-                    && paced
+                    && paced_enough
                     && w.arrived_since_kick
                     && merge_quiet
                     && (settled || merging.span(now) >= STALLED_FOR) =>
