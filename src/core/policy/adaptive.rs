@@ -106,7 +106,7 @@ fn arrival_still(then: Counters, now: Counters, span: Duration) -> bool {
 /// - a pace entered by these rules is judged from its [`PACED_SCANS`]th full scan on: memory
 ///   that arrived while ksmd ran slow was never visited, and the first pass over it only takes
 ///   its checksums; and the aggressive entered for memory in place ends with its merging burst
-///   ([`BURST_OVER_FOR`]), not a judged pass later;
+///   ([`BURST_OVER_FOR`]), not a judged pass later, in slow: the passes after it merge nothing;
 /// - standard (or slow) ends in the initial settings only after [`CONFIRM_SCANS`] settled
 ///   scans in a row spanning at least [`SETTLED_FOR`]: never while memory is still arriving or
 ///   merging. A scan that merges or sees new memory there restarts that count and stays at
@@ -126,10 +126,14 @@ pub const CONFIRM_SCANS: u32 = 2;
 /// already on its first visit, in one burst as the pass reaches it; what comes after is a pass
 /// over every merged guest that merges nothing (measured: a third of each arrival's aggressive
 /// CPU on 8 guests). The share keeps the few pages that merge in a checksum pass (those ksmd saw
-/// at slow) from passing for the burst. Standard picks up what is left.
+/// at slow) from passing for the burst. The quiet spans the longest pause measured within a
+/// burst (200 ms) with a sample to spare. What follows is slow, not standard: standard's passes
+/// after a burst merged nothing in any run measured (a few pages, for 0.2-1.1 ksmd CPU-s an
+/// arrival one at a time and 2-8.6 all at once); slow takes what is left and, as after an
+/// arrival, goes aggressive again for memory that arrives next, once it is in place.
 pub const BURST_SHARE: u64 = 4;
 pub const BURST_MIN_PAGES: u64 = 1024;
-pub const BURST_OVER_FOR: Duration = Duration::from_millis(500);
+pub const BURST_OVER_FOR: Duration = Duration::from_millis(300);
 /// Full scans finished at a pace before its yield is judged: the one under way at the step, the
 /// one that takes the checksums of what arrived unvisited, the one that merges it.
 pub const PACED_SCANS: u64 = 3;
@@ -176,8 +180,9 @@ pub(super) struct Watch {
     /// that count when the arrival under way began.
     arrived: u64,
     burst_from: u64,
-    /// Set while at a slow entered for arriving memory: the count of pages arrived when that
-    /// arrival began. Going aggressive needs memory arrived since.
+    /// Set while at a slow entered for arriving memory (or after a merging burst): the count of
+    /// pages arrived when that arrival began (at the burst's end). Going aggressive needs memory
+    /// arrived since.
     slowed_at: Option<u64>,
     /// Set while at an aggressive entered for memory in place: the merging burst it watches for.
     burst: Option<Burst>,
@@ -285,7 +290,7 @@ impl Policy {
         }
         if let Some(b) = w.burst.as_mut() {
             if self.setting == Setting::Aggressive && b.over(now, c.pages_sharing) {
-                return self.pace_down(now, c, w, Cause::Settled, arriving);
+                return self.repace(now, c, w, Setting::Slow, Cause::Settled);
             }
         }
         let (first, last, mut merging, mut settling) = match (w.first, w.last, w.merging, w.settling) {
@@ -376,8 +381,9 @@ impl Policy {
     }
 
     /// Adaptive, while a cycle runs: slow while memory arrives, aggressive once what arrived is
-    /// in place. Only a slow entered for arriving memory goes aggressive again, and only for
-    /// memory that arrived since: the timeline's slow, or the profit back-off's, stays.
+    /// in place. Only a slow entered for arriving memory (or at a burst's end) goes aggressive
+    /// again, and only for memory that arrived since: the timeline's slow, or the profit
+    /// back-off's, stays.
     fn pace_arrival(&mut self, now: Instant, c: Counters, w: &mut Watch, arriving: bool) -> Option<Transition> {
         if self.deadline.is_none() || w.first.is_none() {
             return None;
@@ -404,7 +410,12 @@ impl Policy {
     /// runs and the yield counted afresh.
     fn repace(&mut self, now: Instant, c: Counters, w: Watch, next: Setting, cause: Cause) -> Option<Transition> {
         let t = self.move_to(next, self.duration_of(next).map(|d| now + d), cause);
-        let slowed_at = (next == Setting::Slow && w.arriving(now)).then_some(w.burst_from);
+        let slowed_at = match next {
+            Setting::Slow if w.arriving(now) => Some(w.burst_from),
+            // At rest after a merging burst: memory arriving from now on is the next arrival.
+            Setting::Slow if w.burst.is_some() && cause == Cause::Settled => Some(w.arrived),
+            _ => None,
+        };
         let burst = (next == Setting::Aggressive && cause == Cause::Arrived).then(|| Burst {
             base: c.pages_sharing,
             peak: c.pages_sharing,
