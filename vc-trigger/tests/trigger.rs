@@ -359,3 +359,54 @@ fn bad_arguments_are_one_line_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--bus private") && err.trim().lines().count() == 1, "{err}");
 }
+
+/// A stand-in for the throttler: the first `refusals` Kicks are answered `ShuttingDown`, as an
+/// instance that is exiting (a restart, an idle exit) answers them, the rest are taken.
+struct Exiting {
+    refusals: u32,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.kata.KsmThrottler.Error")]
+enum ExitingError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    ShuttingDown(String),
+}
+
+#[zbus::interface(name = "org.kata.KsmThrottler")]
+impl Exiting {
+    async fn kick(&self) -> Result<(), ExitingError> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n < self.refusals {
+            return Err(ExitingError::ShuttingDown("the throttler is shutting down".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_answered_shutting_down_is_made_again_and_taken_by_the_next_instance() {
+    // The end-to-end run's restarts under a live trigger: a kick that reached the instance being
+    // stopped was answered ShuttingDown and lost ("still watching"), where the next instance,
+    // milliseconds later, would have taken it.
+    let bus = start_bus();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let _throttler = zbus::connection::Builder::address(bus.address())
+        .name("org.kata.KsmThrottler")
+        .serve_at("/org/kata/KsmThrottler", Exiting { refusals: 3, calls: calls.clone() })
+        .build()
+        .await
+        .expect("the stand-in on the bus");
+    let scratch = Scratch::fresh();
+    let vc = scratch.dir.path().join("vc");
+    std::fs::create_dir_all(vc.join("sbs")).expect("mkdir");
+    let mut trigger = Trigger::spawn(bus.address(), &[Path::new("--root"), &vc, Path::new("--no-kata-root")]);
+    trigger.wait_log(&["watching for new sandboxes"], 1);
+    mkdir(&vc.join("sbs/during-a-restart"));
+    trigger.wait_log(&["kicked the throttler"], 1);
+    assert_eq!(trigger.count("still watching"), 0, "{}", trigger.log_text());
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4, "three refused, the fourth taken");
+    assert!(trigger.terminate().success());
+}
