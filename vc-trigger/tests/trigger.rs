@@ -398,8 +398,8 @@ async fn a_kick_answered_shutting_down_is_made_again_and_taken_by_the_next_insta
     let bus = start_bus();
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let _throttler = zbus::connection::Builder::address(bus.address())
-        .name("org.kata.KsmThrottler")
-        .serve_at("/org/kata/KsmThrottler", Exiting { refusals: 3, calls: calls.clone() })
+        .name(ksm_throttler_contract::names::BUS_NAME)
+        .serve_at(ksm_throttler_contract::names::OBJECT_PATH, Exiting { refusals: 3, calls: calls.clone() })
         .build()
         .await
         .expect("the stand-in on the bus");
