@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpio::{CpioError, CpioWriter};
 
 /// Bump when the image's layout or `/init` changes: cached images of other formats are ignored.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/kata-ksm-throttler-bench/guest";
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 const KERNEL_FLAVOUR: &str = "cloud-amd64";
@@ -64,7 +64,14 @@ for n in "$own_mib" "$dirty_kib" "$dirty_every"; do
 	'' | *[!0-9]*) fail "ksmb.* wants a number, not '$n'" ;;
 	esac
 done
-mount -t tmpfs -o size=100% tmpfs /data || fail "mount /data"
+# /data may take all the memory free now but 16 MiB: a guest whose data does not fit gets ENOSPC
+# and can still say so and power off (a tmpfs of all RAM left it thrashing in the OOM killer).
+free_kib=
+while read -r key kib _; do
+	[ "$key" = MemAvailable: ] && free_kib=$kib
+done </proc/meminfo
+[ -n "$free_kib" ] && [ "$free_kib" -gt 32768 ] || fail "MemAvailable '$free_kib' kB: too little to boot"
+mount -t tmpfs -o size=$((free_kib - 16384))k tmpfs /data || fail "mount /data"
 cp -a /payload /data/ || fail "copy /payload to /data"
 dd if=/dev/urandom of=/data/own bs=1M count="$own_mib" iflag=fullblock 2>/dev/null || fail "write /data/own"
 dd if=/dev/urandom of=/data/dirty bs=1K count="$dirty_kib" iflag=fullblock 2>/dev/null || fail "write /data/dirty"
@@ -505,7 +512,7 @@ mod tests {
         let key = cache_key(&spec, &sources());
         assert_eq!(
             key,
-            "v1-linux-image-6.1.0-57-cloud-amd64_6.1.192-3-linux-headers-6.1.0-57-common_6.1.192-3-\
+            "v2-linux-image-6.1.0-57-cloud-amd64_6.1.192-3-linux-headers-6.1.0-57-common_6.1.192-3-\
              busybox-static_1_1.35.0-4+deb12u1+b1-payload16M"
         );
         assert_ne!(key, cache_key(&GuestSpec { payload_mib: 17 }, &sources()));

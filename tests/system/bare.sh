@@ -9,8 +9,8 @@
 #      project's real-KSM lock: a Kick through busctl turns ksmd on, SIGTERM ends it with exit 0,
 #      and every KSM knob is as it was found.
 #
-#   sudo tests/system/bare.sh                 # the full `cargo test --workspace`
-#   sudo tests/system/bare.sh --test bus_contract    # what CI runs (see CONTRIBUTING.md)
+#   sudo tests/system/bare.sh                 # the full `cargo test --workspace` (what CI runs)
+#   sudo tests/system/bare.sh --test bus_contract    # the set-up alone, in about 70 s
 #
 # Steps 1-2 do not touch the real KSM (KSM_THROTTLER_SKIP_REAL_KSM=1 inside; /sys/kernel/mm/ksm
 # is read-only there); step 3 runs in a second chroot of the same root with it writable.
