@@ -82,6 +82,17 @@ impl QuickKick {
 /// instants being read on two threads.
 pub const MARGIN: Duration = Duration::from_millis(10);
 
+/// Kicks taken from the handles have AnonPages read again (the setting sized anew if it moved)
+/// at most this often: in a storm the engine wakes every few kicks, and /proc/meminfo was the
+/// dearest part of taking them. A kick that is a transition is sized as ever, and the size
+/// checks (`core::policy::resize`) follow AnonPages in between.
+pub const SIZE_AT_MOST_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether kicks taken at `now` have AnonPages read again, last read for such kicks at `last`.
+pub fn size_again(last: Option<Instant>, now: Instant) -> bool {
+    last.is_none_or(|at| now.saturating_duration_since(at) >= SIZE_AT_MOST_EVERY)
+}
+
 /// A window with no timer to close it (a pinned mode): a year.
 pub const NO_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -106,5 +117,13 @@ mod tests {
         assert!(!q.try_answer(t0 + Duration::from_millis(1)));
         q.open_until(Some(t0));
         assert!(!q.try_answer(t0), "a window ending at the epoch is closed");
+    }
+
+    #[test]
+    fn anon_pages_is_read_again_for_the_first_kicks_taken_then_at_most_every_quarter_second() {
+        let t0 = Instant::now();
+        assert!(size_again(None, t0));
+        assert!(!size_again(Some(t0), t0 + SIZE_AT_MOST_EVERY - Duration::from_nanos(1)));
+        assert!(size_again(Some(t0), t0 + SIZE_AT_MOST_EVERY));
     }
 }

@@ -18,12 +18,17 @@ use super::{now, Engine, EngineError, RETRY_AFTER};
 
 impl Engine {
     pub(super) fn kick(&mut self) -> Result<(), EngineError> {
+        self.kick_sized(true)
+    }
+
+    /// A kick; `size`: AnonPages read again if it changed nothing but the deadline.
+    fn kick_sized(&mut self, size: bool) -> Result<(), EngineError> {
         let before = self.policy.setting();
         let result = self.step(|p, now| p.kick(now));
         // A kick that could not be applied is not lost (the caller still gets this error).
         self.retry_kick_if_failed(&result);
         // A kick that moved nothing (a storm, a pinned setting) still means new memory.
-        if result.is_ok() && verdicts::kick_resizes(before, self.policy.setting()) {
+        if size && result.is_ok() && verdicts::kick_resizes(before, self.policy.setting()) {
             if let Err(e) = self.resize_if_moved() {
                 tracing::error!("sizing {before} again for the kick: {e}");
             }
@@ -32,13 +37,19 @@ impl Engine {
     }
 
     /// The kicks the handles answered in the window, taken in as one: they changed nothing
-    /// but the deadline (from now) and perhaps the size.
+    /// but the deadline (from now) and perhaps the size, read again at most every
+    /// [`quick_kick::SIZE_AT_MOST_EVERY`].
     pub(super) fn take_quick_kicks(&mut self) {
         if self.quick.take() == 0 {
             return;
         }
-        if let Err(e) = self.kick() {
+        let at = now();
+        let size = quick_kick::size_again(self.quick_sized_at, at);
+        if let Err(e) = self.kick_sized(size) {
             tracing::error!("a kick answered while nothing was to change: {e}");
+        }
+        if size {
+            self.quick_sized_at = Some(at);
         }
         self.note_activity();
         self.publish();

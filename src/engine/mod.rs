@@ -181,6 +181,9 @@ pub struct Engine {
     sized_on: Option<u64>,
     /// Kicks that change nothing, answered by the handles; also counts every kick.
     quick: Arc<QuickKick>,
+    /// When kicks taken from the handles last had AnonPages read for them (see
+    /// [`quick_kick::SIZE_AT_MOST_EVERY`]).
+    quick_sized_at: Option<Instant>,
     transitions: TransitionCounts,
     status: watch::Sender<Status>,
     commands: mpsc::Receiver<Command>,
@@ -233,6 +236,7 @@ impl Engine {
             recorded: false,
             sized_on: None,
             quick: quick.clone(),
+            quick_sized_at: None,
             transitions: TransitionCounts::default(),
             status: status_tx,
             commands: rx,

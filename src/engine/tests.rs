@@ -11,6 +11,7 @@ use super::*;
 use crate::core::need::Gate;
 use crate::core::policy::{Cause, UNPROFITABLE_SCANS};
 use crate::core::setting::Setting;
+use crate::quick_kick;
 
 const S: Duration = Duration::from_secs(1);
 
@@ -79,6 +80,37 @@ async fn at_rest_and_ungated_nothing_is_armed_and_a_kick_arms_the_step() {
     assert!(engine.timers.due(now()).is_some_and(Timer::is_policy));
     engine.on_timer();
     assert_eq!((status.borrow().setting, scratch.knobs()), (Setting::Standard, expected(100, 10)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn kicks_answered_in_a_storm_have_anon_pages_read_again_at_most_every_quarter_second() {
+    let scratch = Scratch::fresh();
+    let (mut engine, handle, status) = started(config(&scratch, Mode::Throttle));
+    serve(&mut engine, Command::Kick).expect("kick");
+    let pages = |s: &Scratch| s.knobs().1;
+    // Aggressive scans a tenth of AnonPages a wake-up.
+    let sized = |kb: u64| kb * 1024 / crate::io::meminfo::page_size() / 10;
+    assert_eq!(pages(&scratch), sized(ANON_KB));
+    // AnonPages doubles while aggressive: a kick answered by the handle, taken in by the engine,
+    // sizes the setting again...
+    scratch.set_anon_kb(2 * ANON_KB);
+    handle.kick().await.expect("answered by the handle");
+    engine.take_quick_kicks();
+    assert_eq!(pages(&scratch), sized(2 * ANON_KB), "sized again for the first kicks taken");
+    // ...but kicks taken within a quarter second of that do not read it again...
+    scratch.set_anon_kb(4 * ANON_KB);
+    tokio::time::advance(quick_kick::SIZE_AT_MOST_EVERY / 2).await;
+    handle.kick().await.expect("answered by the handle");
+    let deadline_before = engine.policy.deadline();
+    engine.take_quick_kicks();
+    assert_eq!(pages(&scratch), sized(2 * ANON_KB), "not read again so soon");
+    assert!(engine.policy.deadline() > deadline_before, "the deadline still moved with the kick");
+    // ...and the next ones after it do.
+    tokio::time::advance(quick_kick::SIZE_AT_MOST_EVERY / 2).await;
+    handle.kick().await.expect("answered by the handle");
+    engine.take_quick_kicks();
+    assert_eq!(pages(&scratch), sized(4 * ANON_KB));
+    assert_eq!((status.borrow().setting, status.borrow().kick_count), (Setting::Aggressive, 4));
 }
 
 #[tokio::test(start_paused = true)]
