@@ -127,13 +127,20 @@ pub const CONFIRM_SCANS: u32 = 2;
 /// over every merged guest that merges nothing (measured: a third of each arrival's aggressive
 /// CPU on 8 guests). The share keeps the few pages that merge in a checksum pass (those ksmd saw
 /// at slow) from passing for the burst. The quiet spans the longest pause measured within a
-/// burst (200 ms) with a sample to spare. What follows is slow, not standard: standard's passes
-/// after a burst merged nothing in any run measured (a few pages, for 0.2-1.1 ksmd CPU-s an
-/// arrival one at a time and 2-8.6 all at once); slow takes what is left and, as after an
-/// arrival, goes aggressive again for memory that arrives next, once it is in place.
+/// burst (200 ms) with a sample to spare. What follows is the rest ([`REST_SAMPLE_EVERY`]).
 pub const BURST_SHARE: u64 = 4;
 pub const BURST_MIN_PAGES: u64 = 1024;
 pub const BURST_OVER_FOR: Duration = Duration::from_millis(300);
+/// After an arrival's aggressive (its burst over, or its passes judged settled or stalled: memory
+/// that does not merge), adaptive *rests*: the initial settings in force, ksmd as the
+/// administrator had it, and AnonPages read every [`ARRIVAL_SAMPLE_EVERY`] for the slow's
+/// duration; memory seen arriving meanwhile is scanned slowly and merged aggressively once in
+/// place, as after a kick. The passes after a burst merged nothing in any run measured: standard's
+/// a few pages for 0.2-1.1 ksmd CPU-s an arrival one at a time and 2-8.6 all at once; slow's
+/// none at all, for 1.4-1.8 CPU-s in all on 8 guests (pages_sharing the same to the page from
+/// each burst's end to the next arrival). Rest is no setting of its own: CurrentSetting says
+/// initial, which is what KSM holds; NextStepDown says nothing is scheduled.
+pub const REST_SAMPLE_EVERY: Duration = ARRIVAL_SAMPLE_EVERY;
 /// Full scans finished at a pace before its yield is judged: the one under way at the step, the
 /// one that takes the checksums of what arrived unvisited, the one that merges it.
 pub const PACED_SCANS: u64 = 3;
@@ -186,6 +193,8 @@ pub(super) struct Watch {
     slowed_at: Option<u64>,
     /// Set while at an aggressive entered for memory in place: the merging burst it watches for.
     burst: Option<Burst>,
+    /// Set while resting after an arrival's merging: when the rest ends, and the cycle with it.
+    rest_until: Option<Instant>,
 }
 
 /// The merging of an aggressive entered for memory in place: pages_sharing at the step, its
@@ -279,6 +288,9 @@ impl Policy {
     /// Adaptive mode: the counters read at `now`, as asked for by [`Policy::sample_at`].
     pub fn counters(&mut self, now: Instant, c: Counters) -> Option<Transition> {
         let mut w = self.watch?;
+        if let Some(until) = w.rest_until {
+            return self.rest_sample(now, c, w, until);
+        }
         let interval = sample_interval(self.setting)?;
         // A slow waiting for arriving memory looks as often as standard: the sooner the memory
         // is seen in place, the sooner it merges.
@@ -290,7 +302,7 @@ impl Policy {
         }
         if let Some(b) = w.burst.as_mut() {
             if self.setting == Setting::Aggressive && b.over(now, c.pages_sharing) {
-                return self.repace(now, c, w, Setting::Slow, Cause::Settled);
+                return self.rest(now, c, w, Cause::Settled);
             }
         }
         let (first, last, mut merging, mut settling) = match (w.first, w.last, w.merging, w.settling) {
@@ -373,11 +385,52 @@ impl Policy {
         }
     }
 
-    /// Aggressive to standard as merging settled or stalled (to slow while memory is arriving);
-    /// the watch goes on at the new pace, its runs and its yield counted afresh from there.
+    /// Aggressive to standard as merging settled or stalled (to slow while memory is arriving,
+    /// to rest after the aggressive of an arrival); the watch goes on at the new pace, its runs
+    /// and its yield counted afresh from there.
     fn pace_down(&mut self, now: Instant, c: Counters, w: Watch, cause: Cause, arriving: bool) -> Option<Transition> {
-        let next = if arriving { Setting::Slow } else { Setting::Standard };
-        self.repace(now, c, w, next, cause)
+        match (arriving, w.burst) {
+            (true, _) => self.repace(now, c, w, Setting::Slow, cause),
+            (false, Some(_)) => self.rest(now, c, w, cause),
+            (false, None) => self.repace(now, c, w, Setting::Standard, cause),
+        }
+    }
+
+    /// The initial settings after an arrival's merging, AnonPages still watched for the slow's
+    /// duration (see [`REST_SAMPLE_EVERY`]); with memory needed (the need gate), the cycle's end.
+    fn rest(&mut self, now: Instant, c: Counters, w: Watch, cause: Cause) -> Option<Transition> {
+        if self.holds_slow() {
+            return self.floor(cause);
+        }
+        let until = now + self.durations.slow;
+        let t = self.move_to(Setting::Initial, None, cause);
+        self.resize = None;
+        self.watch = Some(Watch {
+            next_sample: now + REST_SAMPLE_EVERY,
+            merging: Some(Run::from(now, c)),
+            settling: Some(Run::from(now, c)),
+            paced_since: Some(c.full_scans),
+            slowed_at: None,
+            burst: None,
+            rest_until: Some(until),
+            ..w
+        });
+        t
+    }
+
+    /// A sample while resting: memory arriving is scanned slowly (and merged aggressively once in
+    /// place, by [`Policy::pace_arrival`]); at the rest's end the cycle is over.
+    fn rest_sample(&mut self, now: Instant, c: Counters, mut w: Watch, until: Instant) -> Option<Transition> {
+        if now >= until {
+            self.watch = None;
+            return None;
+        }
+        w.next_sample = now + REST_SAMPLE_EVERY;
+        if w.track_arrival(now, c) {
+            return self.repace(now, c, w, Setting::Slow, Cause::Arriving);
+        }
+        self.watch = Some(w);
+        None
     }
 
     /// Adaptive, while a cycle runs: slow while memory arrives, aggressive once what arrived is
@@ -412,8 +465,6 @@ impl Policy {
         let t = self.move_to(next, self.duration_of(next).map(|d| now + d), cause);
         let slowed_at = match next {
             Setting::Slow if w.arriving(now) => Some(w.burst_from),
-            // At rest after a merging burst: memory arriving from now on is the next arrival.
-            Setting::Slow if w.burst.is_some() && cause == Cause::Settled => Some(w.arrived),
             _ => None,
         };
         let burst = (next == Setting::Aggressive && cause == Cause::Arrived).then(|| Burst {
@@ -429,6 +480,7 @@ impl Policy {
             paced_since: Some(c.full_scans),
             slowed_at,
             burst,
+            rest_until: None,
             ..w
         });
         self.resize_carry_on(now);
@@ -472,6 +524,7 @@ impl Policy {
                 burst_from: 0,
                 slowed_at: None,
                 burst: None,
+                rest_until: None,
             }),
             _ => None,
         };

@@ -21,8 +21,8 @@ use adaptive::Watch;
 pub use adaptive::{
     sample_interval, ARRIVAL_QUIET, ARRIVAL_SAMPLE_EVERY, ARRIVAL_SLACK_FRACTION, ARRIVAL_SLACK_PAGES,
     ARRIVING_PAGES_PER_S, ARRIVING_SLACK_PAGES, BURST_MIN_PAGES, BURST_OVER_FOR, BURST_SHARE, CONFIRM_SCANS,
-    PACED_SCANS, QUIET_FRACTION, QUIET_MIN_PAGES, SETTLED_FOR, SETTLE_AFTER_MERGING_SCANS, SETTLE_AFTER_SCANS,
-    STALLED_FOR, STALL_VISITS_PER_MERGED, UNPROFITABLE_FOR, UNPROFITABLE_SCANS,
+    PACED_SCANS, QUIET_FRACTION, QUIET_MIN_PAGES, REST_SAMPLE_EVERY, SETTLED_FOR, SETTLE_AFTER_MERGING_SCANS,
+    SETTLE_AFTER_SCANS, STALLED_FOR, STALL_VISITS_PER_MERGED, UNPROFITABLE_FOR, UNPROFITABLE_SCANS,
 };
 pub use counters::Counters;
 use resize::Resize;
@@ -211,7 +211,8 @@ impl Policy {
     /// At rest in `mode`: the initial settings, nothing scheduled. An instance started in `mode`
     /// is in this very state, so one that is at rest can exit and be started again losing nothing.
     pub fn at_rest_in(&self, mode: Mode) -> bool {
-        self.mode == mode && self.setting == Setting::Initial && self.deadline.is_none()
+        // Adaptive resting after an arrival still watches for memory arriving.
+        self.mode == mode && self.setting == Setting::Initial && self.deadline.is_none() && self.watch.is_none()
     }
 
     /// Enters the start-up mode: `throttle` and `initial` change nothing until something happens.
