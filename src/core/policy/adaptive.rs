@@ -106,7 +106,8 @@ fn arrival_still(then: Counters, now: Counters, span: Duration) -> bool {
 /// - a pace entered by these rules is judged from its [`PACED_SCANS`]th full scan on: memory
 ///   that arrived while ksmd ran slow was never visited, and the first pass over it only takes
 ///   its checksums; and the aggressive entered for memory in place ends with its merging burst
-///   ([`BURST_OVER_FOR`]), not a judged pass later, in slow: the passes after it merge nothing;
+///   ([`BURST_OVER_FOR`]), not a judged pass later, in a rest ([`REST_SAMPLE_EVERY`]): the
+///   passes after it merge nothing;
 /// - standard (or slow) ends in the initial settings only after [`CONFIRM_SCANS`] settled
 ///   scans in a row spanning at least [`SETTLED_FOR`]: never while memory is still arriving or
 ///   merging. A scan that merges or sees new memory there restarts that count and stays at
@@ -302,7 +303,7 @@ impl Policy {
         }
         if let Some(b) = w.burst.as_mut() {
             if self.setting == Setting::Aggressive && b.over(now, c.pages_sharing) {
-                return self.rest(now, c, w, Cause::Settled);
+                return self.rest(now, w, Cause::Settled);
             }
         }
         let (first, last, mut merging, mut settling) = match (w.first, w.last, w.merging, w.settling) {
@@ -391,25 +392,24 @@ impl Policy {
     fn pace_down(&mut self, now: Instant, c: Counters, w: Watch, cause: Cause, arriving: bool) -> Option<Transition> {
         match (arriving, w.burst) {
             (true, _) => self.repace(now, c, w, Setting::Slow, cause),
-            (false, Some(_)) => self.rest(now, c, w, cause),
+            (false, Some(_)) => self.rest(now, w, cause),
             (false, None) => self.repace(now, c, w, Setting::Standard, cause),
         }
     }
 
     /// The initial settings after an arrival's merging, AnonPages still watched for the slow's
     /// duration (see [`REST_SAMPLE_EVERY`]); with memory needed (the need gate), the cycle's end.
-    fn rest(&mut self, now: Instant, c: Counters, w: Watch, cause: Cause) -> Option<Transition> {
+    fn rest(&mut self, now: Instant, w: Watch, cause: Cause) -> Option<Transition> {
         if self.holds_slow() {
             return self.floor(cause);
         }
         let until = now + self.durations.slow;
         let t = self.move_to(Setting::Initial, None, cause);
         self.resize = None;
+        // The scan runs are not judged while resting: leaving it (`repace`, or a kick's fresh
+        // watch) counts them afresh.
         self.watch = Some(Watch {
             next_sample: now + REST_SAMPLE_EVERY,
-            merging: Some(Run::from(now, c)),
-            settling: Some(Run::from(now, c)),
-            paced_since: Some(c.full_scans),
             slowed_at: None,
             burst: None,
             rest_until: Some(until),
